@@ -1,0 +1,5 @@
+"""``python -m node`` entry point."""
+
+from node.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Command line: ``cxr-node serve | echo | classify | push | jobs``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from node import __version__
+from node.config import NodeConfig, load_config
+from node.errors import NodeError
+
+log = logging.getLogger("node.cli")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def setup_logging(level: str, json_format: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if json_format
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    cfg = load_config(args.config, os.environ, overrides or {})
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
+    return cfg
+
+
+# -- serve -------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.dicomio import read_uids
+    from node.model import load_classifier
+    from node.scp import start_server
+    from node.scu import Peer, store_files
+    from node.spool import Spool
+    from node.worker import Worker
+
+    cfg = _config(args, {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None})
+    classifier = load_classifier(cfg.model)
+    log.info("model %s, weights sha256 %s", classifier.info.name, classifier.info.weights_sha256)
+    spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
+    recovered = spool.recover(read_uids)
+    if recovered:
+        log.warning("recovered %d spooled file(s) without a job record", recovered)
+    d = cfg.destination
+    peer = Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout)
+
+    def send(path: Path) -> None:
+        store_files(peer, [path])
+
+    worker = Worker(spool, classifier, cfg, send)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server = start_server(cfg.scp, spool)
+    if args.ready_file:
+        args.ready_file.write_text(str(server.server_address[1]))
+    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
+    thread.start()
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        thread.join(timeout=60)
+        spool.close()
+    log.info("stopped")
+    return 0
+
+
+# -- echo --------------------------------------------------------------------------------
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.scu import Peer, echo
+
+    setup_logging(args.log_level or "WARNING")
+    peer = Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout)
+    echo(peer)
+    sys.stdout.write(f"C-ECHO {args.aet}@{args.host}:{args.port}: success\n")
+    return 0
+
+
+# -- classify ----------------------------------------------------------------------------
+def cmd_classify(args: argparse.Namespace) -> int:
+    from node.dicomio import read_dataset
+    from node.model import load_classifier
+    from node.pipeline import analyze
+    from node.results import result_record
+    from node.worker import _encode, report_context
+
+    cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
+    classifier = load_classifier(cfg.model)
+    records: list[dict[str, Any]] = []
+    failures = 0
+    for path in args.files:
+        try:
+            ds = read_dataset(path)
+            [outcome] = analyze([ds], classifier, report_context(cfg), datetime.now())
+            if isinstance(outcome, NodeError):
+                raise outcome
+        except NodeError as exc:
+            log.error("%s: %s", path, exc)
+            failures += 1
+            continue
+        record = result_record(outcome, classifier.info)
+        record["source"]["file"] = str(path)
+        records.append(record)
+        if args.sr_dir is not None:
+            args.sr_dir.mkdir(parents=True, exist_ok=True)
+            out = args.sr_dir / f"{outcome.sr.SOPInstanceUID}.dcm"
+            out.write_bytes(_encode(outcome.sr))
+            record["sr"]["file"] = str(out)
+        present = [f.pathology for f in outcome.findings if f.present]
+        log.info("%s: present: %s", path, ", ".join(present) or "none")
+    text = json.dumps(records, indent=2) + "\n"
+    if args.json is None or str(args.json) == "-":
+        sys.stdout.write(text)
+    else:
+        args.json.write_text(text)
+    return 1 if failures else 0
+
+
+# -- push --------------------------------------------------------------------------------
+def cmd_push(args: argparse.Namespace) -> int:
+    from node.push import push
+
+    setup_logging(args.log_level or "WARNING")
+    summary = push(
+        args.paths,
+        host=args.host,
+        port=args.port,
+        called_aet=args.aet,
+        calling_aet=args.calling_aet,
+        recursive=args.recursive,
+        dry_run=args.dry_run,
+    )
+    sys.stdout.write(summary.describe() + "\n")
+    return 0 if summary.failed == 0 else 1
+
+
+# -- jobs --------------------------------------------------------------------------------
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.spool import Spool
+
+    cfg = _config(args)
+    spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
+    if args.action == "retry":
+        n = spool.requeue(args.state or "dead")
+        sys.stdout.write(f"{n} job(s) requeued\n")
+        return 0
+    counts = spool.counts()
+    sys.stdout.write(" ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
+    for job in spool.jobs(args.state):
+        sys.stdout.write(
+            f"{job.id}\t{job.state}\t{job.attempts}\t{job.sop_instance_uid}\t{job.last_error}\n"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr-node", description=__doc__)
+    p.add_argument("--version", action="version", version=f"cxr-node {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help="TOML config file (see config/node.toml)")
+        sp.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    s = sub.add_parser("serve", help="run the Storage SCP and the worker")
+    common(s)
+    s.add_argument("--port", type=int, help="override scp.port")
+    s.add_argument("--allow-untrained", action="store_true", help="override model.allow_untrained")
+    s.add_argument("--ready-file", type=Path, help="write the listening port here when ready")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("echo", help="C-ECHO a remote AE")
+    common(e)
+    _peer_args(e)
+    e.set_defaults(func=cmd_echo)
+
+    c = sub.add_parser("classify", help="classify DICOM files offline (no network)")
+    common(c)
+    c.add_argument("files", nargs="+", type=Path)
+    c.add_argument("--json", type=Path, help="write the results here ('-' = stdout, default)")
+    c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
+    c.add_argument("--allow-untrained", action="store_true")
+    c.set_defaults(func=cmd_classify)
+
+    u = sub.add_parser("push", help="C-STORE files, folders and zip archives to a remote AE")
+    common(u)
+    u.add_argument("paths", nargs="+", type=Path)
+    _peer_args(u)
+    u.add_argument("--recursive", action="store_true", default=True)
+    u.add_argument("--dry-run", action="store_true")
+    u.set_defaults(func=cmd_push)
+
+    j = sub.add_parser("jobs", help="list or retry the node's jobs")
+    common(j)
+    j.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    j.add_argument("--state", help="only jobs in this state (retry: default dead)")
+    j.set_defaults(func=cmd_jobs)
+    return p
+
+
+def _peer_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=4242)
+    sp.add_argument("--aet", default="ORTHANC", help="called AE title")
+    sp.add_argument("--calling-aet", default="CXR_NODE")
+    sp.add_argument("--timeout", type=float, default=30.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NodeError as exc:
+        sys.stderr.write(f"cxr-node {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,177 @@
+"""One frozen, validated configuration object.
+
+Precedence (highest first): command-line overrides > environment > TOML file > defaults.
+Environment variables are named ``CXR_NODE_<SECTION>__<KEY>``, e.g.
+``CXR_NODE_DESTINATION__PORT=4242``. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+ENV_PREFIX = "CXR_NODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+DEFAULT_WEIGHTS = "densenet121-res224-all"
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no '\\'")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ScpConfig(_Section):
+    ae_title: AETitle = "CXR_NODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    network_timeout: float = Field(default=60.0, gt=0)
+    max_associations: int = Field(default=10, ge=1)
+
+
+class DestinationConfig(_Section):
+    ae_title: AETitle = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = Field(default=4242, ge=1, le=65535)
+    calling_ae_title: AETitle = "CXR_NODE"
+    timeout: float = Field(default=30.0, gt=0)
+
+
+class SpoolConfig(_Section):
+    directory: Path = Path("var/spool")
+    keep_delivered: bool = False
+    fsync: bool = True
+
+
+class ModelConfig(_Section):
+    weights: Literal["densenet121-res224-all"] = DEFAULT_WEIGHTS
+    cache_dir: Path = Path("~/.torchxrayvision/models_data")
+    weights_file: Path | None = None
+    allow_download: bool = True
+    allow_untrained: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=0, ge=0, description="0 = torch default")
+    batch_size: int = Field(default=8, ge=1, le=256)
+
+
+class FilterConfig(_Section):
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST",)
+    allow_missing_body_part: bool = True
+
+
+class WorkerConfig(_Section):
+    poll_interval: float = Field(default=0.2, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_base: float = Field(default=2.0, gt=0)
+    backoff_max: float = Field(default=300.0, gt=0)
+
+
+class ReportConfig(_Section):
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    manufacturer: str = "cxr-node"
+    institution_name: str | None = None
+    json_dir: Path | None = None
+    sr_dir: Path | None = None
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        if not _UID_ROOT_RE.match(value) or len(value) > 40:
+            raise ValueError(
+                f"invalid uid_root {value!r}: dotted digits ending in '.', at most 40 characters"
+            )
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class NodeConfig(_Section):
+    scp: ScpConfig = ScpConfig()
+    destination: DestinationConfig = DestinationConfig()
+    spool: SpoolConfig = SpoolConfig()
+    model: ModelConfig = ModelConfig()
+    filter: FilterConfig = FilterConfig()
+    worker: WorkerConfig = WorkerConfig()
+    report: ReportConfig = ReportConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``CXR_NODE_SECTION__KEY=value`` variables into a nested dict of strings."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def dotted_overrides(pairs: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn ``{"scp.port": 104}`` into ``{"scp": {"port": 104}}``; ``None`` values are dropped."""
+    out: dict[str, Any] = {}
+    for dotted, value in pairs.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ValueError(f"override {dotted!r} must be of the form section.key")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build the configuration: defaults < file < environment < overrides."""
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, dotted_overrides(overrides or {}))
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f" ({path})" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc

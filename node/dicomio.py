@@ -1,0 +1,58 @@
+"""Reading DICOM bytes and files into datasets, including old ACR-NEMA files."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from node.errors import PreprocessError
+
+
+def _encoding_uid(ds: Dataset) -> UID:
+    implicit, little = ds.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def ensure_file_meta(ds: Dataset) -> Dataset:
+    """Give a dataset read without File Meta (ACR-NEMA style) the meta it implies."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = _encoding_uid(ds)
+    if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    if "MediaStorageSOPInstanceUID" not in meta and "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def read_dataset(source: Path | bytes, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM file or byte string (with or without preamble and File Meta)."""
+    where = str(source) if isinstance(source, Path) else "<received bytes>"
+    try:
+        fp = BytesIO(source) if isinstance(source, bytes) else source
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise PreprocessError(f"{where}: not a readable DICOM dataset: {exc}") from exc
+    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+        raise PreprocessError(f"{where}: not a DICOM composite object (no SOP Class/Instance UID)")
+    return ensure_file_meta(ds)
+
+
+def read_uids(path: Path) -> tuple[str, str]:
+    """(SOP Instance UID, SOP Class UID) of a DICOM file."""
+    ds = read_dataset(path, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID), str(ds.SOPClassUID)

@@ -1,0 +1,35 @@
+"""Exception hierarchy: one base class, one subclass per pipeline stage."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base class of every error raised on purpose by cxr-node."""
+
+
+class ConfigError(NodeError):
+    """The configuration file, environment or command line is invalid."""
+
+
+class SpoolError(NodeError):
+    """A received object could not be stored durably."""
+
+
+class PreprocessError(NodeError):
+    """An image could not be turned into a model input."""
+
+
+class ModelError(NodeError):
+    """The model or its weights could not be loaded or run."""
+
+
+class ReportError(NodeError):
+    """The structured report could not be built."""
+
+
+class SendError(NodeError):
+    """A DICOM association or C-STORE to a remote peer failed."""
+
+
+class ArchiveError(NodeError):
+    """An input path (file, folder or zip archive) could not be read."""

@@ -1,0 +1,210 @@
+"""The classifier: torchxrayvision's DenseNet-121 ``densenet121-res224-all``.
+
+Weights are loaded by torchxrayvision's own code (``xrv.models.DenseNet(weights=...,
+cache_dir=...)``), after their SHA-256 has been checked against the published file's,
+because ``torch.load`` unpickles and so can run code. A file with another hash (for
+example an untrained checkpoint written by the tests) is refused unless
+``model.allow_untrained`` is set; the model is then labelled untrained everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from node.config import ModelConfig
+from node.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# SHA-256 of the file torchxrayvision downloads for densenet121-res224-all
+# (nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-...-best.pt, 28,382,008 bytes).
+OFFICIAL_SHA256 = {
+    "densenet121-res224-all": "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899",
+}
+UNTRAINED_LABEL = "UNTRAINED - NOT FOR CLINICAL USE"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything the report needs to say which model produced a result."""
+
+    weights: str
+    weights_file: str
+    weights_sha256: str
+    library_version: str
+    trained: bool
+    pathologies: tuple[str, ...]
+    op_threshs: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        base = f"torchxrayvision {self.weights}"
+        return base if self.trained else f"{base} [{UNTRAINED_LABEL}]"
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.weights}@{self.weights_sha256[:16]}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expected_weights_path(cfg: ModelConfig) -> tuple[Path, str]:
+    """Return (the file torchxrayvision loads, the URL it downloads it from)."""
+    import torchxrayvision as xrv
+
+    url: str = xrv.models.model_urls[cfg.weights]["weights_url"]
+    name = os.path.basename(url)
+    if cfg.weights_file is not None:
+        path = cfg.weights_file.expanduser()
+        if path.name != name:
+            raise ModelError(
+                f"model.weights_file must be named {name} (torchxrayvision's file name), "
+                f"got {path}"
+            )
+        return path, url
+    return cfg.cache_dir.expanduser() / name, url
+
+
+def _missing_message(path: Path, url: str) -> str:
+    return (
+        f"model weights not found: {path}\n"
+        f"  download {url}\n"
+        f"  and place it at {path} (set model.cache_dir or model.weights_file to use another "
+        "folder),\n  or set model.allow_untrained = true to run an untrained model "
+        "(outputs are marked NOT FOR CLINICAL USE)"
+    )
+
+
+def _try_download(cfg: ModelConfig, path: Path, url: str) -> None:
+    import torchxrayvision as xrv
+
+    log.info("weights %s missing: downloading %s", path, url)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            xrv.models.get_weights(cfg.weights, cache_dir=str(path.parent))
+    except Exception as exc:  # requests/OS errors: any failure means "not available"
+        log.warning("download of %s failed: %s", url, exc)
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device = 'cuda' but no CUDA device is available")
+    return name
+
+
+class Classifier:
+    """Wraps the torch module; ``predict`` takes a batch and returns probabilities."""
+
+    def __init__(self, module: Any, info: ModelInfo, device: str) -> None:
+        self._module = module
+        self.info = info
+        self.device = device
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``batch`` is ``(N, 1, 224, 224)`` in [-1024, 1024]; returns ``(N, 18)``."""
+        import torch
+
+        if batch.ndim != 4 or batch.shape[1] != 1:
+            raise ValueError(f"batch must have shape (N, 1, H, W), got {batch.shape}")
+        with torch.inference_mode():
+            out = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
+
+
+def _build_untrained(cfg: ModelConfig) -> Any:
+    import torch
+    import torchxrayvision as xrv
+
+    threshs = xrv.models.model_urls[cfg.weights]["op_threshs"]
+    return xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(threshs)).eval()
+
+
+def load_classifier(cfg: ModelConfig) -> Classifier:
+    """Load the model as configured, or raise :class:`ModelError` with what to do."""
+    import torch
+    import torchxrayvision as xrv
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    path, url = expected_weights_path(cfg)
+    if not path.is_file() and cfg.allow_download:
+        _try_download(cfg, path, url)
+    expected = OFFICIAL_SHA256[cfg.weights]
+    if path.is_file():
+        digest = sha256_file(path)
+        trained = digest == expected
+        if not trained and not cfg.allow_untrained:
+            raise ModelError(
+                f"weights file {path} has SHA-256 {digest}, not the published {expected}: "
+                "refusing to load it (torch.load can run code). Replace the file, or set "
+                "model.allow_untrained = true to run it marked NOT FOR CLINICAL USE"
+            )
+        try:
+            module = xrv.models.DenseNet(weights=cfg.weights, cache_dir=str(path.parent))
+        except Exception as exc:  # torch.load raises many types for a broken file
+            raise ModelError(f"cannot load weights file {path}: {exc}") from exc
+        weights_file = str(path)
+    elif cfg.allow_untrained:
+        log.warning("weights %s not found: running an UNTRAINED model", path)
+        module, digest, trained, weights_file = _build_untrained(cfg), "none", False, ""
+    else:
+        raise ModelError(_missing_message(path, url))
+    device = _resolve_device(cfg.device)
+    module = module.to(device).eval()
+    info = ModelInfo(
+        weights=cfg.weights,
+        weights_file=weights_file,
+        weights_sha256=digest,
+        library_version=xrv.__version__,
+        trained=trained,
+        pathologies=tuple(str(p) for p in module.pathologies),
+        op_threshs=tuple(float(t) for t in xrv.models.model_urls[cfg.weights]["op_threshs"]),
+    )
+    if not trained:
+        log.warning("model %s is %s", info.name, UNTRAINED_LABEL)
+    return Classifier(module, info, device)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One pathology's result for one image.
+
+    ``score`` is torchxrayvision's output: a sigmoid probability re-scaled by ``op_norm``
+    so that 0.5 is the pathology's operating threshold; ``present`` is ``score >= 0.5``.
+    """
+
+    pathology: str
+    score: float
+    threshold: float
+    present: bool
+
+
+def to_findings(scores: npt.NDArray[np.float32], info: ModelInfo) -> tuple[Finding, ...]:
+    """Pair one image's 18 outputs with their pathologies and thresholded labels (pure)."""
+    if scores.shape != (len(info.pathologies),):
+        raise ValueError(f"expected {len(info.pathologies)} scores, got shape {scores.shape}")
+    return tuple(
+        Finding(name, float(s), float(t), bool(s >= 0.5))
+        for name, s, t in zip(info.pathologies, scores.tolist(), info.op_threshs, strict=True)
+    )

@@ -1,0 +1,226 @@
+"""Build the DICOM SR (TID 1500 Measurement Report, Comprehensive 3D SR) — pure.
+
+Inputs are values (source header, findings, model identity, UIDs root, clock); the output
+is a ``pydicom`` dataset. Nothing here touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
+
+from node import __version__
+from node.codes import (
+    ABSENT,
+    CHEST_XRAY,
+    PRESENT,
+    PROBABILITY_UNIT,
+    local_scheme_item,
+    pathology_code,
+)
+from node.errors import ReportError
+from node.model import Finding, ModelInfo
+from node.uids import derive_uid, is_valid_uid, sr_instance_uid, sr_series_uid
+
+log = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = "AI CXR findings (torchxrayvision), not for diagnosis"
+
+# Attributes of the source that the SR copies (Patient, General Study, Patient Study).
+# Each is checked against its VR; an invalid value is dropped (Type 2 become empty).
+_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+)
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_SEX = {"M", "F", "O"}
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """Who writes the report: the node's identity and its UID root."""
+
+    uid_root: str
+    device_name: str
+    manufacturer: str = "cxr-node"
+    institution_name: str | None = None
+    software_version: str = __version__
+
+
+def _valid(keyword: str, value: object) -> bool:
+    text = str(value)
+    if keyword.endswith("UID"):
+        return is_valid_uid(text)
+    if keyword == "PatientSex":
+        return text in _SEX
+    if keyword == "PatientAge":
+        return len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY"
+    if keyword in ("PatientBirthDate", "StudyDate"):
+        try:
+            return DA(text) is not None
+        except ValueError:
+            return False
+    if keyword == "StudyTime":
+        try:
+            return TM(text) is not None
+        except ValueError:
+            return False
+    return True
+
+
+def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
+    """Copy the attributes the SR needs from ``source``, dropping invalid ones (pure).
+
+    Type 2 attributes that are absent or invalid are present and empty in the result.
+    Returns the clean header and the keywords that were dropped.
+    """
+    clean = Dataset()
+    for keyword in _TYPE2:
+        setattr(clean, keyword, None)
+    dropped: list[str] = []
+    for keyword in _COPIED:
+        value = source.get(keyword)
+        if value is None or value == "":
+            continue
+        if _valid(keyword, value):
+            setattr(clean, keyword, value)
+        else:
+            dropped.append(keyword)
+    missing = [k for k in _REQUIRED_UIDS if k not in clean]
+    if missing:
+        raise ReportError(f"source lacks a valid {', '.join(missing)}: cannot reference it")
+    return clean, tuple(dropped)
+
+
+def _measurement_group(
+    source: Dataset, findings: Sequence[Finding], model: ModelInfo, tracking_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.library_version,
+        parameters=[f"weights={model.weights}", f"weights_sha256={model.weights_sha256}"],
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=pathology_code(f.pathology),
+            value=round(f.score, 6),
+            unit=PROBABILITY_UNIT,
+        )
+        for f in findings
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(pathology_code(f.pathology), PRESENT if f.present else ABSENT)
+        for f in findings
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"CXR findings {source.SOPInstanceUID}"[:64]
+        ),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+        ],
+    )
+
+
+def build_sr(
+    source: Dataset,
+    findings: Sequence[Finding],
+    model: ModelInfo,
+    ctx: ReportContext,
+    now: datetime,
+) -> Dataset:
+    """Build the SR for one classified image; raises :class:`ReportError`."""
+    if not findings:
+        raise ReportError("no findings to report")
+    clean, dropped = sanitized_source(source)
+    if dropped:
+        log.info(
+            "source %s: invalid attributes not copied to the SR: %s",
+            clean.SOPInstanceUID,
+            ", ".join(dropped),
+        )
+    sop_uid = sr_instance_uid(ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid(ctx.uid_root, "device", ctx.device_name),
+            name=ctx.device_name,
+            manufacturer_name=ctx.manufacturer,
+            model_name=f"cxr-node {ctx.software_version}",
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=[
+            _measurement_group(clean, findings, model, derive_uid(ctx.uid_root, "tracking", sop_uid))
+        ],
+    )
+    try:
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[clean],
+            content=report,
+            series_instance_uid=sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=ctx.manufacturer,
+            institution_name=ctx.institution_name,
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ReportError(f"cannot build SR for {clean.SOPInstanceUID}: {exc}") from exc
+    _stamp(sr, clean, model, ctx, now)
+    return sr
+
+
+def _stamp(sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, now: datetime) -> None:
+    """Set the clock-dependent and descriptive attributes highdicom leaves to us."""
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    sr.ContentDate, sr.ContentTime = date, time
+    sr.SeriesDate, sr.SeriesTime = date, time
+    sr.InstanceCreationDate, sr.InstanceCreationTime = date, time
+    suffix = "" if model.trained else " [UNTRAINED]"
+    sr.SeriesDescription = f"{SR_SERIES_DESCRIPTION}{suffix}"
+    sr.SoftwareVersions = [ctx.software_version, f"torchxrayvision {model.library_version}"]
+    sr.ManufacturerModelName = "cxr-node"
+    if "PatientAge" in clean:
+        sr.PatientAge = clean.PatientAge
+    sr.CodingSchemeIdentificationSequence = [local_scheme_item()]

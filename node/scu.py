@@ -1,0 +1,116 @@
+"""Storage SCU: associate with a remote AE and C-STORE datasets, checking every response."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from node.errors import SendError
+from node.netopts import NODELAY_HANDLER
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote Application Entity."""
+
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str = "CXR_NODE"
+    timeout: float = 30.0
+
+
+def check_status(status: Dataset | None, what: str) -> int:
+    """Return the status code of a C-STORE response, or raise :class:`SendError`.
+
+    An empty response (association aborted, timeout) is a failure.
+    """
+    if status is None or "Status" not in status:
+        raise SendError(f"{what}: no response (association aborted, rejected or timed out)")
+    code = int(status.Status)
+    if code == SUCCESS or code in WARNING_STATUSES:
+        return code
+    comment = status.get("ErrorComment", "")
+    raise SendError(f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
+
+
+def _ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = peer.timeout
+    ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout
+    ae.connection_timeout = peer.timeout
+    return ae
+
+
+@contextmanager
+def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator[Association]:
+    """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes)."""
+    ae = _ae(peer)
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[NODELAY_HANDLER]
+    )
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        raise SendError(
+            f"association to {peer.ae_title}@{peer.host}:{peer.port} {reason}"
+        )
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def store_datasets(peer: Peer, datasets: Iterable[Dataset]) -> int:
+    """C-STORE each dataset over one association; returns how many were stored.
+
+    Raises :class:`SendError` on the first failure.
+    """
+    items = list(datasets)
+    contexts = {
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        for ds in items
+    }
+    proposed = [
+        (cls, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+        for cls, ts in sorted(contexts)
+    ]
+    with associate(peer, proposed) as assoc:
+        for ds in items:
+            what = f"C-STORE of {ds.SOPInstanceUID} to {peer.ae_title}"
+            code = check_status(assoc.send_c_store(ds), what)
+            if code != SUCCESS:
+                log.warning("%s: warning status 0x%04X", what, code)
+    return len(items)
+
+
+def store_files(peer: Peer, paths: Iterable[Path]) -> int:
+    """C-STORE files as they are; see :func:`store_datasets`."""
+    from node.dicomio import read_dataset
+
+    return store_datasets(peer, (read_dataset(p) for p in paths))
+
+
+def echo(peer: Peer) -> None:
+    """C-ECHO ``peer``; raises :class:`SendError` unless it answers success."""
+    with associate(peer, [(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
+        status = a.send_c_echo()
+        if status is None or "Status" not in status or int(status.Status) != SUCCESS:
+            raise SendError(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success")

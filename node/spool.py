@@ -1,0 +1,247 @@
+"""Durable spool: received files on disk plus a job table in SQLite (WAL mode).
+
+A received object is written to ``incoming/`` (temp name), flushed and fsynced, then
+renamed into ``images/`` and recorded as a job — all before the C-STORE is answered.
+Job states::
+
+    received -> classified -> sent
+             -> skipped   (not a chest radiograph / not an image)
+             -> failed    (cannot be decoded or reported; kept for inspection)
+    classified -> dead    (SR could not be delivered after max attempts)
+
+Files in ``images/`` without a job row (a crash between rename and insert) are
+re-enqueued by :meth:`Spool.recover` at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import SpoolError
+
+log = logging.getLogger(__name__)
+
+STATES = ("received", "classified", "sent", "skipped", "failed", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image TEXT NOT NULL UNIQUE,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'received',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    report TEXT NOT NULL DEFAULT '',
+    sr_uid TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    image: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    calling_ae: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str
+    report: Path | None
+    sr_uid: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The on-disk spool and job table. Thread-safe; one instance per process."""
+
+    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+        self.root = directory
+        self.incoming = directory / "incoming"
+        self.images = directory / "images"
+        self.reports = directory / "reports"
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        try:
+            for d in (self.incoming, self.images, self.reports):
+                d.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                directory / "jobs.sqlite", check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot open spool at {directory}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing -------------------------------------------------------------------------
+    def write_atomic(self, data: bytes, final: Path) -> None:
+        """Write ``data`` to ``final`` via a temp file, fsync and rename; nothing half-written."""
+        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            if self._fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write {final.name} to the spool: {exc}") from exc
+
+    def store(self, data: bytes, sop_instance_uid: str, sop_class_uid: str, calling_ae: str) -> int:
+        """Durably store a received object and enqueue it; returns the job id."""
+        final = self.images / f"{uuid.uuid4().hex}.dcm"
+        self.write_atomic(data, final)
+        try:
+            return self._insert(final, sop_instance_uid, sop_class_uid, calling_ae)
+        except sqlite3.Error as exc:
+            final.unlink(missing_ok=True)
+            raise SpoolError(f"cannot record job for {sop_instance_uid}: {exc}") from exc
+
+    def _insert(self, image: Path, sop_uid: str, sop_class: str, calling_ae: str) -> int:
+        now = time.time()
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO jobs (image, sop_instance_uid, sop_class_uid, calling_ae, created,"
+                " updated) VALUES (?, ?, ?, ?, ?, ?)",
+                (image.name, sop_uid, sop_class, calling_ae, now, now),
+            )
+        return int(cur.lastrowid or 0)
+
+    # -- reading -------------------------------------------------------------------------
+    def _job(self, row: tuple[object, ...]) -> Job:
+        (jid, image, sop, cls, ae, state, attempts, nxt, err, report, sr_uid) = row
+        return Job(
+            id=int(str(jid)),
+            image=self.images / str(image),
+            sop_instance_uid=str(sop),
+            sop_class_uid=str(cls),
+            calling_ae=str(ae),
+            state=str(state),
+            attempts=int(str(attempts)),
+            next_attempt=float(str(nxt)),
+            last_error=str(err),
+            report=self.reports / str(report) if report else None,
+            sr_uid=str(sr_uid),
+        )
+
+    _COLUMNS = (
+        "id, image, sop_instance_uid, sop_class_uid, calling_ae, state, attempts,"
+        " next_attempt, last_error, report, sr_uid"
+    )
+
+    def jobs(self, state: str | None = None, limit: int = 1000) -> list[Job]:
+        query = f"SELECT {self._COLUMNS} FROM jobs"
+        args: tuple[object, ...] = ()
+        if state is not None:
+            query += " WHERE state = ?"
+            args = (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        return [self._job(r) for r in rows]
+
+    def due(self, state: str, now: float, limit: int) -> list[Job]:
+        """Jobs in ``state`` whose next attempt is due, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM jobs WHERE state = ? AND next_attempt <= ?"
+                " ORDER BY next_attempt, id LIMIT ?",
+                (state, now, limit),
+            ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update({str(s): int(n) for s, n in rows})
+        return out
+
+    # -- transitions ---------------------------------------------------------------------
+    def _update(self, job_id: int, **fields: object) -> None:
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def mark_classified(self, job_id: int, report: Path, sr_uid: str) -> None:
+        self._update(job_id, state="classified", report=report.name, sr_uid=sr_uid,
+                     attempts=0, next_attempt=0.0, last_error="")
+
+    def mark_sent(self, job_id: int) -> None:
+        self._update(job_id, state="sent", last_error="")
+
+    def mark_skipped(self, job_id: int, reason: str) -> None:
+        self._update(job_id, state="skipped", last_error=reason)
+
+    def mark_failed(self, job_id: int, error: str) -> None:
+        self._update(job_id, state="failed", last_error=error)
+
+    def retry_later(self, job: Job, error: str, next_attempt: float, max_attempts: int) -> str:
+        """Record a failed delivery; returns the new state (``classified`` or ``dead``)."""
+        attempts = job.attempts + 1
+        state = "dead" if attempts >= max_attempts else "classified"
+        self._update(job.id, state=state, attempts=attempts, next_attempt=next_attempt,
+                     last_error=error)
+        return state
+
+    def requeue(self, state: str) -> int:
+        """Put every job in ``state`` (e.g. ``dead``) back in line for delivery now."""
+        target = "classified" if state == "dead" else "received"
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = ?, attempts = 0, next_attempt = 0, updated = ?"
+                " WHERE state = ?",
+                (target, time.time(), state),
+            )
+        return int(cur.rowcount)
+
+    def recover(self, read_uids: Callable[[Path], tuple[str, str]]) -> int:
+        """Enqueue image files that have no job row (crash between rename and insert)."""
+        with self._lock:
+            known = {str(r[0]) for r in self._db.execute("SELECT image FROM jobs")}
+        added = 0
+        for path in sorted(self.images.glob("*.dcm")):
+            if path.name in known:
+                continue
+            try:
+                sop_uid, sop_class = read_uids(path)
+            except Exception as exc:  # any unreadable orphan is recorded, never dropped
+                log.error("orphan spool file %s unreadable: %s", path, exc)
+                sop_uid, sop_class = "", ""
+            job_id = self._insert(path, sop_uid, sop_class, "")
+            if not sop_uid:
+                self.mark_failed(job_id, "orphan spool file unreadable")
+            added += 1
+        for tmp in self.incoming.glob("*.part"):  # never acknowledged: safe to remove
+            tmp.unlink(missing_ok=True)
+        return added

@@ -1,0 +1,29 @@
+"""Which received objects are classified: a pure rule over the dataset header."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from node.config import FilterConfig
+
+# Objects that are never images to classify, whatever their Modality says: SR, KO, PR.
+# A routing mistake that sends our own SR back to us must never produce another SR.
+_NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "REG", "SEG", "RTSTRUCT"})
+
+
+def skip_reason(ds: Dataset, rule: FilterConfig) -> str | None:
+    """Return why ``ds`` is not classified, or ``None`` if it should be."""
+    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in _NON_IMAGE_MODALITIES or "PixelData" not in ds:
+        name = sop_class.name if sop_class else "unknown SOP class"
+        return f"not an image ({name}, Modality {modality or 'absent'})"
+    if modality not in rule.modalities:
+        return f"Modality {modality or 'absent'} is not one of {', '.join(rule.modalities)}"
+    body = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if not body:
+        return None if rule.allow_missing_body_part else "BodyPartExamined absent"
+    if body not in rule.body_parts:
+        return f"BodyPartExamined {body} is not one of {', '.join(rule.body_parts)}"
+    return None

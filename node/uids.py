@@ -1,0 +1,36 @@
+"""Deterministic, always-valid DICOM UIDs (pure).
+
+Result UIDs are derived from the source and the model, so that processing the same
+image twice with the same weights yields the same SR UID: the PACS keeps one SR.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydicom.uid import UID, generate_uid
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` follows the DICOM UI grammar (<= 64 chars, no leading zeros)."""
+    return len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def derive_uid(root: str, *parts: str) -> UID:
+    """A UID under ``root`` that depends only on ``parts`` (SHA-512 based, pydicom)."""
+    if not parts:
+        raise ValueError("derive_uid needs at least one part")
+    uid = generate_uid(prefix=root, entropy_srcs=[*parts])
+    if not is_valid_uid(uid):  # pragma: no cover - generate_uid guarantees it
+        raise ValueError(f"derived an invalid UID {uid!r} from root {root!r}")
+    return uid
+
+
+def sr_instance_uid(root: str, source_sop_uid: str, model_id: str, weights_sha256: str) -> UID:
+    return derive_uid(root, "sr-instance", source_sop_uid, model_id, weights_sha256)
+
+
+def sr_series_uid(root: str, study_uid: str, model_id: str) -> UID:
+    return derive_uid(root, "sr-series", study_uid, model_id)

@@ -1,0 +1,168 @@
+"""The worker: classify received jobs in batches, then deliver their SRs with retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.config import NodeConfig
+from node.dicomio import read_dataset
+from node.errors import NodeError, SendError
+from node.model import Classifier
+from node.pipeline import Outcome, analyze
+from node.report import ReportContext
+from node.results import result_record
+from node.spool import Job, Spool
+from node.triage import skip_reason
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[Path], None]
+
+
+def backoff_delay(attempts: int, base: float, cap: float, jitter: float) -> float:
+    """Exponential backoff with jitter: ``min(cap, base * 2**(attempts-1))`` scaled by 0.5..1."""
+    return min(cap, base * 2 ** max(0, attempts - 1)) * (0.5 + 0.5 * jitter)
+
+
+def report_context(cfg: NodeConfig) -> ReportContext:
+    return ReportContext(
+        uid_root=cfg.report.uid_root,
+        device_name=cfg.scp.ae_title,
+        manufacturer=cfg.report.manufacturer,
+        institution_name=cfg.report.institution_name,
+    )
+
+
+class Worker:
+    """Drains the spool. ``run`` loops until ``stop`` is set; ``step`` does one round."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        classifier: Classifier,
+        cfg: NodeConfig,
+        send: Sender,
+        clock: Callable[[], datetime] = datetime.now,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.spool = spool
+        self.classifier = classifier
+        self.cfg = cfg
+        self.send = send
+        self.clock = clock
+        self.rng = rng
+        self.ctx = report_context(cfg)
+
+    # -- classification ------------------------------------------------------------------
+    def _load(self, job: Job) -> Dataset | None:
+        try:
+            ds = read_dataset(job.image)
+        except NodeError as exc:
+            log.error("job %d (%s): %s", job.id, job.sop_instance_uid, exc)
+            self.spool.mark_failed(job.id, str(exc))
+            return None
+        reason = skip_reason(ds, self.cfg.filter)
+        if reason is not None:
+            log.info("job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason)
+            self.spool.mark_skipped(job.id, reason)
+            return None
+        return ds
+
+    def classify_due(self) -> int:
+        jobs = self.spool.due("received", time.time(), self.cfg.model.batch_size)
+        loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
+        if not loaded:
+            return len(jobs)
+        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.ctx, self.clock())
+        for (job, _), outcome in zip(loaded, outcomes, strict=True):
+            if isinstance(outcome, NodeError):
+                log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome)
+                self.spool.mark_failed(job.id, str(outcome))
+            else:
+                self._save(job, outcome)
+        return len(jobs)
+
+    def _save(self, job: Job, outcome: Outcome) -> None:
+        sr = outcome.sr
+        path = self.spool.reports / f"{sr.SOPInstanceUID}.dcm"
+        buf = _encode(sr)
+        self.spool.write_atomic(buf, path)
+        record = result_record(outcome, self.classifier.info)
+        self._write_extras(sr, buf, record)
+        self.spool.mark_classified(job.id, path, str(sr.SOPInstanceUID))
+        present = [f.pathology for f in outcome.findings if f.present]
+        log.info(
+            "job %d (%s): classified by %s; present: %s; SR %s",
+            job.id, job.sop_instance_uid, self.classifier.info.name,
+            ", ".join(present) or "none", sr.SOPInstanceUID,
+        )
+
+    def _write_extras(self, sr: Dataset, buf: bytes, record: dict[str, object]) -> None:
+        rc = self.cfg.report
+        if rc.sr_dir is not None:
+            rc.sr_dir.mkdir(parents=True, exist_ok=True)
+            self.spool.write_atomic(buf, rc.sr_dir / f"{sr.SOPInstanceUID}.dcm")
+        if rc.json_dir is not None:
+            rc.json_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(record, indent=2).encode()
+            self.spool.write_atomic(text, rc.json_dir / f"{record['source']['sop_instance_uid']}.json")  # type: ignore[index]
+
+    # -- delivery ------------------------------------------------------------------------
+    def deliver_due(self) -> int:
+        jobs = self.spool.due("classified", time.time(), 32)
+        for job in jobs:
+            self._deliver(job)
+        return len(jobs)
+
+    def _deliver(self, job: Job) -> None:
+        if job.report is None:
+            self.spool.mark_failed(job.id, "classified job has no report file")
+            return
+        try:
+            self.send(job.report)
+        except (SendError, NodeError, OSError) as exc:
+            w = self.cfg.worker
+            delay = backoff_delay(job.attempts + 1, w.backoff_base, w.backoff_max, self.rng())
+            state = self.spool.retry_later(job, str(exc), time.time() + delay, w.max_attempts)
+            log.warning(
+                "job %d: SR %s not delivered (attempt %d): %s; %s",
+                job.id, job.sr_uid, job.attempts + 1, exc,
+                "dead-lettered" if state == "dead" else f"retry in {delay:.1f}s",
+            )
+            return
+        self.spool.mark_sent(job.id)
+        log.info("job %d: SR %s delivered", job.id, job.sr_uid)
+        if not self.cfg.spool.keep_delivered:
+            job.image.unlink(missing_ok=True)
+            job.report.unlink(missing_ok=True)
+
+    # -- loop ----------------------------------------------------------------------------
+    def step(self) -> int:
+        return self.classify_due() + self.deliver_due()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except NodeError as exc:
+                log.error("worker step failed: %s", exc)
+                busy = 0
+            if not busy:
+                stop.wait(self.cfg.worker.poll_interval)
+
+
+def _encode(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
