@@ -44,9 +44,7 @@ PATHOLOGY_CODES: dict[str, Code] = {
     "Lung Lesion": _local("LUNG_LESION", "Lung lesion"),
     "Fracture": Code("125605004", "SCT", "Fracture of bone"),
     "Lung Opacity": _local("LUNG_OPACITY", "Lung opacity"),
-    "Enlarged Cardiomediastinum": _local(
-        "ENL_CARDIOMED", "Enlarged cardiomediastinum"
-    ),
+    "Enlarged Cardiomediastinum": _local("ENL_CARDIOMED", "Enlarged cardiomediastinum"),
 }
 
 

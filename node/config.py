@@ -12,21 +12,30 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from node.errors import ConfigError
 
 ENV_PREFIX = "CXR_NODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
-DEFAULT_WEIGHTS = "densenet121-res224-all"
+DEFAULT_WEIGHTS: Final = "densenet121-res224-all"
 
 
 def _check_ae(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
-        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no '\\'")
+        raise ValueError(
+            f"invalid AE title {value!r}: 1-16 printable ASCII characters, no '\\'"
+        )
     return value.strip()
 
 

@@ -45,10 +45,19 @@ def read_dataset(source: Path | bytes, *, stop_before_pixels: bool = False) -> D
     try:
         fp = BytesIO(source) if isinstance(source, bytes) else source
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+    ) as exc:
         raise PreprocessError(f"{where}: not a readable DICOM dataset: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
-        raise PreprocessError(f"{where}: not a DICOM composite object (no SOP Class/Instance UID)")
+        raise PreprocessError(
+            f"{where}: not a DICOM composite object (no SOP Class/Instance UID)"
+        )
     return ensure_file_meta(ds)
 
 

@@ -74,8 +74,7 @@ def expected_weights_path(cfg: ModelConfig) -> tuple[Path, str]:
         path = cfg.weights_file.expanduser()
         if path.name != name:
             raise ModelError(
-                f"model.weights_file must be named {name} (torchxrayvision's file name), "
-                f"got {path}"
+                f"model.weights_file must be named {name} (torchxrayvision's file name), got {path}"
             )
         return path, url
     return cfg.cache_dir.expanduser() / name, url
@@ -128,7 +127,9 @@ class Classifier:
         if batch.ndim != 4 or batch.shape[1] != 1:
             raise ValueError(f"batch must have shape (N, 1, H, W), got {batch.shape}")
         with torch.inference_mode():
-            out = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+            out = self._module(
+                torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            )
         return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
 
 
@@ -161,7 +162,9 @@ def load_classifier(cfg: ModelConfig) -> Classifier:
                 "model.allow_untrained = true to run it marked NOT FOR CLINICAL USE"
             )
         try:
-            module = xrv.models.DenseNet(weights=cfg.weights, cache_dir=str(path.parent))
+            module = xrv.models.DenseNet(
+                weights=cfg.weights, cache_dir=str(path.parent)
+            )
         except Exception as exc:  # torch.load raises many types for a broken file
             raise ModelError(f"cannot load weights file {path}: {exc}") from exc
         weights_file = str(path)
@@ -172,14 +175,15 @@ def load_classifier(cfg: ModelConfig) -> Classifier:
         raise ModelError(_missing_message(path, url))
     device = _resolve_device(cfg.device)
     module = module.to(device).eval()
+    spec = xrv.models.model_urls[cfg.weights]
     info = ModelInfo(
         weights=cfg.weights,
         weights_file=weights_file,
         weights_sha256=digest,
         library_version=xrv.__version__,
         trained=trained,
-        pathologies=tuple(str(p) for p in module.pathologies),
-        op_threshs=tuple(float(t) for t in xrv.models.model_urls[cfg.weights]["op_threshs"]),
+        pathologies=tuple(str(p) for p in spec["labels"]),
+        op_threshs=tuple(float(t) for t in spec["op_threshs"]),
     )
     if not trained:
         log.warning("model %s is %s", info.name, UNTRAINED_LABEL)
@@ -200,11 +204,17 @@ class Finding:
     present: bool
 
 
-def to_findings(scores: npt.NDArray[np.float32], info: ModelInfo) -> tuple[Finding, ...]:
+def to_findings(
+    scores: npt.NDArray[np.float32], info: ModelInfo
+) -> tuple[Finding, ...]:
     """Pair one image's 18 outputs with their pathologies and thresholded labels (pure)."""
     if scores.shape != (len(info.pathologies),):
-        raise ValueError(f"expected {len(info.pathologies)} scores, got shape {scores.shape}")
+        raise ValueError(
+            f"expected {len(info.pathologies)} scores, got shape {scores.shape}"
+        )
     return tuple(
         Finding(name, float(s), float(t), bool(s >= 0.5))
-        for name, s, t in zip(info.pathologies, scores.tolist(), info.op_threshs, strict=True)
+        for name, s, t in zip(
+            info.pathologies, scores.tolist(), info.op_threshs, strict=True
+        )
     )

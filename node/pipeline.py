@@ -43,16 +43,24 @@ def _prepare(datasets: Sequence[Dataset]) -> list[Preprocessed | NodeError]:
 
 
 def analyze(
-    datasets: Sequence[Dataset], classifier: Classifier, ctx: ReportContext, now: datetime
+    datasets: Sequence[Dataset],
+    classifier: Classifier,
+    ctx: ReportContext,
+    now: datetime,
 ) -> list[Outcome | NodeError]:
     """Classify a batch and build one SR per image; failures come back as errors."""
     t0 = time.perf_counter()
     prepared = _prepare(datasets)
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
-    scores = classifier.predict(np.stack([p.array for p in ok])) if ok else np.empty((0, 0))
+    scores = (
+        classifier.predict(np.stack([p.array for p in ok])) if ok else np.empty((0, 0))
+    )
     t2 = time.perf_counter()
-    per_image = {"preprocess_s": (t1 - t0) / len(datasets), "inference_s": (t2 - t1) / max(1, len(ok))}
+    per_image = {
+        "preprocess_s": (t1 - t0) / len(datasets),
+        "inference_s": (t2 - t1) / max(1, len(ok)),
+    }
     results: list[Outcome | NodeError] = []
     row = 0
     for ds, prep in zip(datasets, prepared, strict=True):

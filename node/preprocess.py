@@ -19,14 +19,18 @@ trained without it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 
 from node.errors import PreprocessError
+
+log = logging.getLogger(__name__)
 
 INPUT_SIZE = 224
 XRV_RANGE = 1024.0
@@ -50,17 +54,46 @@ def _uid(ds: Dataset) -> str:
 
 def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
     """Decode Pixel Data, raising :class:`PreprocessError` with the reason when impossible."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if (
+        "PixelData" not in ds
+        and "FloatPixelData" not in ds
+        and "DoubleFloatPixelData" not in ds
+    ):
         raise PreprocessError(f"{_uid(ds)}: the dataset has no Pixel Data")
     try:
-        return ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+        return _unmasked(ds)
+    except (
+        NotImplementedError,
+        RuntimeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+    ) as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-        raise PreprocessError(f"{_uid(ds)}: cannot decode Pixel Data in {name}: {exc}") from exc
+        raise PreprocessError(
+            f"{_uid(ds)}: cannot decode Pixel Data in {name}: {exc}"
+        ) from exc
 
 
-def _first_frame(ds: Dataset, data: npt.NDArray[np.generic], steps: list[str]) -> np.ndarray:
+def _unmasked(ds: Dataset) -> npt.NDArray[np.generic]:
+    """Decode without masking to BitsStored, so values beyond it are seen, not wrapped.
+
+    pydicom masks native (uncompressed) unsigned data to BitsStored; an image whose
+    header understates its depth would silently lose its high bits.
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", allocated) or allocated)
+    unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+    if ts is not None and not ts.is_compressed and unsigned and 0 < stored < allocated:
+        return pixel_array(ds, bits_stored=allocated)
+    return ds.pixel_array
+
+
+def _first_frame(
+    ds: Dataset, data: npt.NDArray[np.generic], steps: list[str]
+) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
@@ -71,7 +104,9 @@ def _first_frame(ds: Dataset, data: npt.NDArray[np.generic], steps: list[str]) -
     return np.asarray(data)
 
 
-def _to_grey(ds: Dataset, data: np.ndarray, steps: list[str]) -> tuple[np.ndarray, bool]:
+def _to_grey(
+    ds: Dataset, data: np.ndarray, steps: list[str]
+) -> tuple[np.ndarray, bool]:
     """Return a 2-D array and whether it is already in [0, 255] luminance."""
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi in _GREY and data.ndim == 2:
@@ -106,10 +141,12 @@ def _value_range(
     lo, hi = _stored_range(ds)
     dmin, dmax = float(data.min()), float(data.max())
     if dmax > hi or dmin < lo:
-        steps.append(
+        note = (
             f"stored values [{dmin:g}, {dmax:g}] exceed BitsStored range [{lo:g}, {hi:g}]: "
             "true data range used"
         )
+        log.warning("%s: %s", _uid(ds), note)
+        steps.append(note)
         lo, hi = min(lo, dmin), max(hi, dmax)
     if not _has_modality_lut(ds):
         return data, lo, hi
@@ -120,7 +157,9 @@ def _value_range(
         ends = np.array([lut.min(), lut.max()])
         steps.append("Modality LUT sequence applied")
     else:
-        steps.append(f"rescale slope {ds.RescaleSlope} intercept {ds.RescaleIntercept} applied")
+        steps.append(
+            f"rescale slope {ds.RescaleSlope} intercept {ds.RescaleIntercept} applied"
+        )
     return values, float(ends.min()), float(ends.max())
 
 
@@ -154,5 +193,7 @@ def preprocess(ds: Dataset, size: int = INPUT_SIZE) -> Preprocessed:
     steps: list[str] = []
     img = to_xrv_range(ds, steps)
     if img.ndim != 2 or min(img.shape) < 2:
-        raise PreprocessError(f"{_uid(ds)}: image of shape {img.shape} is not a 2-D image")
+        raise PreprocessError(
+            f"{_uid(ds)}: image of shape {img.shape} is not a 2-D image"
+        )
     return Preprocessed(crop_and_resize(img, size), tuple(steps))

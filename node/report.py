@@ -64,7 +64,12 @@ _TYPE2 = (
     "StudyID",
     "ReferringPhysicianName",
 )
-_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_REQUIRED_UIDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+)
 _SEX = {"M", "F", "O"}
 
 
@@ -120,7 +125,9 @@ def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
             dropped.append(keyword)
     missing = [k for k in _REQUIRED_UIDS if k not in clean]
     if missing:
-        raise ReportError(f"source lacks a valid {', '.join(missing)}: cannot reference it")
+        raise ReportError(
+            f"source lacks a valid {', '.join(missing)}: cannot reference it"
+        )
     return clean, tuple(dropped)
 
 
@@ -130,7 +137,10 @@ def _measurement_group(
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.library_version,
-        parameters=[f"weights={model.weights}", f"weights_sha256={model.weights_sha256}"],
+        parameters=[
+            f"weights={model.weights}",
+            f"weights_sha256={model.weights_sha256}",
+        ],
     )
     measurements = [
         hd.sr.Measurement(
@@ -141,7 +151,9 @@ def _measurement_group(
         for f in findings
     ]
     evaluations = [
-        hd.sr.QualitativeEvaluation(pathology_code(f.pathology), PRESENT if f.present else ABSENT)
+        hd.sr.QualitativeEvaluation(
+            pathology_code(f.pathology), PRESENT if f.present else ABSENT
+        )
         for f in findings
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -152,7 +164,9 @@ def _measurement_group(
         measurements=measurements,
         qualitative_evaluations=evaluations,
         source_images=[
-            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+            hd.sr.SourceImageForMeasurementGroup(
+                source.SOPClassUID, source.SOPInstanceUID
+            )
         ],
     )
 
@@ -174,7 +188,9 @@ def build_sr(
             clean.SOPInstanceUID,
             ", ".join(dropped),
         )
-    sop_uid = sr_instance_uid(ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256)
+    sop_uid = sr_instance_uid(
+        ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -188,14 +204,18 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CHEST_XRAY,
         imaging_measurements=[
-            _measurement_group(clean, findings, model, derive_uid(ctx.uid_root, "tracking", sop_uid))
+            _measurement_group(
+                clean, findings, model, derive_uid(ctx.uid_root, "tracking", sop_uid)
+            )
         ],
     )
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=[clean],
             content=report,
-            series_instance_uid=sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
+            series_instance_uid=sr_series_uid(
+                ctx.uid_root, clean.StudyInstanceUID, model.model_id
+            ),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_uid,
             instance_number=1,
@@ -211,7 +231,9 @@ def build_sr(
     return sr
 
 
-def _stamp(sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, now: datetime) -> None:
+def _stamp(
+    sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, now: datetime
+) -> None:
     """Set the clock-dependent and descriptive attributes highdicom leaves to us."""
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sr.ContentDate, sr.ContentTime = date, time
@@ -219,7 +241,10 @@ def _stamp(sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, no
     sr.InstanceCreationDate, sr.InstanceCreationTime = date, time
     suffix = "" if model.trained else " [UNTRAINED]"
     sr.SeriesDescription = f"{SR_SERIES_DESCRIPTION}{suffix}"
-    sr.SoftwareVersions = [ctx.software_version, f"torchxrayvision {model.library_version}"]
+    sr.SoftwareVersions = [
+        ctx.software_version,
+        f"torchxrayvision {model.library_version}",
+    ]
     sr.ManufacturerModelName = "cxr-node"
     if "PatientAge" in clean:
         sr.PatientAge = clean.PatientAge

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.model import ModelInfo, UNTRAINED_LABEL
+from node.model import UNTRAINED_LABEL, ModelInfo
 from node.pipeline import Outcome
 
 SCHEMA_VERSION = 1

@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 from enum import IntEnum
 from io import BytesIO
+from typing import Any, cast
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -28,13 +29,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig
 from node.errors import SpoolError
 from node.netopts import NODELAY_HANDLER
+from node.scu import VERIFICATION
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -76,26 +78,44 @@ class EchoStatus(IntEnum):
 def _header_uids(raw: bytes) -> tuple[str, str]:
     """Parse a received file's header; return its (SOP Instance, SOP Class) UIDs."""
     ds = pydicom.dcmread(
-        BytesIO(raw), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+        BytesIO(raw),
+        stop_before_pixels=True,
+        specific_tags=["SOPClassUID", "SOPInstanceUID"],
     )
     return str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
 
 
 def handle_store(event: Event, spool: Spool) -> int:
     """EVT_C_STORE handler: spool the bytes durably, then answer."""
-    req = event.request
+    req = cast(C_STORE, event.request)
     calling = str(event.assoc.requestor.ae_title)
     sop_uid = str(req.AffectedSOPInstanceUID)
     raw = event.encoded_dataset()
     try:
         found_uid, found_class = _header_uids(raw)
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
-        log.warning("C-STORE from %s of %s rejected: unreadable dataset: %s", calling, sop_uid, exc)
+    except (
+        InvalidDicomError,
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+        OverflowError,
+    ) as exc:
+        log.warning(
+            "C-STORE from %s of %s rejected: unreadable dataset: %s",
+            calling,
+            sop_uid,
+            exc,
+        )
         return StoreStatus.CANNOT_UNDERSTAND
     if found_uid != sop_uid or found_class != str(req.AffectedSOPClassUID):
         log.warning(
             "C-STORE from %s rejected: dataset UIDs (%s, %s) do not match the request (%s, %s)",
-            calling, found_uid or "none", found_class or "none", sop_uid, req.AffectedSOPClassUID,
+            calling,
+            found_uid or "none",
+            found_class or "none",
+            sop_uid,
+            req.AffectedSOPClassUID,
         )
         return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
@@ -121,21 +141,23 @@ def build_ae(cfg: ScpConfig) -> AE:
     ae.dimse_timeout = cfg.network_timeout
     ae.maximum_associations = cfg.max_associations
     ae.require_called_aet = True
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, DECODABLE)
+        ae.add_supported_context(str(cx.abstract_syntax), DECODABLE)
     return ae
 
 
 def start_server(cfg: ScpConfig, spool: Spool) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``.shutdown()`` stops it)."""
     ae = build_ae(cfg)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool]),
         (evt.EVT_C_ECHO, handle_echo),
         NODELAY_HANDLER,
     ]
-    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+    server = ae.start_server(
+        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers
+    )
     if server is None:  # pragma: no cover - block=False always returns the server
         raise RuntimeError("pynetdicom did not return a server")
     host, port = server.server_address[:2]

@@ -12,13 +12,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
 from node.errors import SendError
 from node.netopts import NODELAY_HANDLER
 
 log = logging.getLogger(__name__)
 
+VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
@@ -40,12 +40,16 @@ def check_status(status: Dataset | None, what: str) -> int:
     An empty response (association aborted, timeout) is a failure.
     """
     if status is None or "Status" not in status:
-        raise SendError(f"{what}: no response (association aborted, rejected or timed out)")
+        raise SendError(
+            f"{what}: no response (association aborted, rejected or timed out)"
+        )
     code = int(status.Status)
     if code == SUCCESS or code in WARNING_STATUSES:
         return code
     comment = status.get("ErrorComment", "")
-    raise SendError(f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
+    raise SendError(
+        f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip()
+    )
 
 
 def _ae(peer: Peer) -> AE:
@@ -58,7 +62,9 @@ def _ae(peer: Peer) -> AE:
 
 
 @contextmanager
-def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator[Association]:
+def associate(
+    peer: Peer, contexts: Iterable[tuple[str, list[str]]]
+) -> Iterator[Association]:
     """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes)."""
     ae = _ae(peer)
     for abstract, syntaxes in contexts:
@@ -85,8 +91,7 @@ def store_datasets(peer: Peer, datasets: Iterable[Dataset]) -> int:
     """
     items = list(datasets)
     contexts = {
-        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-        for ds in items
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in items
     }
     proposed = [
         (cls, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
@@ -110,7 +115,11 @@ def store_files(peer: Peer, paths: Iterable[Path]) -> int:
 
 def echo(peer: Peer) -> None:
     """C-ECHO ``peer``; raises :class:`SendError` unless it answers success."""
-    with associate(peer, [(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
+    with associate(
+        peer, [(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    ) as a:
         status = a.send_c_echo()
         if status is None or "Status" not in status or int(status.Status) != SUCCESS:
-            raise SendError(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success")
+            raise SendError(
+                f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success"
+            )

@@ -30,7 +30,7 @@ Sender = Callable[[Path], None]
 
 def backoff_delay(attempts: int, base: float, cap: float, jitter: float) -> float:
     """Exponential backoff with jitter: ``min(cap, base * 2**(attempts-1))`` scaled by 0.5..1."""
-    return min(cap, base * 2 ** max(0, attempts - 1)) * (0.5 + 0.5 * jitter)
+    return min(cap, base * 2.0 ** max(0, attempts - 1)) * (0.5 + 0.5 * jitter)
 
 
 def report_context(cfg: NodeConfig) -> ReportContext:
@@ -72,7 +72,9 @@ class Worker:
             return None
         reason = skip_reason(ds, self.cfg.filter)
         if reason is not None:
-            log.info("job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason)
+            log.info(
+                "job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason
+            )
             self.spool.mark_skipped(job.id, reason)
             return None
         return ds
@@ -82,10 +84,14 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
-        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.ctx, self.clock())
+        outcomes = analyze(
+            [ds for _, ds in loaded], self.classifier, self.ctx, self.clock()
+        )
         for (job, _), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
-                log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome)
+                log.error(
+                    "job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome
+                )
                 self.spool.mark_failed(job.id, str(outcome))
             else:
                 self._save(job, outcome)
@@ -96,25 +102,31 @@ class Worker:
         path = self.spool.reports / f"{sr.SOPInstanceUID}.dcm"
         buf = _encode(sr)
         self.spool.write_atomic(buf, path)
-        record = result_record(outcome, self.classifier.info)
-        self._write_extras(sr, buf, record)
+        self._write_extras(outcome, buf)
         self.spool.mark_classified(job.id, path, str(sr.SOPInstanceUID))
         present = [f.pathology for f in outcome.findings if f.present]
         log.info(
             "job %d (%s): classified by %s; present: %s; SR %s",
-            job.id, job.sop_instance_uid, self.classifier.info.name,
-            ", ".join(present) or "none", sr.SOPInstanceUID,
+            job.id,
+            job.sop_instance_uid,
+            self.classifier.info.name,
+            ", ".join(present) or "none",
+            sr.SOPInstanceUID,
         )
 
-    def _write_extras(self, sr: Dataset, buf: bytes, record: dict[str, object]) -> None:
-        rc = self.cfg.report
+    def _write_extras(self, outcome: Outcome, buf: bytes) -> None:
+        """The optional copies: the SR in ``report.sr_dir``, the JSON in ``report.json_dir``."""
+        rc, sr = self.cfg.report, outcome.sr
         if rc.sr_dir is not None:
             rc.sr_dir.mkdir(parents=True, exist_ok=True)
             self.spool.write_atomic(buf, rc.sr_dir / f"{sr.SOPInstanceUID}.dcm")
         if rc.json_dir is not None:
             rc.json_dir.mkdir(parents=True, exist_ok=True)
+            record = result_record(outcome, self.classifier.info)
             text = json.dumps(record, indent=2).encode()
-            self.spool.write_atomic(text, rc.json_dir / f"{record['source']['sop_instance_uid']}.json")  # type: ignore[index]
+            self.spool.write_atomic(
+                text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json"
+            )
 
     # -- delivery ------------------------------------------------------------------------
     def deliver_due(self) -> int:
@@ -131,11 +143,18 @@ class Worker:
             self.send(job.report)
         except (SendError, NodeError, OSError) as exc:
             w = self.cfg.worker
-            delay = backoff_delay(job.attempts + 1, w.backoff_base, w.backoff_max, self.rng())
-            state = self.spool.retry_later(job, str(exc), time.time() + delay, w.max_attempts)
+            delay = backoff_delay(
+                job.attempts + 1, w.backoff_base, w.backoff_max, self.rng()
+            )
+            state = self.spool.retry_later(
+                job, str(exc), time.time() + delay, w.max_attempts
+            )
             log.warning(
                 "job %d: SR %s not delivered (attempt %d): %s; %s",
-                job.id, job.sr_uid, job.attempts + 1, exc,
+                job.id,
+                job.sr_uid,
+                job.attempts + 1,
+                exc,
                 "dead-lettered" if state == "dead" else f"retry in {delay:.1f}s",
             )
             return

@@ -1,0 +1,201 @@
+"""Shared fixtures: the test checkpoint, node configs, real Orthanc and node processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import ACRNEMA, NIH, ROOT, WEIGHTS_NAME, OrthancRest, free_port, wait_for
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    for item in items:
+        if "integration" in item.keywords:
+            for tool in ("Orthanc", "storescu", "dciodvfy"):
+                if (
+                    shutil.which(tool) is None
+                    and not Path(f"/usr/sbin/{tool}").exists()
+                ):
+                    item.add_marker(pytest.mark.skip(reason=f"{tool} not installed"))
+
+
+@pytest.fixture(scope="session")
+def shared_files() -> dict[str, Path]:
+    for p in (NIH, ACRNEMA):
+        assert p.is_file(), f"shared test data missing: {p}"
+    return {"nih": NIH, "acrnema": ACRNEMA}
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained DenseNet saved exactly as torchxrayvision's weights file is.
+
+    Its classifier is rescaled so that outputs spread over (0, 1) instead of saturating
+    and fall on both sides of the operating thresholds: a test comparing values or
+    Present/Absent labels must be able to fail.
+    """
+    import torch
+    import torchxrayvision as xrv
+
+    torch.manual_seed(1234)
+    model = xrv.models.DenseNet(weights=None).eval()
+    img = xrv.utils.read_xray_dcm(str(NIH))
+    img = xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(img[None]))
+    with torch.no_grad():
+        logits = model.classifier(model.features2(torch.from_numpy(img)[None]))
+        model.classifier.weight.mul_(2.0 / float(logits.abs().max()))
+        model.classifier.bias.fill_(
+            -3.0
+        )  # some findings below their threshold, some above
+    d = tmp_path_factory.mktemp("weights")
+    torch.save(model, d / WEIGHTS_NAME)
+    return d
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Orthanc:
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    dicom_port: int
+    rest: OrthancRest
+    log: Path
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[object]:
+    """Start real Orthanc processes with the repo's orthanc.json (ports/paths/hosts overridden)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(node_port: int) -> Orthanc:
+        cfg = json.loads((ROOT / "orthanc.json").read_text())
+        http, dicom = free_port(), free_port()
+        store = tmp_path / "orthanc-db"
+        cfg.update(
+            StorageDirectory=str(store),
+            IndexDirectory=str(store),
+            HttpPort=http,
+            DicomPort=dicom,
+            LuaScripts=[str(ROOT / "config" / "route-to-node.lua")],
+        )
+        cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port)
+        conf = tmp_path / "orthanc.json"
+        conf.write_text(json.dumps(cfg))
+        env = {
+            **os.environ,
+            "TCP_NODELAY": "1",
+            "ORTHANC_USER": "tester",
+            "ORTHANC_PASSWORD": "test-pass",
+        }
+        log = tmp_path / "orthanc.log"
+        proc = subprocess.Popen(
+            ["/usr/sbin/Orthanc", str(conf)],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        rest = OrthancRest(http, "tester", "test-pass")
+        wait_for(
+            lambda: proc.poll() is not None or rest.alive(), 30, "Orthanc to start"
+        )
+        assert proc.poll() is None, log.read_text()
+        return Orthanc(proc, http, dicom, rest, log)
+
+    yield start
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@dataclass
+class NodeProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    config: Path
+    spool: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
+    """Start ``cxr-node serve`` as a real process with a config written for the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        dest_port: int, port: int | None = None, **extra: dict[str, object]
+    ) -> NodeProc:
+        port = port or free_port()
+        spool = tmp_path / "spool"
+        sections: dict[str, dict[str, object]] = {
+            "scp": {"ae_title": "CXR_NODE", "port": port},
+            "destination": {"ae_title": "ORTHANC", "port": dest_port, "timeout": 10.0},
+            "spool": {"directory": str(spool)},
+            "model": {
+                "cache_dir": str(weights_dir),
+                "allow_untrained": True,
+                "allow_download": False,
+                "threads": 2,
+            },
+            "worker": {"poll_interval": 0.05, "backoff_base": 0.2, "backoff_max": 2.0},
+        }
+        for section, values in extra.items():
+            sections.setdefault(section, {}).update(values)
+        conf = write_config(tmp_path / "node.toml", sections)
+        log = tmp_path / "node.log"
+        ready = tmp_path / "node.ready"
+        ready.unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "serve",
+                "--config",
+                str(conf),
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        procs.append(proc)
+        wait_for(
+            lambda: proc.poll() is not None or ready.exists(), 60, "the node to listen"
+        )
+        assert proc.poll() is None, log.read_text()
+        return NodeProc(proc, port, conf, spool, log)
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,105 @@
+"""Test helpers: free ports, deadline polling, raw C-STORE, real peers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+NIH = SHARED / "nih_cxr_dx.dcm"
+ACRNEMA = SHARED / "cr_chest_mono1_10bit_acrnema.dcm"
+WEIGHTS_NAME = (
+    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15"
+    "-seed0-best.pt"
+)
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1
+) -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def send_raw_c_store(
+    assoc: Association, sop_class: str, sop_uid: str, payload: bytes
+) -> Dataset:
+    """Send a C-STORE whose data set is ``payload`` as is (no encoding); return the status."""
+    context = assoc._get_valid_context(sop_class, ImplicitVRLittleEndian, "scu")
+    req = C_STORE()
+    req.MessageID = 1
+    req.Priority = 2
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_uid
+    req.DataSet = BytesIO(payload)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(req, cast(int, context.context_id))
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    if rsp is None:
+        return Dataset()
+    return cast(Dataset, assoc._check_received_status(rsp))
+
+
+class OrthancRest:
+    """Minimal Orthanc REST client (urllib, basic auth)."""
+
+    def __init__(self, port: int, user: str, password: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {token}"}
+
+    def _req(self, path: str, data: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.base + path, data=data, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=10) as rsp:
+            return cast(bytes, rsp.read())
+
+    def get(self, path: str) -> Any:
+        return json.loads(self._req(path))
+
+    def post(self, path: str, body: Any) -> Any:
+        return json.loads(self._req(path, json.dumps(body).encode()))
+
+    def file(self, instance_id: str) -> bytes:
+        return self._req(f"/instances/{instance_id}/file")
+
+    def find(self, level: str, query: dict[str, str]) -> list[str]:
+        return cast(
+            list[str], self.post("/tools/find", {"Level": level, "Query": query})
+        )
+
+    def alive(self) -> bool:
+        try:
+            self.get("/system")
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,87 @@
+"""Integration: real Orthanc (Lua auto-routing) -> real node process -> SR back in Orthanc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from io import BytesIO
+
+import pydicom
+import pytest
+from helpers import NIH, wait_for
+from reference import xrv_input, xrv_outputs
+from sr_tree import codes, nums
+
+from node.codes import pathology_code
+
+pytestmark = pytest.mark.integration
+
+
+def storescu(port: int, *files: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
+    orthanc_factory, node_factory, weights_dir, tmp_path
+):
+    from helpers import free_port
+
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port)
+    src = pydicom.dcmread(NIH)
+
+    done = storescu(orthanc.dicom_port, NIH)
+    assert done.returncode == 0, done.stderr
+
+    def sr_ids() -> list[str]:
+        return orthanc.rest.find(
+            "Instance", {"StudyInstanceUID": src.StudyInstanceUID, "Modality": "SR"}
+        )
+
+    ids = wait_for(sr_ids, 90, "the SR to reach Orthanc")
+    assert len(ids) == 1, ids
+    sr = pydicom.dcmread(BytesIO(orthanc.rest.file(ids[0])))
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sr.PatientID == src.PatientID
+
+    expected = xrv_outputs(xrv_input(NIH), weights_dir)
+    got = nums(sr)
+    assert len(got) == 18
+    for pathology, value in expected.items():
+        assert got[pathology_code(pathology).meaning] == pytest.approx(
+            value, abs=1e-5
+        ), pathology
+    assert min(expected.values()) < 0.5 < max(expected.values())  # both labels occur
+    assert all(0.01 < v < 0.99 for v in expected.values())  # not saturated
+    labels = codes(sr)
+    for pathology, value in expected.items():
+        assert labels[pathology_code(pathology).meaning] == (
+            "Present" if value >= 0.5 else "Absent"
+        )
+
+    out = tmp_path / "sr.dcm"
+    out.write_bytes(orthanc.rest.file(ids[0]))
+    check = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
+    errors = [
+        line
+        for line in (check.stdout + check.stderr).splitlines()
+        if line.startswith("Error")
+    ]
+    assert errors == []
+    dump = subprocess.run(["dsrdump", str(out)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+
+    # The same image again: the deterministic SR UID means Orthanc still holds one SR.
+    assert storescu(orthanc.dicom_port, NIH).returncode == 0
+    wait_for(
+        lambda: node.log_text().count("delivered") >= 2, 60, "the second SR delivery"
+    )
+    assert len(sr_ids()) == 1

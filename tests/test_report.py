@@ -1,0 +1,129 @@
+"""Unit: SR building (pure) with a strict pydicom round trip; deterministic valid UIDs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from io import BytesIO
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import ACRNEMA, NIH
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom import config as pydicom_config
+from sr_tree import codes, nums, texts
+
+from node.codes import PATHOLOGY_CODES, pathology_code
+from node.dicomio import read_dataset
+from node.errors import ReportError
+from node.model import UNTRAINED_LABEL, ModelInfo, to_findings
+from node.report import ReportContext, build_sr, sanitized_source
+from node.uids import is_valid_uid, sr_instance_uid
+
+LABELS = tuple(PATHOLOGY_CODES)
+CTX = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="CXR_NODE")
+NOW = datetime(2026, 11, 25, 10, 30, 0)
+
+
+def info(trained: bool = True, sha: str = "ab" * 32) -> ModelInfo:
+    return ModelInfo(
+        "densenet121-res224-all",
+        "/w.pt",
+        sha,
+        "1.5.7",
+        trained,
+        LABELS,
+        tuple(0.05 for _ in LABELS),
+    )
+
+
+SCORES = np.linspace(0.05, 0.95, 18).astype(np.float32)
+
+
+def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    old = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        back = pydicom.dcmread(BytesIO(buf.getvalue()))
+        for elem in back.iterall():
+            elem.value  # noqa: B018 - force conversion + validation
+    finally:
+        pydicom_config.settings.reading_validation_mode = old
+    return back
+
+
+@pytest.mark.parametrize("path", [NIH, ACRNEMA])
+def test_sr_round_trip_holds_every_finding(path):
+    src = read_dataset(path)
+    findings = to_findings(SCORES, info())
+    sr = roundtrip(build_sr(src, findings, info(), CTX, NOW))
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sr.CompletionFlag == "PARTIAL" and sr.VerificationFlag == "UNVERIFIED"
+    assert (sr.ContentDate, sr.ContentTime) == ("20261125", "103000")
+    got_nums, got_codes = nums(sr), codes(sr)
+    for f in findings:
+        meaning = pathology_code(f.pathology).meaning
+        assert got_nums[meaning] == pytest.approx(f.score, abs=1e-6)
+        assert got_codes[meaning] == ("Present" if f.present else "Absent")
+    ref = sr.ContentSequence[-1].ContentSequence[0].ContentSequence[-1]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert all(
+        is_valid_uid(str(e.value)) for e in sr.iterall() if e.VR == "UI" and e.value
+    )
+
+
+def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
+    src = read_dataset(NIH)
+    assert src.PatientAge == "81"  # invalid AS value in the shared file
+    clean, dropped = sanitized_source(src)
+    assert dropped == ("PatientAge",)
+    assert "StudyDate" in clean and not clean.StudyDate and "PatientAge" not in clean
+    sr = build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+    assert "PatientAge" not in sr and "StudyDate" in sr and not sr.StudyDate
+
+
+def test_untrained_model_is_named_so():
+    sr = build_sr(
+        read_dataset(NIH), to_findings(SCORES, info(False)), info(False), CTX, NOW
+    )
+    names = texts(sr)["Algorithm Name"]
+    assert names and all(UNTRAINED_LABEL in n for n in names)
+    assert "UNTRAINED" in sr.SeriesDescription
+
+
+def test_sr_uid_is_deterministic_and_depends_on_weights():
+    src = read_dataset(NIH)
+    f = to_findings(SCORES, info())
+    a = build_sr(src, f, info(), CTX, NOW)
+    b = build_sr(src, f, info(), CTX, datetime(2027, 1, 1))
+    c = build_sr(src, f, info(sha="cd" * 32), CTX, NOW)
+    assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
+
+
+def test_source_without_uids_is_refused():
+    src = read_dataset(NIH)
+    del src.StudyInstanceUID
+    with pytest.raises(ReportError, match="StudyInstanceUID"):
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+
+
+_component = st.one_of(st.just("0"), st.from_regex(r"[1-9][0-9]{0,15}", fullmatch=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    source=st.lists(_component, min_size=2, max_size=12)
+    .map(".".join)
+    .filter(lambda u: len(u) <= 64),
+    root=st.lists(_component, min_size=1, max_size=8)
+    .map(lambda c: ".".join(c) + ".")
+    .filter(lambda r: len(r) <= 40),
+    sha=st.text("0123456789abcdef", min_size=64, max_size=64),
+)
+def test_derived_uids_are_always_valid(source, root, sha):
+    uid = sr_instance_uid(root, source, "m", sha)
+    assert is_valid_uid(uid) and uid.startswith(root)

@@ -1,0 +1,149 @@
+"""Network tier: the SCP in-process on an ephemeral loopback port, pynetdicom as the peer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from helpers import NIH, send_raw_c_store
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from node.config import NodeConfig, ScpConfig
+from node.model import load_classifier
+from node.scp import StoreStatus, start_server
+from node.spool import Spool
+from node.worker import Worker
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[int, Spool]]:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    server = start_server(ScpConfig(port=0), spool)
+    try:
+        yield server.server_address[1], spool
+    finally:
+        server.shutdown()
+        spool.close()
+
+
+def _assoc(port: int, *contexts: str, called: str = "CXR_NODE"):
+    ae = AE(ae_title="TESTSCU")
+    for cx in contexts:
+        ae.add_requested_context(cx, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _ct_dataset() -> pydicom.Dataset:
+    ds = pydicom.dcmread(NIH)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    return ds
+
+
+def test_echo_and_store_spools_before_success(scp):
+    port, spool = scp
+    assoc = _assoc(port, Verification, SecondaryCaptureImageStorage)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    ds = pydicom.dcmread(NIH)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == StoreStatus.SUCCESS
+    [job] = spool.jobs()
+    assert job.state == "received" and job.sop_instance_uid == ds.SOPInstanceUID
+    stored = pydicom.dcmread(job.image)
+    assert stored.PixelData == ds.PixelData
+    assert stored.file_meta.TransferSyntaxUID in (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
+
+def test_wrong_called_ae_is_rejected(scp):
+    port, _ = scp
+    assoc = _assoc(port, Verification, called="SOMEONE_ELSE")
+    assert assoc.is_rejected
+
+
+def test_garbage_dataset_gets_failure_status_and_node_keeps_serving(scp):
+    port, spool = scp
+    assoc = _assoc(port, ComputedRadiographyImageStorage)
+    uid = generate_uid()
+    status = send_raw_c_store(
+        assoc, ComputedRadiographyImageStorage, uid, b"\xde\xad\xbe\xef" * 7 + b"\x01"
+    )
+    assoc.release()
+    assert "Status" in status
+    assert status.Status in (
+        StoreStatus.CANNOT_UNDERSTAND,
+        StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    )
+    assert spool.jobs() == []
+    assert list(spool.images.iterdir()) == []
+    # the next association is served normally
+    assoc = _assoc(port, SecondaryCaptureImageStorage)
+    assert assoc.send_c_store(pydicom.dcmread(NIH)).Status == StoreStatus.SUCCESS
+    assoc.release()
+
+
+def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):
+    import numpy as np
+
+    from node.model import to_findings
+    from node.report import (  # an SR of our own, as if routed back
+        ReportContext,
+        build_sr,
+    )
+
+    port, spool = scp
+    cfg = NodeConfig.model_validate(
+        {
+            "model": {
+                "cache_dir": str(weights_dir),
+                "allow_untrained": True,
+                "allow_download": False,
+            }
+        }
+    )
+    classifier = load_classifier(cfg.model)
+    findings = to_findings(np.full(18, 0.3, dtype=np.float32), classifier.info)
+    sr = build_sr(
+        pydicom.dcmread(NIH),
+        findings,
+        classifier.info,
+        ReportContext(uid_root=cfg.report.uid_root, device_name="X"),
+        __import__("datetime").datetime(2026, 1, 1),
+    )
+    ct = _ct_dataset()
+    assoc = _assoc(port, CTImageStorage, sr.SOPClassUID)
+    assert assoc.send_c_store(ct).Status == StoreStatus.SUCCESS
+    assert assoc.send_c_store(sr).Status == StoreStatus.SUCCESS
+    assoc.release()
+
+    sent: list[Path] = []
+    worker = Worker(spool, classifier, cfg, sent.append)
+    while worker.step():
+        pass
+    states = {j.sop_instance_uid: (j.state, j.last_error) for j in spool.jobs()}
+    assert states[ct.SOPInstanceUID][0] == "skipped"
+    assert "Modality CT" in states[ct.SOPInstanceUID][1]
+    assert states[sr.SOPInstanceUID][0] == "skipped"
+    assert "not an image" in states[sr.SOPInstanceUID][1]
+    assert sent == []
+    assert list(spool.reports.iterdir()) == []

@@ -1,0 +1,115 @@
+"""Unit: config precedence, triage rule, spool transitions, backoff."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from conftest import write_config
+from helpers import ACRNEMA, NIH
+from pydantic import ValidationError
+
+from node.config import FilterConfig, load_config
+from node.dicomio import read_dataset
+from node.errors import ConfigError, SpoolError
+from node.spool import Spool
+from node.triage import skip_reason
+from node.worker import backoff_delay
+
+
+def test_config_precedence_cli_over_env_over_file(tmp_path):
+    conf = write_config(
+        tmp_path / "c.toml", {"scp": {"port": 1000, "ae_title": "FILE_AE"}}
+    )
+    env = {"CXR_NODE_SCP__PORT": "2000", "CXR_NODE_SCP__AE_TITLE": "ENV_AE"}
+    assert load_config(conf, {}).scp.port == 1000
+    assert load_config(conf, env).scp.ae_title == "ENV_AE"
+    assert load_config(conf, env, {"scp.port": 3000}).scp.port == 3000
+    assert load_config(None, {}).scp.port == 11112
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"scp": {"ae_title": "A" * 17}},
+        {"scp": {"port": 70000}},
+        {"report": {"uid_root": "1.02."}},
+        {"nope": {"x": 1}},
+    ],
+)
+def test_invalid_config_is_a_config_error(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        load_config(write_config(tmp_path / "c.toml", bad), {})
+
+
+def test_config_is_frozen():
+    cfg = load_config(None, {})
+    with pytest.raises(ValidationError):
+        cfg.scp.port = 1  # type: ignore[misc]
+
+
+def test_triage_rule():
+    rule = FilterConfig()
+    assert skip_reason(read_dataset(NIH), rule) is None  # DX, no BodyPartExamined
+    assert skip_reason(read_dataset(ACRNEMA), rule) is None  # CR CHEST
+    ds = pydicom.dcmread(NIH)
+    ds.BodyPartExamined = "HAND"
+    assert "BodyPartExamined HAND" in skip_reason(ds, rule)
+    ds.Modality = "CT"
+    assert "Modality CT" in skip_reason(ds, rule)
+    ds.Modality = "SR"
+    assert "not an image" in skip_reason(ds, rule)
+
+
+def test_spool_store_is_atomic_and_recorded(tmp_path):
+    spool = Spool(tmp_path / "s")
+    job_id = spool.store(b"DICM-bytes", "1.2.3", "1.2.840.10008.5.1.4.1.1.1", "AE")
+    [job] = spool.jobs()
+    assert job.id == job_id and job.image.read_bytes() == b"DICM-bytes"
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_spool_unwritable_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "s")
+
+    def fail(*_a: object, **_k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("node.spool.os.replace", fail)
+    with pytest.raises(SpoolError, match="No space left"):
+        spool.store(b"x", "1.2.3", "1.2", "AE")
+    assert spool.jobs() == [] and list(spool.incoming.iterdir()) == []
+    assert list(spool.images.iterdir()) == []
+
+
+def test_recover_enqueues_orphans(tmp_path):
+    spool = Spool(tmp_path / "s")
+    orphan = spool.images / "orphan.dcm"
+    orphan.write_bytes(NIH.read_bytes())
+    (spool.incoming / "half.part").write_bytes(b"partial")
+    from node.dicomio import read_uids
+
+    assert spool.recover(read_uids) == 1
+    [job] = spool.jobs()
+    assert job.state == "received" and job.image == orphan
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_retry_then_dead_letter_then_requeue(tmp_path):
+    spool = Spool(tmp_path / "s")
+    spool.store(b"x", "1.2.3", "1.2", "AE")
+    [job] = spool.jobs()
+    spool.mark_classified(job.id, spool.reports / "r.dcm", "1.2.4")
+    for _ in range(3):
+        [job] = spool.jobs("classified")
+        state = spool.retry_later(job, "down", 0.0, max_attempts=3)
+    assert state == "dead" and spool.counts()["dead"] == 1
+    assert spool.requeue("dead") == 1
+    [job] = spool.jobs("classified")
+    assert job.attempts == 0
+
+
+def test_backoff_grows_and_is_capped():
+    assert backoff_delay(1, 2.0, 300.0, 1.0) == 2.0
+    assert backoff_delay(4, 2.0, 300.0, 1.0) == 16.0
+    assert backoff_delay(20, 2.0, 300.0, 1.0) == 300.0
+    assert backoff_delay(4, 2.0, 300.0, 0.0) == 8.0
