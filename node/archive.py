@@ -27,11 +27,7 @@ def looks_like_dicom(data: bytes) -> bool:
     """DICM magic at 128, or an ACR-NEMA style group 0x0008 element at the start."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    return (
-        len(data) >= 8
-        and data[0:2] in (b"\x08\x00", b"\x00\x08")
-        and data[2:4] != b"\x00\x00"
-    )
+    return len(data) >= 8 and data[0:2] in (b"\x08\x00", b"\x00\x08") and data[2:4] != b"\x00\x00"
 
 
 def _zip_items(path: Path, max_member: int) -> Iterator[Item | str]:
@@ -45,10 +41,7 @@ def _zip_items(path: Path, max_member: int) -> Iterator[Item | str]:
             raise ArchiveError(f"{path}: the zip archive is empty")
         for info in members:
             name = f"{path}!{info.filename}"
-            if (
-                info.filename.startswith("__MACOSX/")
-                or Path(info.filename).name == "DICOMDIR"
-            ):
+            if info.filename.startswith("__MACOSX/") or Path(info.filename).name == "DICOMDIR":
                 yield name
                 continue
             if info.file_size > max_member:

@@ -48,9 +48,7 @@ def setup_logging(level: str, json_format: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def _config(
-    args: argparse.Namespace, overrides: dict[str, Any] | None = None
-) -> NodeConfig:
+def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
     return cfg
@@ -97,9 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = start_server(cfg.scp, spool)
     if args.ready_file:
         args.ready_file.write_text(str(server.server_address[1]))
-    thread = threading.Thread(
-        target=worker.run, args=(stop,), name="worker", daemon=True
-    )
+    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
     thread.start()
     try:
         stop.wait()
@@ -205,20 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--config", type=Path, help="TOML config file (see config/node.toml)"
-        )
+        sp.add_argument("--config", type=Path, help="TOML config file (see config/node.toml)")
         sp.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     s = sub.add_parser("serve", help="run the Storage SCP and the worker")
     common(s)
     s.add_argument("--port", type=int, help="override scp.port")
-    s.add_argument(
-        "--allow-untrained", action="store_true", help="override model.allow_untrained"
-    )
-    s.add_argument(
-        "--ready-file", type=Path, help="write the listening port here when ready"
-    )
+    s.add_argument("--allow-untrained", action="store_true", help="override model.allow_untrained")
+    s.add_argument("--ready-file", type=Path, help="write the listening port here when ready")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("echo", help="C-ECHO a remote AE")
@@ -229,16 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify DICOM files offline (no network)")
     common(c)
     c.add_argument("files", nargs="+", type=Path)
-    c.add_argument(
-        "--json", type=Path, help="write the results here ('-' = stdout, default)"
-    )
+    c.add_argument("--json", type=Path, help="write the results here ('-' = stdout, default)")
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
     c.add_argument("--allow-untrained", action="store_true")
     c.set_defaults(func=cmd_classify)
 
-    u = sub.add_parser(
-        "push", help="C-STORE files, folders and zip archives to a remote AE"
-    )
+    u = sub.add_parser("push", help="C-STORE files, folders and zip archives to a remote AE")
     common(u)
     u.add_argument("paths", nargs="+", type=Path)
     _peer_args(u)

@@ -33,9 +33,7 @@ DEFAULT_WEIGHTS: Final = "densenet121-res224-all"
 
 def _check_ae(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
-        raise ValueError(
-            f"invalid AE title {value!r}: 1-16 printable ASCII characters, no '\\'"
-        )
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no '\\'")
     return value.strip()
 
 
@@ -84,6 +82,8 @@ class FilterConfig(_Section):
     modalities: tuple[str, ...] = ("CR", "DX")
     body_parts: tuple[str, ...] = ("CHEST",)
     allow_missing_body_part: bool = True
+    # frontal views: the model was trained on PA/AP radiographs; absent ViewPosition passes
+    view_positions: tuple[str, ...] = ("PA", "AP")
 
 
 class WorkerConfig(_Section):

@@ -55,9 +55,7 @@ def read_dataset(source: Path | bytes, *, stop_before_pixels: bool = False) -> D
     ) as exc:
         raise PreprocessError(f"{where}: not a readable DICOM dataset: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
-        raise PreprocessError(
-            f"{where}: not a DICOM composite object (no SOP Class/Instance UID)"
-        )
+        raise PreprocessError(f"{where}: not a DICOM composite object (no SOP Class/Instance UID)")
     return ensure_file_meta(ds)
 
 

@@ -127,9 +127,7 @@ class Classifier:
         if batch.ndim != 4 or batch.shape[1] != 1:
             raise ValueError(f"batch must have shape (N, 1, H, W), got {batch.shape}")
         with torch.inference_mode():
-            out = self._module(
-                torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            )
+            out = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
 
 
@@ -162,9 +160,7 @@ def load_classifier(cfg: ModelConfig) -> Classifier:
                 "model.allow_untrained = true to run it marked NOT FOR CLINICAL USE"
             )
         try:
-            module = xrv.models.DenseNet(
-                weights=cfg.weights, cache_dir=str(path.parent)
-            )
+            module = xrv.models.DenseNet(weights=cfg.weights, cache_dir=str(path.parent))
         except Exception as exc:  # torch.load raises many types for a broken file
             raise ModelError(f"cannot load weights file {path}: {exc}") from exc
         weights_file = str(path)
@@ -204,17 +200,11 @@ class Finding:
     present: bool
 
 
-def to_findings(
-    scores: npt.NDArray[np.float32], info: ModelInfo
-) -> tuple[Finding, ...]:
+def to_findings(scores: npt.NDArray[np.float32], info: ModelInfo) -> tuple[Finding, ...]:
     """Pair one image's 18 outputs with their pathologies and thresholded labels (pure)."""
     if scores.shape != (len(info.pathologies),):
-        raise ValueError(
-            f"expected {len(info.pathologies)} scores, got shape {scores.shape}"
-        )
+        raise ValueError(f"expected {len(info.pathologies)} scores, got shape {scores.shape}")
     return tuple(
         Finding(name, float(s), float(t), bool(s >= 0.5))
-        for name, s, t in zip(
-            info.pathologies, scores.tolist(), info.op_threshs, strict=True
-        )
+        for name, s, t in zip(info.pathologies, scores.tolist(), info.op_threshs, strict=True)
     )

@@ -53,9 +53,7 @@ def analyze(
     prepared = _prepare(datasets)
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
-    scores = (
-        classifier.predict(np.stack([p.array for p in ok])) if ok else np.empty((0, 0))
-    )
+    scores = classifier.predict(np.stack([p.array for p in ok])) if ok else np.empty((0, 0))
     t2 = time.perf_counter()
     per_image = {
         "preprocess_s": (t1 - t0) / len(datasets),

@@ -54,11 +54,7 @@ def _uid(ds: Dataset) -> str:
 
 def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
     """Decode Pixel Data, raising :class:`PreprocessError` with the reason when impossible."""
-    if (
-        "PixelData" not in ds
-        and "FloatPixelData" not in ds
-        and "DoubleFloatPixelData" not in ds
-    ):
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PreprocessError(f"{_uid(ds)}: the dataset has no Pixel Data")
     try:
         return _unmasked(ds)
@@ -71,9 +67,7 @@ def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
     ) as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-        raise PreprocessError(
-            f"{_uid(ds)}: cannot decode Pixel Data in {name}: {exc}"
-        ) from exc
+        raise PreprocessError(f"{_uid(ds)}: cannot decode Pixel Data in {name}: {exc}") from exc
 
 
 def _unmasked(ds: Dataset) -> npt.NDArray[np.generic]:
@@ -91,9 +85,7 @@ def _unmasked(ds: Dataset) -> npt.NDArray[np.generic]:
     return ds.pixel_array
 
 
-def _first_frame(
-    ds: Dataset, data: npt.NDArray[np.generic], steps: list[str]
-) -> np.ndarray:
+def _first_frame(ds: Dataset, data: npt.NDArray[np.generic], steps: list[str]) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
@@ -104,9 +96,7 @@ def _first_frame(
     return np.asarray(data)
 
 
-def _to_grey(
-    ds: Dataset, data: np.ndarray, steps: list[str]
-) -> tuple[np.ndarray, bool]:
+def _to_grey(ds: Dataset, data: np.ndarray, steps: list[str]) -> tuple[np.ndarray, bool]:
     """Return a 2-D array and whether it is already in [0, 255] luminance."""
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi in _GREY and data.ndim == 2:
@@ -157,9 +147,7 @@ def _value_range(
         ends = np.array([lut.min(), lut.max()])
         steps.append("Modality LUT sequence applied")
     else:
-        steps.append(
-            f"rescale slope {ds.RescaleSlope} intercept {ds.RescaleIntercept} applied"
-        )
+        steps.append(f"rescale slope {ds.RescaleSlope} intercept {ds.RescaleIntercept} applied")
     return values, float(ends.min()), float(ends.max())
 
 
@@ -193,7 +181,5 @@ def preprocess(ds: Dataset, size: int = INPUT_SIZE) -> Preprocessed:
     steps: list[str] = []
     img = to_xrv_range(ds, steps)
     if img.ndim != 2 or min(img.shape) < 2:
-        raise PreprocessError(
-            f"{_uid(ds)}: image of shape {img.shape} is not a 2-D image"
-        )
+        raise PreprocessError(f"{_uid(ds)}: image of shape {img.shape} is not a 2-D image")
     return Preprocessed(crop_and_resize(img, size), tuple(steps))

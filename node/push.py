@@ -57,18 +57,14 @@ def _parse(item: Item) -> Dataset | None:
 
 
 def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
-    pairs = sorted(
-        {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}
-    )
+    pairs = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
     return [
         (c, list(dict.fromkeys([t, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
         for c, t in pairs
     ]
 
 
-def _send_batch(
-    peer: Peer, batch: list[tuple[Item, Dataset]], summary: Summary
-) -> None:
+def _send_batch(peer: Peer, batch: list[tuple[Item, Dataset]], summary: Summary) -> None:
     done = 0
     try:
         with associate(peer, _contexts(ds for _, ds in batch)) as assoc:

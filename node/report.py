@@ -125,9 +125,7 @@ def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
             dropped.append(keyword)
     missing = [k for k in _REQUIRED_UIDS if k not in clean]
     if missing:
-        raise ReportError(
-            f"source lacks a valid {', '.join(missing)}: cannot reference it"
-        )
+        raise ReportError(f"source lacks a valid {', '.join(missing)}: cannot reference it")
     return clean, tuple(dropped)
 
 
@@ -151,9 +149,7 @@ def _measurement_group(
         for f in findings
     ]
     evaluations = [
-        hd.sr.QualitativeEvaluation(
-            pathology_code(f.pathology), PRESENT if f.present else ABSENT
-        )
+        hd.sr.QualitativeEvaluation(pathology_code(f.pathology), PRESENT if f.present else ABSENT)
         for f in findings
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -164,9 +160,7 @@ def _measurement_group(
         measurements=measurements,
         qualitative_evaluations=evaluations,
         source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                source.SOPClassUID, source.SOPInstanceUID
-            )
+            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
         ],
     )
 
@@ -213,9 +207,7 @@ def build_sr(
         sr = hd.sr.Comprehensive3DSR(
             evidence=[clean],
             content=report,
-            series_instance_uid=sr_series_uid(
-                ctx.uid_root, clean.StudyInstanceUID, model.model_id
-            ),
+            series_instance_uid=sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_uid,
             instance_number=1,

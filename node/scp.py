@@ -155,9 +155,7 @@ def start_server(cfg: ScpConfig, spool: Spool) -> ThreadedAssociationServer:
         (evt.EVT_C_ECHO, handle_echo),
         NODELAY_HANDLER,
     ]
-    server = ae.start_server(
-        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers
-    )
+    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
     if server is None:  # pragma: no cover - block=False always returns the server
         raise RuntimeError("pynetdicom did not return a server")
     host, port = server.server_address[:2]

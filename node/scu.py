@@ -40,16 +40,12 @@ def check_status(status: Dataset | None, what: str) -> int:
     An empty response (association aborted, timeout) is a failure.
     """
     if status is None or "Status" not in status:
-        raise SendError(
-            f"{what}: no response (association aborted, rejected or timed out)"
-        )
+        raise SendError(f"{what}: no response (association aborted, rejected or timed out)")
     code = int(status.Status)
     if code == SUCCESS or code in WARNING_STATUSES:
         return code
     comment = status.get("ErrorComment", "")
-    raise SendError(
-        f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip()
-    )
+    raise SendError(f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
 
 
 def _ae(peer: Peer) -> AE:
@@ -62,9 +58,7 @@ def _ae(peer: Peer) -> AE:
 
 
 @contextmanager
-def associate(
-    peer: Peer, contexts: Iterable[tuple[str, list[str]]]
-) -> Iterator[Association]:
+def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator[Association]:
     """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes)."""
     ae = _ae(peer)
     for abstract, syntaxes in contexts:
@@ -74,9 +68,7 @@ def associate(
     )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        raise SendError(
-            f"association to {peer.ae_title}@{peer.host}:{peer.port} {reason}"
-        )
+        raise SendError(f"association to {peer.ae_title}@{peer.host}:{peer.port} {reason}")
     try:
         yield assoc
     finally:
@@ -90,9 +82,7 @@ def store_datasets(peer: Peer, datasets: Iterable[Dataset]) -> int:
     Raises :class:`SendError` on the first failure.
     """
     items = list(datasets)
-    contexts = {
-        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in items
-    }
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in items}
     proposed = [
         (cls, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
         for cls, ts in sorted(contexts)
@@ -115,11 +105,7 @@ def store_files(peer: Peer, paths: Iterable[Path]) -> int:
 
 def echo(peer: Peer) -> None:
     """C-ECHO ``peer``; raises :class:`SendError` unless it answers success."""
-    with associate(
-        peer, [(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-    ) as a:
+    with associate(peer, [(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
         status = a.send_c_echo()
         if status is None or "Status" not in status or int(status.Status) != SUCCESS:
-            raise SendError(
-                f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success"
-            )
+            raise SendError(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success")

@@ -91,9 +91,7 @@ class Spool:
                 directory / "jobs.sqlite", check_same_thread=False, isolation_level=None
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL"
-            )
+            self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {directory}: {exc}") from exc
@@ -119,9 +117,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot write {final.name} to the spool: {exc}") from exc
 
-    def store(
-        self, data: bytes, sop_instance_uid: str, sop_class_uid: str, calling_ae: str
-    ) -> int:
+    def store(self, data: bytes, sop_instance_uid: str, sop_class_uid: str, calling_ae: str) -> int:
         """Durably store a received object and enqueue it; returns the job id."""
         final = self.images / f"{uuid.uuid4().hex}.dcm"
         self.write_atomic(data, final)
@@ -129,13 +125,9 @@ class Spool:
             return self._insert(final, sop_instance_uid, sop_class_uid, calling_ae)
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
-            raise SpoolError(
-                f"cannot record job for {sop_instance_uid}: {exc}"
-            ) from exc
+            raise SpoolError(f"cannot record job for {sop_instance_uid}: {exc}") from exc
 
-    def _insert(
-        self, image: Path, sop_uid: str, sop_class: str, calling_ae: str
-    ) -> int:
+    def _insert(self, image: Path, sop_uid: str, sop_class: str, calling_ae: str) -> int:
         now = time.time()
         with self._lock:
             cur = self._db.execute(
@@ -174,9 +166,7 @@ class Spool:
             query += " WHERE state = ?"
             args = (state,)
         with self._lock:
-            rows = self._db.execute(
-                query + " ORDER BY id LIMIT ?", (*args, limit)
-            ).fetchall()
+            rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [self._job(r) for r in rows]
 
     def due(self, state: str, now: float, limit: int) -> list[Job]:
@@ -191,9 +181,7 @@ class Spool:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT state, COUNT(*) FROM jobs GROUP BY state"
-            ).fetchall()
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         out = dict.fromkeys(STATES, 0)
         out.update({str(s): int(n) for s, n in rows})
         return out
@@ -203,9 +191,7 @@ class Spool:
         fields["updated"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._lock:
-            self._db.execute(
-                f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id)
-            )
+            self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
     def mark_classified(self, job_id: int, report: Path, sr_uid: str) -> None:
         self._update(
@@ -227,9 +213,7 @@ class Spool:
     def mark_failed(self, job_id: int, error: str) -> None:
         self._update(job_id, state="failed", last_error=error)
 
-    def retry_later(
-        self, job: Job, error: str, next_attempt: float, max_attempts: int
-    ) -> str:
+    def retry_later(self, job: Job, error: str, next_attempt: float, max_attempts: int) -> str:
         """Record a failed delivery; returns the new state (``classified`` or ``dead``)."""
         attempts = job.attempts + 1
         state = "dead" if attempts >= max_attempts else "classified"

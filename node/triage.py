@@ -22,8 +22,11 @@ def skip_reason(ds: Dataset, rule: FilterConfig) -> str | None:
     if modality not in rule.modalities:
         return f"Modality {modality or 'absent'} is not one of {', '.join(rule.modalities)}"
     body = str(ds.get("BodyPartExamined", "")).strip().upper()
-    if not body:
-        return None if rule.allow_missing_body_part else "BodyPartExamined absent"
-    if body not in rule.body_parts:
+    if not body and not rule.allow_missing_body_part:
+        return "BodyPartExamined absent"
+    if body and body not in rule.body_parts:
         return f"BodyPartExamined {body} is not one of {', '.join(rule.body_parts)}"
+    view = str(ds.get("ViewPosition", "")).strip().upper()
+    if view and rule.view_positions and view not in rule.view_positions:
+        return f"ViewPosition {view} is not one of {', '.join(rule.view_positions)}"
     return None

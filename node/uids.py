@@ -28,9 +28,7 @@ def derive_uid(root: str, *parts: str) -> UID:
     return uid
 
 
-def sr_instance_uid(
-    root: str, source_sop_uid: str, model_id: str, weights_sha256: str
-) -> UID:
+def sr_instance_uid(root: str, source_sop_uid: str, model_id: str, weights_sha256: str) -> UID:
     return derive_uid(root, "sr-instance", source_sop_uid, model_id, weights_sha256)
 
 

@@ -72,9 +72,7 @@ class Worker:
             return None
         reason = skip_reason(ds, self.cfg.filter)
         if reason is not None:
-            log.info(
-                "job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason
-            )
+            log.info("job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason)
             self.spool.mark_skipped(job.id, reason)
             return None
         return ds
@@ -84,14 +82,10 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
-        outcomes = analyze(
-            [ds for _, ds in loaded], self.classifier, self.ctx, self.clock()
-        )
+        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.ctx, self.clock())
         for (job, _), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
-                log.error(
-                    "job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome
-                )
+                log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome)
                 self.spool.mark_failed(job.id, str(outcome))
             else:
                 self._save(job, outcome)
@@ -124,9 +118,7 @@ class Worker:
             rc.json_dir.mkdir(parents=True, exist_ok=True)
             record = result_record(outcome, self.classifier.info)
             text = json.dumps(record, indent=2).encode()
-            self.spool.write_atomic(
-                text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json"
-            )
+            self.spool.write_atomic(text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json")
 
     # -- delivery ------------------------------------------------------------------------
     def deliver_due(self) -> int:
@@ -143,12 +135,8 @@ class Worker:
             self.send(job.report)
         except (SendError, NodeError, OSError) as exc:
             w = self.cfg.worker
-            delay = backoff_delay(
-                job.attempts + 1, w.backoff_base, w.backoff_max, self.rng()
-            )
-            state = self.spool.retry_later(
-                job, str(exc), time.time() + delay, w.max_attempts
-            )
+            delay = backoff_delay(job.attempts + 1, w.backoff_base, w.backoff_max, self.rng())
+            state = self.spool.retry_later(job, str(exc), time.time() + delay, w.max_attempts)
             log.warning(
                 "job %d: SR %s not delivered (attempt %d): %s; %s",
                 job.id,

@@ -16,16 +16,11 @@ import pytest
 from helpers import ACRNEMA, NIH, ROOT, WEIGHTS_NAME, OrthancRest, free_port, wait_for
 
 
-def pytest_collection_modifyitems(
-    config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.keywords:
             for tool in ("Orthanc", "storescu", "dciodvfy"):
-                if (
-                    shutil.which(tool) is None
-                    and not Path(f"/usr/sbin/{tool}").exists()
-                ):
+                if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
                     item.add_marker(pytest.mark.skip(reason=f"{tool} not installed"))
 
 
@@ -54,9 +49,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         logits = model.classifier(model.features2(torch.from_numpy(img)[None]))
         model.classifier.weight.mul_(2.0 / float(logits.abs().max()))
-        model.classifier.bias.fill_(
-            -3.0
-        )  # some findings below their threshold, some above
+        model.classifier.bias.fill_(-3.0)  # some findings below their threshold, some above
     d = tmp_path_factory.mktemp("weights")
     torch.save(model, d / WEIGHTS_NAME)
     return d
@@ -114,9 +107,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
         )
         procs.append(proc)
         rest = OrthancRest(http, "tester", "test-pass")
-        wait_for(
-            lambda: proc.poll() is not None or rest.alive(), 30, "Orthanc to start"
-        )
+        wait_for(lambda: proc.poll() is not None or rest.alive(), 30, "Orthanc to start")
         assert proc.poll() is None, log.read_text()
         return Orthanc(proc, http, dicom, rest, log)
 
@@ -146,9 +137,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
     """Start ``cxr-node serve`` as a real process with a config written for the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(
-        dest_port: int, port: int | None = None, **extra: dict[str, object]
-    ) -> NodeProc:
+    def start(dest_port: int, port: int | None = None, **extra: dict[str, object]) -> NodeProc:
         port = port or free_port()
         spool = tmp_path / "spool"
         sections: dict[str, dict[str, object]] = {
@@ -185,9 +174,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
             cwd=tmp_path,
         )
         procs.append(proc)
-        wait_for(
-            lambda: proc.poll() is not None or ready.exists(), 60, "the node to listen"
-        )
+        wait_for(lambda: proc.poll() is not None or ready.exists(), 60, "the node to listen")
         assert proc.poll() is None, log.read_text()
         return NodeProc(proc, port, conf, spool, log)
 

@@ -34,9 +34,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(
-    check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1
-) -> T:
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
     """Poll ``check`` until it returns something truthy, or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -48,9 +46,7 @@ def wait_for(
         time.sleep(every)
 
 
-def send_raw_c_store(
-    assoc: Association, sop_class: str, sop_uid: str, payload: bytes
-) -> Dataset:
+def send_raw_c_store(assoc: Association, sop_class: str, sop_uid: str, payload: bytes) -> Dataset:
     """Send a C-STORE whose data set is ``payload`` as is (no encoding); return the status."""
     context = assoc._get_valid_context(sop_class, ImplicitVRLittleEndian, "scu")
     req = C_STORE()
@@ -93,9 +89,7 @@ class OrthancRest:
         return self._req(f"/instances/{instance_id}/file")
 
     def find(self, level: str, query: dict[str, str]) -> list[str]:
-        return cast(
-            list[str], self.post("/tools/find", {"Level": level, "Query": query})
-        )
+        return cast(list[str], self.post("/tools/find", {"Level": level, "Query": query}))
 
     def alive(self) -> bool:
         try:

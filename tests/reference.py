@@ -11,9 +11,7 @@ def xrv_input(path: Path) -> np.ndarray:
     import torchxrayvision as xrv
 
     img = xrv.utils.read_xray_dcm(str(path))
-    return np.asarray(
-        xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(img[None]))
-    )
+    return np.asarray(xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(img[None])))
 
 
 def xrv_outputs(img: np.ndarray, weights_dir: Path) -> dict[str, float]:
@@ -21,9 +19,7 @@ def xrv_outputs(img: np.ndarray, weights_dir: Path) -> dict[str, float]:
     import torch
     import torchxrayvision as xrv
 
-    model = xrv.models.DenseNet(
-        weights="densenet121-res224-all", cache_dir=str(weights_dir)
-    )
+    model = xrv.models.DenseNet(weights="densenet121-res224-all", cache_dir=str(weights_dir))
     with torch.no_grad():
         out = model(torch.from_numpy(img)[None]).numpy()[0]
     return {name: float(v) for name, v in zip(model.pathologies, out, strict=True)}

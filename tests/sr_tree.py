@@ -45,7 +45,5 @@ def texts(sr: Dataset) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in content_items(sr):
         if item.ValueType == "TEXT":
-            out.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(
-                item.TextValue
-            )
+            out.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(item.TextValue)
     return out

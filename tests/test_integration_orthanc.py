@@ -56,9 +56,7 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     got = nums(sr)
     assert len(got) == 18
     for pathology, value in expected.items():
-        assert got[pathology_code(pathology).meaning] == pytest.approx(
-            value, abs=1e-5
-        ), pathology
+        assert got[pathology_code(pathology).meaning] == pytest.approx(value, abs=1e-5), pathology
     assert min(expected.values()) < 0.5 < max(expected.values())  # both labels occur
     assert all(0.01 < v < 0.99 for v in expected.values())  # not saturated
     labels = codes(sr)
@@ -71,9 +69,7 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     out.write_bytes(orthanc.rest.file(ids[0]))
     check = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
     errors = [
-        line
-        for line in (check.stdout + check.stderr).splitlines()
-        if line.startswith("Error")
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
     ]
     assert errors == []
     dump = subprocess.run(["dsrdump", str(out)], capture_output=True, text=True)
@@ -81,7 +77,5 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
 
     # The same image again: the deterministic SR UID means Orthanc still holds one SR.
     assert storescu(orthanc.dicom_port, NIH).returncode == 0
-    wait_for(
-        lambda: node.log_text().count("delivered") >= 2, 60, "the second SR delivery"
-    )
+    wait_for(lambda: node.log_text().count("delivered") >= 2, 60, "the second SR delivery")
     assert len(sr_ids()) == 1

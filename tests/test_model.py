@@ -52,10 +52,7 @@ def test_missing_weights_message_names_file_url_and_place(tmp_path):
         load_classifier(ModelConfig(cache_dir=tmp_path, allow_download=False))
     text = str(err.value)
     assert str(tmp_path / WEIGHTS_NAME) in text
-    assert (
-        "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + WEIGHTS_NAME
-        in text
-    )
+    assert "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + WEIGHTS_NAME in text
 
 
 def test_missing_weights_without_file_runs_untrained_when_allowed(tmp_path):
@@ -90,7 +87,5 @@ def test_serve_exits_nonzero_when_weights_missing_and_download_fails(tmp_path):
     assert done.returncode != 0
     assert "model weights not found" in done.stderr
     assert str(tmp_path / "models" / WEIGHTS_NAME) in done.stderr
-    assert (
-        "https://github.com/mlmed/torchxrayvision/releases/download/v1/" in done.stderr
-    )
+    assert "https://github.com/mlmed/torchxrayvision/releases/download/v1/" in done.stderr
     assert "Traceback" not in done.stderr

@@ -28,9 +28,7 @@ def test_rescaled_monochrome2_matches_xrv(tmp_path, bits):
     ds.PixelData = px.astype(np.uint16).tobytes()
     path = tmp_path / f"mono2_{bits}.dcm"
     ds.save_as(path)
-    np.testing.assert_allclose(
-        preprocess(read_dataset(path)).array, xrv_input(path), atol=1e-3
-    )
+    np.testing.assert_allclose(preprocess(read_dataset(path)).array, xrv_input(path), atol=1e-3)
 
 
 def test_monochrome1_inversion_matches_xrv(tmp_path):
@@ -49,18 +47,14 @@ def test_acrnema_monochrome1_lungs_dark_spine_bright():
     ds = read_dataset(ACRNEMA)
     out = preprocess(ds).array[0]
     centre = out[60:170, 100:124].mean()  # spine / mediastinum column
-    lungs = np.concatenate(
-        [out[60:150, 40:80].ravel(), out[60:150, 145:185].ravel()]
-    ).mean()
+    lungs = np.concatenate([out[60:150, 40:80].ravel(), out[60:150, 145:185].ravel()]).mean()
     assert lungs < centre - 100, (lungs, centre)
     raw = ds.pixel_array.astype(np.float32)
     maxval = max(2.0**ds.BitsStored - 1, float(raw.max()))
     ref = (2 * ((maxval - raw) / maxval) - 1) * 1024
     from node.preprocess import crop_and_resize
 
-    np.testing.assert_allclose(
-        out, crop_and_resize(ref.astype(np.float32))[0], atol=1e-3
-    )
+    np.testing.assert_allclose(out, crop_and_resize(ref.astype(np.float32))[0], atol=1e-3)
 
 
 def test_values_above_bits_stored_are_processed_and_logged(caplog):
@@ -88,4 +82,49 @@ def test_undecodable_transfer_syntax_is_refused_with_uid_and_name():
         PreprocessError,
         match=f"{ds.SOPInstanceUID}: cannot decode Pixel Data in JPEG XL",
     ):
+        preprocess(ds)
+
+
+def test_rgb_is_converted_to_luma(tmp_path):
+    ds = pydicom.dcmread(NIH)
+    grey = ds.pixel_array
+    ds.PixelData = np.repeat(grey[:, :, None], 3, axis=2).astype(np.uint8).tobytes()
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    out = preprocess(ds)
+    assert any("greyscale" in s for s in out.steps)
+    np.testing.assert_allclose(out.array, xrv_input(NIH), atol=1e-2)
+
+
+def test_multiframe_uses_first_frame_and_says_so():
+    ds = pydicom.dcmread(NIH)
+    ds.PixelData = ds.PixelData + bytes(len(ds.PixelData))
+    ds.NumberOfFrames = 2
+    out = preprocess(ds)
+    assert "multi-frame (2 frames): first frame used" in out.steps
+    np.testing.assert_allclose(out.array, xrv_input(NIH), atol=1e-3)
+
+
+def test_rescale_slope_intercept_is_applied_over_the_value_range():
+    ds = pydicom.dcmread(NIH)
+    raw = ds.pixel_array.astype(np.uint16)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 8, 7
+    ds.PixelData = raw.tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = -1, 255  # an inverting modality LUT
+    out = preprocess(ds)
+    assert any("rescale slope" in s for s in out.steps)
+    np.testing.assert_allclose(out.array, -xrv_input(NIH), atol=1e-2)
+
+
+def test_signed_pixels_use_the_signed_range():
+    ds = pydicom.dcmread(NIH)
+    signed = ds.pixel_array.astype(np.int16) - 128
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 8, 7, 1
+    ds.PixelData = signed.tobytes()
+    np.testing.assert_allclose(preprocess(ds).array, xrv_input(NIH), atol=1e-2)
+
+
+def test_unsupported_photometric_interpretation_is_refused():
+    ds = pydicom.dcmread(NIH)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(PreprocessError, match="unsupported Photometric Interpretation"):
         preprocess(ds)

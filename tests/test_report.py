@@ -71,9 +71,7 @@ def test_sr_round_trip_holds_every_finding(path):
         assert got_codes[meaning] == ("Present" if f.present else "Absent")
     ref = sr.ContentSequence[-1].ContentSequence[0].ContentSequence[-1]
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert all(
-        is_valid_uid(str(e.value)) for e in sr.iterall() if e.VR == "UI" and e.value
-    )
+    assert all(is_valid_uid(str(e.value)) for e in sr.iterall() if e.VR == "UI" and e.value)
 
 
 def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
@@ -87,9 +85,7 @@ def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
 
 
 def test_untrained_model_is_named_so():
-    sr = build_sr(
-        read_dataset(NIH), to_findings(SCORES, info(False)), info(False), CTX, NOW
-    )
+    sr = build_sr(read_dataset(NIH), to_findings(SCORES, info(False)), info(False), CTX, NOW)
     names = texts(sr)["Algorithm Name"]
     assert names and all(UNTRAINED_LABEL in n for n in names)
     assert "UNTRAINED" in sr.SeriesDescription
@@ -114,11 +110,28 @@ def test_source_without_uids_is_refused():
 _component = st.one_of(st.just("0"), st.from_regex(r"[1-9][0-9]{0,15}", fullmatch=True))
 
 
+_uid = st.lists(_component, min_size=2, max_size=12).map(".".join).filter(lambda u: len(u) <= 64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(study=_uid, series=_uid, sop=_uid)
+def test_every_ui_value_of_the_sr_is_valid_for_random_sources(study, series, sop):
+    src = read_dataset(NIH)
+    src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID = study, series, sop
+    sr = build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+    values = [
+        str(v)
+        for e in sr.iterall()
+        if e.VR == "UI" and e.value
+        for v in (e.value if e.VM > 1 else [e.value])
+    ]
+    assert values and all(is_valid_uid(v) for v in values), values
+    assert sr.StudyInstanceUID == study
+
+
 @settings(max_examples=300, deadline=None)
 @given(
-    source=st.lists(_component, min_size=2, max_size=12)
-    .map(".".join)
-    .filter(lambda u: len(u) <= 64),
+    source=_uid,
     root=st.lists(_component, min_size=1, max_size=8)
     .map(lambda c: ".".join(c) + ".")
     .filter(lambda r: len(r) <= 40),

@@ -17,9 +17,7 @@ from node.worker import backoff_delay
 
 
 def test_config_precedence_cli_over_env_over_file(tmp_path):
-    conf = write_config(
-        tmp_path / "c.toml", {"scp": {"port": 1000, "ae_title": "FILE_AE"}}
-    )
+    conf = write_config(tmp_path / "c.toml", {"scp": {"port": 1000, "ae_title": "FILE_AE"}})
     env = {"CXR_NODE_SCP__PORT": "2000", "CXR_NODE_SCP__AE_TITLE": "ENV_AE"}
     assert load_config(conf, {}).scp.port == 1000
     assert load_config(conf, env).scp.ae_title == "ENV_AE"
@@ -52,6 +50,10 @@ def test_triage_rule():
     assert skip_reason(read_dataset(NIH), rule) is None  # DX, no BodyPartExamined
     assert skip_reason(read_dataset(ACRNEMA), rule) is None  # CR CHEST
     ds = pydicom.dcmread(NIH)
+    ds.ViewPosition = "LL"
+    assert "ViewPosition LL is not one of PA, AP" in skip_reason(ds, rule)
+    ds.ViewPosition = "PA"
+    assert skip_reason(ds, rule) is None
     ds.BodyPartExamined = "HAND"
     assert "BodyPartExamined HAND" in skip_reason(ds, rule)
     ds.Modality = "CT"

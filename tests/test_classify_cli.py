@@ -1,0 +1,98 @@
+"""``cxr-node classify``: offline pipeline, JSON validated against the repo's schema,
+SR files validated by dciodvfy and rendered by dsrdump."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pydicom
+import pytest
+from conftest import write_config
+from helpers import ACRNEMA, NIH, ROOT
+from reference import xrv_outputs
+from sr_tree import nums
+
+from node.codes import pathology_code
+from node.dicomio import read_dataset
+from node.preprocess import preprocess
+
+SCHEMA = json.loads((ROOT / "node" / "result.schema.json").read_text())
+
+
+def classify(tmp_path: Path, weights_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    conf = write_config(
+        tmp_path / "c.toml", {"model": {"cache_dir": str(weights_dir), "allow_download": False}}
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "node", "classify", "--config", str(conf), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
+
+
+def test_classify_both_shared_files_writes_valid_json_and_srs(tmp_path, weights_dir):
+    out, srs = tmp_path / "results.json", tmp_path / "SR"
+    done = classify(
+        tmp_path,
+        weights_dir,
+        str(NIH),
+        str(ACRNEMA),
+        "--json",
+        str(out),
+        "--sr-dir",
+        str(srs),
+        "--allow-untrained",
+    )
+    assert done.returncode == 0, done.stderr
+    records = json.loads(out.read_text())
+    assert len(records) == 2
+    for record, src in zip(records, (NIH, ACRNEMA), strict=True):
+        jsonschema.validate(record, SCHEMA)
+        assert record["model"]["trained"] is False and "UNTRAINED" in record["model"]["warning"]
+        sr_path = Path(record["sr"]["file"])
+        sr = pydicom.dcmread(sr_path)
+        assert sr.StudyInstanceUID == read_dataset(src).StudyInstanceUID
+        expected = xrv_outputs(preprocess(read_dataset(src)).array, weights_dir)
+        got = nums(sr)
+        for f in record["findings"]:
+            assert f["score"] == pytest.approx(expected[f["pathology"]], abs=1e-5)
+            assert got[pathology_code(f["pathology"]).meaning] == pytest.approx(
+                f["score"], abs=1e-5
+            )
+            assert f["label"] == ("present" if f["score"] >= 0.5 else "absent")
+        if shutil.which("dciodvfy"):
+            assert dciodvfy_errors(sr_path) == []
+        if shutil.which("dsrdump"):
+            dump = subprocess.run(
+                ["dsrdump", str(sr_path)], capture_output=True, text=True, check=False
+            )
+            assert dump.returncode == 0
+            labels = dump.stdout.count('"Present")') + dump.stdout.count('"Absent")')
+            assert labels == 18
+
+
+def test_classify_refuses_untrained_without_flag(tmp_path, weights_dir):
+    done = classify(tmp_path, weights_dir, str(NIH))
+    assert done.returncode == 2
+    assert "refusing to load" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_classify_non_dicom_file_fails_clearly(tmp_path, weights_dir):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not an image\n")
+    done = classify(tmp_path, weights_dir, str(junk), "--allow-untrained")
+    assert done.returncode == 1
+    assert f"{junk}" in done.stderr and "not a DICOM" in done.stderr
+    assert "Traceback" not in done.stderr
