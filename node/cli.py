@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -17,7 +17,7 @@ from typing import Any
 
 from node import __version__
 from node.config import NodeConfig, load_config
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
 
 log = logging.getLogger("node.cli")
 
@@ -55,35 +55,19 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 
 
 # -- serve -------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    from node.dicomio import read_uids
-    from node.model import load_classifier
-    from node.scp import start_server
+def _sender(cfg: NodeConfig) -> Callable[[Path], None]:
     from node.scu import Peer, store_files
-    from node.spool import Spool
-    from node.worker import Worker
 
-    cfg = _config(
-        args,
-        {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None},
-    )
-    classifier = load_classifier(cfg.model)
-    log.info(
-        "model %s, weights sha256 %s",
-        classifier.info.name,
-        classifier.info.weights_sha256,
-    )
-    spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
-    recovered = spool.recover(read_uids)
-    if recovered:
-        log.warning("recovered %d spooled file(s) without a job record", recovered)
     d = cfg.destination
     peer = Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout)
 
     def send(path: Path) -> None:
         store_files(peer, [path])
 
-    worker = Worker(spool, classifier, cfg, send)
+    return send
+
+
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -92,16 +76,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    return stop
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.dicomio import read_uids
+    from node.model import load_classifier
+    from node.scp import start_server
+    from node.spool import Spool
+    from node.worker import Worker
+
+    overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
+    cfg = _config(args, overrides)
+    classifier = load_classifier(cfg.model)
+    log.info("model %s, weights sha256 %s", classifier.info.name, classifier.info.weights_sha256)
+    spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync, min_free_mb=cfg.spool.min_free_mb)
+    if recovered := spool.recover(read_uids):
+        log.warning("recovered %d spooled file(s) without a job record", recovered)
+    worker = Worker(spool, classifier, cfg, _sender(cfg))
+    stop = _stop_on_signals()
     server = start_server(cfg.scp, spool)
     if args.ready_file:
         args.ready_file.write_text(str(server.server_address[1]))
     thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
     thread.start()
     try:
-        stop.wait()
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                raise NodeError("the worker thread died; see the log above")
     finally:
-        server.shutdown()
-        thread.join(timeout=60)
+        server.shutdown()  # stop accepting; in-flight associations are aborted, not acked
+        stop.set()
+        thread.join(timeout=cfg.worker.shutdown_timeout)
         spool.close()
     log.info("stopped")
     return 0
@@ -186,6 +192,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         n = spool.requeue(args.state or "dead")
         sys.stdout.write(f"{n} job(s) requeued\n")
         return 0
+    if args.action == "purge":
+        if not args.state:
+            raise ConfigError("jobs purge needs --state (sent, skipped, failed or dead)")
+        try:
+            n = spool.purge(args.state)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        sys.stdout.write(f"{n} job(s) purged\n")
+        return 0
     counts = spool.counts()
     sys.stdout.write(" ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
     for job in spool.jobs(args.state):
@@ -232,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true")
     u.set_defaults(func=cmd_push)
 
-    j = sub.add_parser("jobs", help="list or retry the node's jobs")
+    j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
     common(j)
-    j.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    j.add_argument("action", nargs="?", choices=["list", "retry", "purge"], default="list")
     j.add_argument("--state", help="only jobs in this state (retry: default dead)")
     j.set_defaults(func=cmd_jobs)
     return p

@@ -65,6 +65,7 @@ class SpoolConfig(_Section):
     directory: Path = Path("var/spool")
     keep_delivered: bool = False
     fsync: bool = True
+    min_free_mb: int = Field(default=256, ge=0, description="refuse C-STOREs below this")
 
 
 class ModelConfig(_Section):
@@ -91,6 +92,7 @@ class WorkerConfig(_Section):
     max_attempts: int = Field(default=8, ge=1)
     backoff_base: float = Field(default=2.0, gt=0)
     backoff_max: float = Field(default=300.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, gt=0)
 
 
 class ReportConfig(_Section):

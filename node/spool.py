@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -74,15 +75,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _discard(path: Path) -> None:
+    """Remove a temp file after a failed write; a failure to do so is logged, not raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove temp file %s: %s", path, exc)
+
+
 class Spool:
     """The on-disk spool and job table. Thread-safe; one instance per process."""
 
-    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
         self.root = directory
         self.incoming = directory / "incoming"
         self.images = directory / "images"
         self.reports = directory / "reports"
         self._fsync = fsync
+        self._min_free = min_free_mb * 1024 * 1024
         self._lock = threading.Lock()
         try:
             for d in (self.incoming, self.images, self.reports):
@@ -114,11 +124,12 @@ class Spool:
             if self._fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise SpoolError(f"cannot write {final.name} to the spool: {exc}") from exc
 
     def store(self, data: bytes, sop_instance_uid: str, sop_class_uid: str, calling_ae: str) -> int:
         """Durably store a received object and enqueue it; returns the job id."""
+        self._check_space(len(data))
         final = self.images / f"{uuid.uuid4().hex}.dcm"
         self.write_atomic(data, final)
         try:
@@ -126,6 +137,19 @@ class Spool:
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
             raise SpoolError(f"cannot record job for {sop_instance_uid}: {exc}") from exc
+
+    def _check_space(self, size: int) -> None:
+        if not self._min_free:
+            return
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise SpoolError(f"cannot check free space of {self.root}: {exc}") from exc
+        if free - size < self._min_free:
+            raise SpoolError(
+                f"free disk space {free // 2**20} MiB is below the spool floor "
+                f"{self._min_free // 2**20} MiB"
+            )
 
     def _insert(self, image: Path, sop_uid: str, sop_class: str, calling_ae: str) -> int:
         now = time.time()
@@ -225,6 +249,18 @@ class Spool:
             last_error=error,
         )
         return state
+
+    def purge(self, state: str) -> int:
+        """Delete the jobs in ``state`` and their files (an explicit operator action)."""
+        if state not in ("sent", "skipped", "failed", "dead"):
+            raise ValueError(f"refusing to purge jobs in state {state!r}: not a final state")
+        for job in self.jobs(state, limit=10**9):
+            job.image.unlink(missing_ok=True)
+            if job.report is not None:
+                job.report.unlink(missing_ok=True)
+        with self._lock:
+            cur = self._db.execute("DELETE FROM jobs WHERE state = ?", (state,))
+        return int(cur.rowcount)
 
     def requeue(self, state: str) -> int:
         """Put every job in ``state`` (e.g. ``dead``) back in line for delivery now."""

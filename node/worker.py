@@ -93,7 +93,8 @@ class Worker:
 
     def _save(self, job: Job, outcome: Outcome) -> None:
         sr = outcome.sr
-        path = self.spool.reports / f"{sr.SOPInstanceUID}.dcm"
+        # one file per job: the same image received twice makes two jobs with one SR UID
+        path = self.spool.reports / f"{job.id}-{sr.SOPInstanceUID}.dcm"
         buf = _encode(sr)
         self.spool.write_atomic(buf, path)
         self._write_extras(outcome, buf)
@@ -121,9 +122,11 @@ class Worker:
             self.spool.write_atomic(text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json")
 
     # -- delivery ------------------------------------------------------------------------
-    def deliver_due(self) -> int:
+    def deliver_due(self, stop: threading.Event | None = None) -> int:
         jobs = self.spool.due("classified", time.time(), 32)
-        for job in jobs:
+        for n, job in enumerate(jobs):
+            if stop is not None and stop.is_set():
+                return n
             self._deliver(job)
         return len(jobs)
 
@@ -153,13 +156,14 @@ class Worker:
             job.report.unlink(missing_ok=True)
 
     # -- loop ----------------------------------------------------------------------------
-    def step(self) -> int:
-        return self.classify_due() + self.deliver_due()
+    def step(self, stop: threading.Event | None = None) -> int:
+        """One round: classify a batch, then deliver what is due; returns the work done."""
+        return self.classify_due() + self.deliver_due(stop)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                busy = self.step()
+                busy = self.step(stop)
             except NodeError as exc:
                 log.error("worker step failed: %s", exc)
                 busy = 0

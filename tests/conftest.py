@@ -72,15 +72,33 @@ class Orthanc:
     rest: OrthancRest
     log: Path
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def sr_uids(self) -> list[str]:
+        found = self.rest.post(
+            "/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}, "Expand": True}
+        )
+        return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in found]
+
 
 @pytest.fixture
 def orthanc_factory(tmp_path: Path) -> Iterator[object]:
-    """Start real Orthanc processes with the repo's orthanc.json (ports/paths/hosts overridden)."""
+    """Start real Orthanc processes with the repo's orthanc.json (ports/paths/hosts overridden).
+
+    ``start(node_port, dicom_port=None)``: a restart with the same ``dicom_port`` reuses the
+    same storage, as a restarted PACS would.
+    """
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(node_port: int) -> Orthanc:
+    def start(node_port: int, dicom_port: int | None = None) -> Orthanc:
         cfg = json.loads((ROOT / "orthanc.json").read_text())
-        http, dicom = free_port(), free_port()
+        http, dicom = free_port(), dicom_port or free_port()
         store = tmp_path / "orthanc-db"
         cfg.update(
             StorageDirectory=str(store),
@@ -102,7 +120,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
         proc = subprocess.Popen(
             ["/usr/sbin/Orthanc", str(conf)],
             env=env,
-            stdout=log.open("wb"),
+            stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
         )
         procs.append(proc)
@@ -113,11 +131,12 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for p in procs:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 @dataclass
@@ -131,6 +150,16 @@ class NodeProc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def jobs(self) -> dict[str, int]:
+        """Job counts by state, read from the spool's database (read-only)."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.spool / 'jobs.sqlite'}?mode=ro", uri=True)
+        try:
+            return dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        finally:
+            db.close()
+
 
 @pytest.fixture
 def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
@@ -143,7 +172,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         sections: dict[str, dict[str, object]] = {
             "scp": {"ae_title": "CXR_NODE", "port": port},
             "destination": {"ae_title": "ORTHANC", "port": dest_port, "timeout": 10.0},
-            "spool": {"directory": str(spool)},
+            "spool": {"directory": str(spool), "min_free_mb": 1},
             "model": {
                 "cache_dir": str(weights_dir),
                 "allow_untrained": True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import socket
 import time
@@ -97,3 +98,58 @@ class OrthancRest:
         except OSError:
             return False
         return True
+
+
+def chest_images(n: int, seed: str = "t") -> list[Dataset]:
+    """``n`` copies of the NIH radiograph as distinct instances (new SOP Instance UIDs)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(NIH)
+    out = []
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        uid = generate_uid(entropy_srcs=[seed, str(i)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        out.append(ds)
+    return out
+
+
+class Sender:
+    """Sends datasets one by one to a node, re-associating after a failure; records who got
+    a success status (acked) and who did not (failed)."""
+
+    def __init__(self, port: int, called: str = "CXR_NODE") -> None:
+        self.port, self.called = port, called
+        self.acked: list[str] = []
+        self.failed: list[str] = []
+        self._assoc: Association | None = None
+
+    def _association(self, ds: Dataset) -> Association | None:
+        from pynetdicom import AE
+
+        if self._assoc is not None and self._assoc.is_established:
+            return self._assoc
+        ae = AE(ae_title="TESTSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=self.called)
+        self._assoc = assoc if assoc.is_established else None
+        return self._assoc
+
+    def send(self, datasets: list[Dataset], pause: float = 0.0) -> None:
+        for ds in datasets:
+            time.sleep(pause)
+            assoc = self._association(ds)
+            status = None
+            if assoc is not None:
+                try:
+                    status = assoc.send_c_store(ds)
+                except (RuntimeError, ValueError, OSError):
+                    status = None
+            if status is not None and status.get("Status") == 0x0000:
+                self.acked.append(str(ds.SOPInstanceUID))
+            else:
+                self.failed.append(str(ds.SOPInstanceUID))
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()

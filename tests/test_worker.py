@@ -76,3 +76,14 @@ def test_delivery_failures_dead_letter_then_retry_delivers(setup):
     ok: list[Path] = []
     Worker(spool, clf, cfg, ok.append).step()
     assert spool.jobs()[0].state == "sent" and len(ok) == 1
+
+
+def test_same_image_twice_gives_two_deliveries_of_one_sr_uid(setup):
+    cfg, spool, clf, ds = setup
+    spool.store(NIH.read_bytes(), ds.SOPInstanceUID, ds.SOPClassUID, "TEST")  # again
+    sent: list[str] = []
+    worker = Worker(spool, clf, cfg, lambda p: sent.append(pydicom.dcmread(p).SOPInstanceUID))
+    while worker.step():
+        pass
+    assert [j.state for j in spool.jobs()] == ["sent", "sent"]
+    assert len(sent) == 2 and sent[0] == sent[1]
