@@ -24,10 +24,14 @@ class Item:
 
 
 def looks_like_dicom(data: bytes) -> bool:
-    """DICM magic at 128, or an ACR-NEMA style group 0x0008 element at the start."""
+    """DICM magic at 128, or (ACR-NEMA style, no preamble) a group 0x0008 tag at the start.
+
+    Candidates without a readable SOP Class are reported as failures by the caller; other
+    files are skipped as non-DICOM.
+    """
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    return len(data) >= 8 and data[0:2] in (b"\x08\x00", b"\x00\x08") and data[2:4] != b"\x00\x00"
+    return len(data) >= 8 and data[0:2] in (b"\x08\x00", b"\x00\x08")
 
 
 def _zip_items(path: Path, max_member: int) -> Iterator[Item | str]:
@@ -56,6 +60,16 @@ def _zip_items(path: Path, max_member: int) -> Iterator[Item | str]:
             yield Item(name, data) if looks_like_dicom(data) else name
 
 
+def _is_zip(path: Path) -> bool:
+    """A zip by content, or by name/magic (so that a damaged zip is an error, not skipped)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def iter_items(
     paths: list[Path], *, recursive: bool = True, max_member: int = MAX_MEMBER_BYTES
 ) -> Iterator[Item | str]:
@@ -67,7 +81,7 @@ def iter_items(
                 sorted(p for p in path.glob(pattern) if p.is_file()),
                 max_member=max_member,
             )
-        elif zipfile.is_zipfile(path):
+        elif _is_zip(path):
             yield from _zip_items(path, max_member)
         elif path.is_file():
             data = path.read_bytes()

@@ -167,16 +167,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # -- push --------------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
     from node.push import push
+    from node.scu import Peer
 
     setup_logging(args.log_level or "WARNING")
+    peer = Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout)
     summary = push(
         args.paths,
-        host=args.host,
-        port=args.port,
-        called_aet=args.aet,
-        calling_aet=args.calling_aet,
+        peer,
         recursive=args.recursive,
         dry_run=args.dry_run,
+        associations=args.associations,
+        max_member=args.max_member_mb * 2**20,
     )
     sys.stdout.write(summary.describe() + "\n")
     return 0 if summary.failed == 0 else 1
@@ -243,8 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(u)
     u.add_argument("paths", nargs="+", type=Path)
     _peer_args(u)
-    u.add_argument("--recursive", action="store_true", default=True)
-    u.add_argument("--dry-run", action="store_true")
+    u.add_argument(
+        "--recursive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="walk sub-folders (default: yes)",
+    )
+    u.add_argument("--associations", type=int, default=1, help="parallel associations")
+    u.add_argument(
+        "--max-member-mb",
+        type=int,
+        default=2048,
+        help="refuse zip members declaring more than this (zip bombs)",
+    )
+    u.add_argument("--dry-run", action="store_true", help="list what would be sent")
     u.set_defaults(func=cmd_push)
 
     j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
@@ -259,7 +272,11 @@ def _peer_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=4242)
     sp.add_argument("--aet", default="ORTHANC", help="called AE title")
-    sp.add_argument("--calling-aet", default="CXR_NODE")
+    sp.add_argument(
+        "--calling-aet",
+        default="CXR_PUSH",
+        help="our AE title (not CXR_NODE: Orthanc's route ignores what the node sends)",
+    )
     sp.add_argument("--timeout", type=float, default=30.0)
 
 

@@ -1,20 +1,29 @@
-"""The push tool: C-STORE every DICOM object found in files, folders and zips to a peer."""
+"""The push tool: C-STORE every DICOM object found in files, folders and zips to a peer.
+
+Objects are read lazily (one chunk in memory at a time), sent as they are encoded — the
+file's own SOP Class and Transfer Syntax are proposed, with uncompressed fallbacks — over as
+few associations as DICOM's 128-presentation-context limit allows, optionally in parallel.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TextIO
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.archive import Item, iter_items
+from node.archive import MAX_MEMBER_BYTES, Item, iter_items
 from node.dicomio import ensure_file_meta
 from node.errors import SendError
 from node.scu import SUCCESS, Peer, associate, check_status
@@ -22,10 +31,14 @@ from node.scu import SUCCESS, Peer, associate, check_status
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
+CHUNK_FILES = 256
+ASSOCIATION_RETRIES = 3
 
 
 @dataclass
 class Summary:
+    """What a push did; ``describe()`` is the final report."""
+
     sent: int = 0
     warnings: int = 0
     failed: int = 0
@@ -33,22 +46,39 @@ class Summary:
     bytes: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> str:
         mb = self.bytes / 1e6
         rate = mb / self.seconds if self.seconds > 0 else 0.0
-        lines = [
+        per_s = self.sent / self.seconds if self.seconds > 0 else 0.0
+        head = (
             f"sent {self.sent}, warnings {self.warnings}, failed {self.failed}, "
             f"skipped {self.skipped} (non-DICOM); {mb:.1f} MB in {self.seconds:.1f} s "
-            f"({rate:.1f} MB/s)"
-        ]
-        lines += [f"  failed: {e}" for e in self.errors]
-        return "\n".join(lines)
+            f"({rate:.1f} MB/s, {per_s:.0f} files/s)"
+        )
+        return "\n".join([head, *(f"  failed: {e}" for e in self.errors)])
+
+    def fail(self, message: str, count: int = 1) -> None:
+        with self.lock:
+            self.failed += count
+            self.errors.append(message)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    name: str
+    size: int
+    ds: Dataset
+
+    @property
+    def context(self) -> tuple[str, str]:
+        return str(self.ds.SOPClassUID), str(self.ds.file_meta.TransferSyntaxUID)
 
 
 def _parse(item: Item) -> Dataset | None:
     try:
-        ds = pydicom.dcmread(BytesIO(item.data), force=True)
+        ds = pydicom.dcmread(BytesIO(item.data), force=True, defer_size=None)
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError):
         return None
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
@@ -56,62 +86,159 @@ def _parse(item: Item) -> Dataset | None:
     return ensure_file_meta(ds)
 
 
-def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
-    pairs = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
-    return [
-        (c, list(dict.fromkeys([t, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
-        for c, t in pairs
-    ]
+def _contexts(batch: list[Prepared]) -> list[tuple[str, list[str]]]:
+    """One context per (SOP Class, Transfer Syntax) the files use, so that each file can go
+    exactly as it is encoded, plus one uncompressed fallback context per SOP Class."""
+    pairs = sorted({p.context for p in batch})
+    fallback = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    return [(c, [t]) for c, t in pairs] + [(c, fallback) for c in sorted({c for c, _ in pairs})]
 
 
-def _send_batch(peer: Peer, batch: list[tuple[Item, Dataset]], summary: Summary) -> None:
-    done = 0
+def chunks(prepared: Iterator[Prepared], max_files: int = CHUNK_FILES) -> Iterator[list[Prepared]]:
+    """Group objects so that each group needs at most 128 presentation contexts."""
+    batch: list[Prepared] = []
+    pairs: set[tuple[str, str]] = set()
+    classes: set[str] = set()
+    for p in prepared:
+        new = (p.context not in pairs) + (p.context[0] not in classes)
+        if len(batch) >= max_files or len(pairs) + len(classes) + new > MAX_CONTEXTS:
+            yield batch
+            batch, pairs, classes = [], set(), set()
+        batch.append(p)
+        pairs.add(p.context)
+        classes.add(p.context[0])
+    if batch:
+        yield batch
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream if stream is not None and stream.isatty() else None
+        self.start = time.perf_counter()
+
+    def update(self, s: Summary) -> None:
+        if self.stream is None:
+            return
+        elapsed = max(1e-6, time.perf_counter() - self.start)
+        self.stream.write(
+            f"\r{s.sent} sent, {s.failed} failed, {s.skipped} skipped, "
+            f"{s.bytes / 1e6:.1f} MB, {s.sent / elapsed:.0f} files/s "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+
+
+def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
+    """Send one chunk over one association; re-associate on transient failures."""
+    pending = list(batch)
+    for attempt in range(1, ASSOCIATION_RETRIES + 1):
+        try:
+            with associate(peer, _contexts(pending)) as assoc:
+                while pending:
+                    p = pending[0]
+                    try:
+                        status = assoc.send_c_store(p.ds)
+                    except ValueError as exc:  # no accepted context for this file's syntax
+                        pending.pop(0)
+                        summary.fail(f"{p.name}: {exc}")
+                        continue
+                    if not status and not assoc.is_established:
+                        raise SendError(f"association aborted while sending {p.name}")
+                    pending.pop(0)
+                    _record(p, status, summary)
+                    progress.update(summary)
+            return
+        except SendError as exc:
+            if "rejected" in str(exc) or attempt == ASSOCIATION_RETRIES:
+                summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
+                return
+            log.warning("%s; retrying (%d/%d)", exc, attempt, ASSOCIATION_RETRIES)
+            time.sleep(0.5 * attempt)
+
+
+def _record(p: Prepared, status: Dataset | None, summary: Summary) -> None:
     try:
-        with associate(peer, _contexts(ds for _, ds in batch)) as assoc:
-            for item, ds in batch:
-                done += 1
-                try:
-                    code = check_status(assoc.send_c_store(ds), item.name)
-                except SendError as exc:
-                    summary.failed += 1
-                    summary.errors.append(str(exc))
-                    continue
-                summary.sent += 1
-                summary.bytes += len(item.data)
-                summary.warnings += code != SUCCESS
+        code = check_status(status, p.name)
     except SendError as exc:
-        summary.failed += len(batch) - done
-        summary.errors.append(str(exc))
+        summary.fail(str(exc))
+        return
+    with summary.lock:
+        summary.sent += 1
+        summary.bytes += p.size
+        summary.warnings += code != SUCCESS
+
+
+def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared]:
+    for item in items:
+        if isinstance(item, str):
+            summary.skipped += 1
+            log.debug("skipped non-DICOM %s", item)
+            continue
+        ds = _parse(item)
+        if ds is None:
+            summary.fail(f"{item.name}: not a readable DICOM object (no SOP Class/Instance UID)")
+            continue
+        yield Prepared(item.name, len(item.data), ds)
 
 
 def push(
     paths: list[Path],
+    peer: Peer,
     *,
-    host: str,
-    port: int,
-    called_aet: str,
-    calling_aet: str = "CXR_NODE",
     recursive: bool = True,
     dry_run: bool = False,
-    timeout: float = 30.0,
+    associations: int = 1,
+    max_member: int = MAX_MEMBER_BYTES,
+    progress_stream: TextIO | None = sys.stderr,
 ) -> Summary:
-    """Send every DICOM object under ``paths``; never raises for one bad file."""
+    """Send every DICOM object under ``paths``; bad files are counted, never fatal.
+
+    Raises :class:`~node.errors.ArchiveError` for an unreadable path or archive.
+    """
     summary = Summary()
     start = time.perf_counter()
-    batch: list[tuple[Item, Dataset]] = []
-    for item in iter_items(paths, recursive=recursive):
-        if isinstance(item, str):
-            summary.skipped += 1
-            continue
-        ds = _parse(item)
-        if ds is None:
-            summary.failed += 1
-            summary.errors.append(f"{item.name}: not a readable DICOM object")
-            continue
-        batch.append((item, ds))
-    peer = Peer(host, port, called_aet, calling_aet, timeout)
-    if not dry_run:
-        for i in range(0, len(batch), 64):
-            _send_batch(peer, batch[i : i + 64], summary)
+    progress = Progress(progress_stream)
+    prepared = _prepare(iter_items(paths, recursive=recursive, max_member=max_member), summary)
+    if dry_run:
+        summary.sent = sum(1 for _ in prepared)
+    elif associations <= 1:
+        for batch in chunks(prepared):
+            _send_batch(peer, batch, summary, progress)
+    else:
+        _parallel(
+            peer,
+            chunks(prepared, CHUNK_FILES // associations or 1),
+            associations,
+            summary,
+            progress,
+        )
+    progress.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _parallel(
+    peer: Peer, batches: Iterator[list[Prepared]], n: int, summary: Summary, progress: Progress
+) -> None:
+    work: queue.Queue[list[Prepared] | None] = queue.Queue(maxsize=n)
+
+    def run() -> None:
+        while (batch := work.get()) is not None:
+            _send_batch(peer, batch, summary, progress)
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for batch in batches:
+            work.put(batch)
+    finally:
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
