@@ -90,7 +90,7 @@ def _contexts(batch: list[Prepared]) -> list[tuple[str, list[str]]]:
     """One context per (SOP Class, Transfer Syntax) the files use, so that each file can go
     exactly as it is encoded, plus one uncompressed fallback context per SOP Class."""
     pairs = sorted({p.context for p in batch})
-    fallback = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    fallback: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     return [(c, [t]) for c, t in pairs] + [(c, fallback) for c in sorted({c for c, _ in pairs})]
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from helpers import ACRNEMA, NIH, free_port, wait_for
 from test_transcodes import transcode
 
