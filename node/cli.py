@@ -170,6 +170,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from node.scu import Peer
 
     setup_logging(args.log_level or "WARNING")
+    if args.log_level != "DEBUG":  # failures are reported in the summary, once
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     peer = Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout)
     summary = push(
         args.paths,

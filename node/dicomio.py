@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset as _read_group
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -63,3 +66,45 @@ def read_uids(path: Path) -> tuple[str, str]:
     """(SOP Instance UID, SOP Class UID) of a DICOM file."""
     ds = read_dataset(path, stop_before_pixels=True)
     return str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A DICOM object as received or read: its identity and its data set bytes as encoded."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset: bytes  # the bytes after the File Meta group (the whole file for ACR-NEMA)
+
+
+def _not_group_2(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag.group != 2)
+
+
+def split_encoded(data: bytes, where: str) -> Encoded:
+    """Read a file's header only and locate its data set; raises :class:`PreprocessError`."""
+    header = read_dataset_header(data, where)
+    offset = 0
+    if data[128:132] == b"DICM":
+        fp = BytesIO(data)
+        fp.seek(132)
+        _read_group(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_2)
+        offset = fp.tell()
+    return Encoded(
+        str(header.SOPClassUID),
+        str(header.SOPInstanceUID),
+        str(header.file_meta.TransferSyntaxUID),
+        data[offset:],
+    )
+
+
+def read_dataset_header(data: bytes, where: str) -> Dataset:
+    """The data set without its pixel data, with File Meta ensured."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise PreprocessError(f"{where}: not a readable DICOM dataset: {exc}") from exc
+    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+        raise PreprocessError(f"{where}: not a DICOM composite object (no SOP Class/Instance UID)")
+    return ensure_file_meta(ds)

@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import TextIO
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.association import Association
 
 from node.archive import MAX_MEMBER_BYTES, Item, iter_items
-from node.dicomio import ensure_file_meta
-from node.errors import SendError
-from node.scu import SUCCESS, Peer, associate, check_status
+from node.dicomio import Encoded, split_encoded
+from node.errors import PreprocessError, SendError
+from node.scu import SUCCESS, Peer, associate, check_status, send_raw
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
-CHUNK_FILES = 256
+CHUNK_FILES = 32  # files held in memory per association
 ASSOCIATION_RETRIES = 3
 
 
@@ -46,6 +46,8 @@ class Summary:
     bytes: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    unreachable: str = ""  # set once the peer refuses or cannot be reached: stop trying
+    not_attempted: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> str:
@@ -57,7 +59,13 @@ class Summary:
             f"skipped {self.skipped} (non-DICOM); {mb:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} MB/s, {per_s:.0f} files/s)"
         )
-        return "\n".join([head, *(f"  failed: {e}" for e in self.errors)])
+        shown = self.errors[:20]
+        more = [f"  ... and {len(self.errors) - 20} more"] if len(self.errors) > 20 else []
+        if self.not_attempted:
+            more.append(
+                f"  failed: {self.not_attempted} more file(s) not attempted: {self.unreachable}"
+            )
+        return "\n".join([head, *(f"  failed: {e}" for e in shown), *more])
 
     def fail(self, message: str, count: int = 1) -> None:
         with self.lock:
@@ -69,21 +77,11 @@ class Summary:
 class Prepared:
     name: str
     size: int
-    ds: Dataset
+    encoded: Encoded
 
     @property
     def context(self) -> tuple[str, str]:
-        return str(self.ds.SOPClassUID), str(self.ds.file_meta.TransferSyntaxUID)
-
-
-def _parse(item: Item) -> Dataset | None:
-    try:
-        ds = pydicom.dcmread(BytesIO(item.data), force=True, defer_size=None)
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError):
-        return None
-    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-        return None
-    return ensure_file_meta(ds)
+        return self.encoded.sop_class_uid, self.encoded.transfer_syntax
 
 
 def _contexts(batch: list[Prepared]) -> list[tuple[str, list[str]]]:
@@ -136,13 +134,18 @@ class Progress:
 def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
     """Send one chunk over one association; re-associate on transient failures."""
     pending = list(batch)
+    if summary.unreachable:
+        with summary.lock:
+            summary.failed += len(pending)
+            summary.not_attempted += len(pending)
+        return
     for attempt in range(1, ASSOCIATION_RETRIES + 1):
         try:
             with associate(peer, _contexts(pending)) as assoc:
                 while pending:
                     p = pending[0]
                     try:
-                        status = assoc.send_c_store(p.ds)
+                        status = _store(assoc, p)
                     except ValueError as exc:  # no accepted context for this file's syntax
                         pending.pop(0)
                         summary.fail(f"{p.name}: {exc}")
@@ -156,9 +159,24 @@ def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: P
         except SendError as exc:
             if "rejected" in str(exc) or attempt == ASSOCIATION_RETRIES:
                 summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
+                if len(pending) == len(batch):  # not one file went through: give up
+                    summary.unreachable = str(exc)
                 return
             log.warning("%s; retrying (%d/%d)", exc, attempt, ASSOCIATION_RETRIES)
             time.sleep(0.5 * attempt)
+
+
+def _store(assoc: Association, p: Prepared) -> Dataset:
+    """Send the bytes as encoded; if the peer refused that syntax, let pynetdicom convert
+    between uncompressed syntaxes (it refuses compressed ones: ``ValueError``)."""
+    e = p.encoded
+    try:
+        return send_raw(assoc, e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax, e.dataset)
+    except ValueError:
+        ds = pydicom.dcmread(BytesIO(e.dataset), force=True)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(e.transfer_syntax)
+        return assoc.send_c_store(ds)
 
 
 def _record(p: Prepared, status: Dataset | None, summary: Summary) -> None:
@@ -179,11 +197,12 @@ def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared
             summary.skipped += 1
             log.debug("skipped non-DICOM %s", item)
             continue
-        ds = _parse(item)
-        if ds is None:
-            summary.fail(f"{item.name}: not a readable DICOM object (no SOP Class/Instance UID)")
+        try:
+            encoded = split_encoded(item.data, item.name)
+        except PreprocessError as exc:
+            summary.fail(str(exc))
             continue
-        yield Prepared(item.name, len(item.data), ds)
+        yield Prepared(item.name, len(item.data), encoded)
 
 
 def push(

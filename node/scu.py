@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from node.errors import SendError
 from node.netopts import NODELAY_HANDLER
@@ -109,3 +113,34 @@ def echo(peer: Peer) -> None:
         status = a.send_c_echo()
         if status is None or "Status" not in status or int(status.Status) != SUCCESS:
             raise SendError(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success")
+
+
+def send_raw(
+    assoc: Association, sop_class: str, sop_uid: str, syntax: str, payload: bytes, msg_id: int = 1
+) -> Dataset:
+    """C-STORE an already-encoded data set (the bytes after a file's meta group) as is.
+
+    No decode or re-encode: the bytes go on the wire in the presentation context accepted
+    for exactly (``sop_class``, ``syntax``). Mirrors ``Association.send_c_store`` (pynetdicom
+    3.x), whose file-path mode does the same from disk; raises ``ValueError`` when no such
+    context was accepted. Returns the response status (empty Dataset if none came).
+    """
+    context = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_uid
+    req.DataSet = BytesIO(payload)
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, cast(int, context.context_id))
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)

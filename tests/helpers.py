@@ -9,14 +9,11 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -49,22 +46,10 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
 
 def send_raw_c_store(assoc: Association, sop_class: str, sop_uid: str, payload: bytes) -> Dataset:
     """Send a C-STORE whose data set is ``payload`` as is (no encoding); return the status."""
-    context = assoc._get_valid_context(sop_class, ImplicitVRLittleEndian, "scu")
-    req = C_STORE()
-    req.MessageID = 1
-    req.Priority = 2
-    req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_uid
-    req.DataSet = BytesIO(payload)
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    assoc.dimse.send_msg(req, cast(int, context.context_id))
-    _, rsp = assoc.dimse.get_msg(block=True)
-    assoc._reactor_checkpoint.set()
-    if rsp is None:
-        return Dataset()
-    return cast(Dataset, assoc._check_received_status(rsp))
+    from node.scu import send_raw
+
+    [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
+    return send_raw(assoc, sop_class, sop_uid, cx.transfer_syntax[0], payload)
 
 
 class OrthancRest:
