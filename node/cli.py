@@ -9,29 +9,41 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node import __version__
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError, NodeError
+from node.spool import Spool
+
+if TYPE_CHECKING:
+    from node.model import ModelInfo
 
 log = logging.getLogger("node.cli")
 
 
+_CONTEXT_FIELDS = ("calling_ae", "sop_instance_uid", "job_id", "sr_uid")
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the event's context fields when it has them."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        out: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: getattr(record, k) for k in _CONTEXT_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def setup_logging(level: str, json_format: bool = False) -> None:
@@ -79,11 +91,28 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+STATUS_FILE = "status.json"
+
+
+def _write_status(spool: Spool, info: ModelInfo, port: int, metrics_port: int | None) -> None:
+    """What ``cxr-node status`` shows about the running process."""
+    status = {
+        "pid": os.getpid(),
+        "started": time.time(),
+        "scp_port": port,
+        "metrics_port": metrics_port,
+        "model": info.name,
+        "weights_sha256": info.weights_sha256,
+        "trained": info.trained,
+    }
+    spool.write_atomic(json.dumps(status).encode(), spool.root / STATUS_FILE)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.dicomio import read_uids
+    from node.metrics import Metrics
     from node.model import load_classifier
     from node.scp import start_server
-    from node.spool import Spool
     from node.worker import Worker
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
@@ -93,11 +122,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync, min_free_mb=cfg.spool.min_free_mb)
     if recovered := spool.recover(read_uids):
         log.warning("recovered %d spooled file(s) without a job record", recovered)
-    worker = Worker(spool, classifier, cfg, _sender(cfg))
+    metrics = Metrics()
+    metrics.watch_jobs(spool.counts)
+    metrics_port = (
+        metrics.serve(cfg.metrics.bind_address, cfg.metrics.port) if (cfg.metrics.enabled) else None
+    )
+    worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics)
     stop = _stop_on_signals()
-    server = start_server(cfg.scp, spool)
+    server = start_server(cfg.scp, spool, metrics)
+    port = int(server.server_address[1])
+    _write_status(spool, classifier.info, port, metrics_port)
     if args.ready_file:
-        args.ready_file.write_text(str(server.server_address[1]))
+        args.ready_file.write_text(str(port))
     thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
     thread.start()
     try:
@@ -185,6 +221,44 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0 if summary.failed == 0 else 1
 
 
+# -- status ------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
+    out = sys.stdout
+    status_path = spool.root / STATUS_FILE
+    running = False
+    if status_path.is_file():
+        st = json.loads(status_path.read_text())
+        running = _alive(int(st["pid"]))
+        uptime = time.time() - float(st["started"])
+        out.write(
+            f"node: {'running' if running else 'NOT running'} (pid {st['pid']}"
+            + (f", uptime {uptime:.0f} s" if running else "")
+            + f"), SCP port {st['scp_port']}, metrics port {st['metrics_port']}\n"
+            f"model: {st['model']}\nweights sha256: {st['weights_sha256']}\n"
+        )
+    else:
+        out.write(f"node: never started with spool {spool.root}\n")
+    counts = spool.counts()
+    out.write("jobs: " + " ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
+    for job in spool.recent_errors(5):
+        out.write(
+            f"last error: job {job.id} ({job.state}) {job.sop_instance_uid}: {job.last_error}\n"
+        )
+    return 0 if running else 3
+
+
 # -- jobs --------------------------------------------------------------------------------
 def cmd_jobs(args: argparse.Namespace) -> int:
     from node.spool import Spool
@@ -261,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--dry-run", action="store_true", help="list what would be sent")
     u.set_defaults(func=cmd_push)
+
+    st = sub.add_parser("status", help="queue depth, last errors, model, uptime")
+    common(st)
+    st.set_defaults(func=cmd_status)
 
     j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
     common(j)

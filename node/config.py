@@ -112,6 +112,12 @@ class ReportConfig(_Section):
         return value
 
 
+class MetricsConfig(_Section):
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -125,6 +131,7 @@ class NodeConfig(_Section):
     filter: FilterConfig = FilterConfig()
     worker: WorkerConfig = WorkerConfig()
     report: ReportConfig = ReportConfig()
+    metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
 

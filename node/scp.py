@@ -35,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig
 from node.errors import SpoolError
+from node.metrics import Metrics
 from node.netopts import NODELAY_HANDLER
 from node.scu import VERIFICATION
 from node.spool import Spool
@@ -85,8 +86,15 @@ def _header_uids(raw: bytes) -> tuple[str, str]:
     return str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
 
 
-def handle_store(event: Event, spool: Spool) -> int:
-    """EVT_C_STORE handler: spool the bytes durably, then answer."""
+def handle_store(event: Event, spool: Spool, metrics: Metrics | None = None) -> int:
+    """EVT_C_STORE handler: spool the bytes durably, then answer (and count the answer)."""
+    status = _store(event, spool)
+    if metrics is not None:
+        metrics.c_store.labels(f"0x{int(status):04X}").inc()
+    return status
+
+
+def _store(event: Event, spool: Spool) -> StoreStatus:
     req = cast(C_STORE, event.request)
     calling = str(event.assoc.requestor.ae_title)
     sop_uid = str(req.AffectedSOPInstanceUID)
@@ -123,7 +131,13 @@ def handle_store(event: Event, spool: Spool) -> int:
     except SpoolError as exc:
         log.error("C-STORE from %s of %s refused: %s", calling, sop_uid, exc)
         return StoreStatus.OUT_OF_RESOURCES
-    log.info("received %s from %s as job %d", sop_uid, calling, job_id)
+    log.info(
+        "received %s from %s as job %d",
+        sop_uid,
+        calling,
+        job_id,
+        extra={"calling_ae": calling, "sop_instance_uid": sop_uid, "job_id": job_id},
+    )
     return StoreStatus.SUCCESS
 
 
@@ -147,14 +161,18 @@ def build_ae(cfg: ScpConfig) -> AE:
     return ae
 
 
-def start_server(cfg: ScpConfig, spool: Spool) -> ThreadedAssociationServer:
+def start_server(
+    cfg: ScpConfig, spool: Spool, metrics: Metrics | None = None
+) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``.shutdown()`` stops it)."""
     ae = build_ae(cfg)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool]),
+        (evt.EVT_C_STORE, handle_store, [spool, metrics]),
         (evt.EVT_C_ECHO, handle_echo),
         NODELAY_HANDLER,
     ]
+    if metrics is not None:
+        handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
     server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
     if server is None:  # pragma: no cover - block=False always returns the server
         raise RuntimeError("pynetdicom did not return a server")

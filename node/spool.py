@@ -203,6 +203,16 @@ class Spool:
             ).fetchall()
         return [self._job(r) for r in rows]
 
+    def recent_errors(self, limit: int) -> list[Job]:
+        """The most recently updated jobs that carry an error, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM jobs WHERE last_error != ''"
+                " ORDER BY updated DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [self._job(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()

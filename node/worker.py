@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from node.config import NodeConfig
 from node.dicomio import read_dataset
 from node.errors import NodeError, SendError
+from node.metrics import Metrics
 from node.model import Classifier
 from node.pipeline import Outcome, analyze
 from node.report import ReportContext
@@ -53,6 +54,7 @@ class Worker:
         send: Sender,
         clock: Callable[[], datetime] = datetime.now,
         rng: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spool = spool
         self.classifier = classifier
@@ -60,6 +62,7 @@ class Worker:
         self.send = send
         self.clock = clock
         self.rng = rng
+        self.metrics = metrics
         self.ctx = report_context(cfg)
 
     # -- classification ------------------------------------------------------------------
@@ -82,7 +85,11 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
+        t0 = time.perf_counter()
         outcomes = analyze([ds for _, ds in loaded], self.classifier, self.ctx, self.clock())
+        if self.metrics is not None:
+            self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+            self.metrics.classified.inc(sum(not isinstance(o, NodeError) for o in outcomes))
         for (job, _), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
                 log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome)
@@ -107,6 +114,12 @@ class Worker:
             self.classifier.info.name,
             ", ".join(present) or "none",
             sr.SOPInstanceUID,
+            extra={
+                "job_id": job.id,
+                "sop_instance_uid": job.sop_instance_uid,
+                "calling_ae": job.calling_ae,
+                "sr_uid": str(sr.SOPInstanceUID),
+            },
         )
 
     def _write_extras(self, outcome: Outcome, buf: bytes) -> None:
@@ -134,9 +147,12 @@ class Worker:
         if job.report is None:
             self.spool.mark_failed(job.id, "classified job has no report file")
             return
+        t0 = time.perf_counter()
         try:
             self.send(job.report)
         except (SendError, NodeError, OSError) as exc:
+            if self.metrics is not None:
+                self.metrics.sr_send_failures.inc()
             w = self.cfg.worker
             delay = backoff_delay(job.attempts + 1, w.backoff_base, w.backoff_max, self.rng())
             state = self.spool.retry_later(job, str(exc), time.time() + delay, w.max_attempts)
@@ -150,7 +166,19 @@ class Worker:
             )
             return
         self.spool.mark_sent(job.id)
-        log.info("job %d: SR %s delivered", job.id, job.sr_uid)
+        if self.metrics is not None:
+            self.metrics.sr_send_seconds.observe(time.perf_counter() - t0)
+            self.metrics.sr_sent.inc()
+        log.info(
+            "job %d: SR %s delivered",
+            job.id,
+            job.sr_uid,
+            extra={
+                "job_id": job.id,
+                "sop_instance_uid": job.sop_instance_uid,
+                "sr_uid": job.sr_uid,
+            },
+        )
         if not self.cfg.spool.keep_delivered:
             job.image.unlink(missing_ok=True)
             job.report.unlink(missing_ok=True)

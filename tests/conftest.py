@@ -150,6 +150,23 @@ class NodeProc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def status(self) -> dict[str, object]:
+        return dict(json.loads((self.spool / "status.json").read_text()))
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape /metrics: sample name with labels -> value."""
+        import urllib.request
+
+        port = self.status()["metrics_port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+            text = rsp.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
     def jobs(self) -> dict[str, int]:
         """Job counts by state, read from the spool's database (read-only)."""
         import sqlite3
@@ -180,6 +197,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
                 "threads": 2,
             },
             "worker": {"poll_interval": 0.05, "backoff_base": 0.2, "backoff_max": 2.0},
+            "metrics": {"port": 0},
         }
         for section, values in extra.items():
             sections.setdefault(section, {}).update(values)

@@ -156,6 +156,14 @@ def test_sigterm_during_processing_exits_cleanly_and_loses_nothing(
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(40) == 0
     assert "stopped" in node.log_text()
+    status = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--config", str(node.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert status.returncode == 3 and "node: NOT running" in status.stdout
     node_factory(orthanc.dicom_port, port=node_port)
     want = expected_srs(sender.acked, weights_dir)
     wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "all 12 SRs after restart")

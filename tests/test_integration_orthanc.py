@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from io import BytesIO
 
 import pydicom
 import pytest
-from helpers import NIH, wait_for
+from helpers import NIH, WEIGHTS_NAME, wait_for
 from reference import xrv_input, xrv_outputs
 from sr_tree import codes, nums
 
 from node.codes import pathology_code
+from node.model import sha256_file
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +38,9 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     orthanc = orthanc_factory(node_port)
     node = node_factory(orthanc.dicom_port, port=node_port)
     src = pydicom.dcmread(NIH)
+    before = node.metrics()
+    assert before.get('cxr_node_c_store_total{status="0x0000"}', 0.0) == 0.0
+    assert before["cxr_node_sr_sent_total"] == 0.0
 
     done = storescu(orthanc.dicom_port, NIH)
     assert done.returncode == 0, done.stderr
@@ -75,7 +80,30 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     dump = subprocess.run(["dsrdump", str(out)], capture_output=True, text=True)
     assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
 
+    after = node.metrics()
+    assert after['cxr_node_c_store_total{status="0x0000"}'] == 1.0
+    assert after["cxr_node_sr_sent_total"] == 1.0
+    assert after["cxr_node_images_classified_total"] == 1.0
+    assert after['cxr_node_jobs{state="sent"}'] == 1.0
+    assert after["cxr_node_inference_seconds_count"] == 1.0
+
     # The same image again: the deterministic SR UID means Orthanc still holds one SR.
     assert storescu(orthanc.dicom_port, NIH).returncode == 0
     wait_for(lambda: node.log_text().count("delivered") >= 2, 60, "the second SR delivery")
     assert len(sr_ids()) == 1
+    again = node.metrics()
+    assert again['cxr_node_c_store_total{status="0x0000"}'] == 2.0
+    assert again["cxr_node_sr_sent_total"] == 2.0
+
+    status = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--config", str(node.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "node: running" in status.stdout and "uptime" in status.stdout
+    assert "jobs: received=0 classified=0 sent=2" in status.stdout
+    assert "UNTRAINED" in status.stdout
+    assert sha256_file(weights_dir / WEIGHTS_NAME) in status.stdout

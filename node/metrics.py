@@ -1,0 +1,60 @@
+"""Prometheus metrics: one registry per node process, passed to whoever records."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+
+class _JobsCollector(Collector):
+    """Reads job counts by state from the spool at scrape time (no stale gauges)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("cxr_node_jobs", "Jobs in the spool by state", labels=["state"])
+        for state, n in self._counts().items():
+            family.add_metric([state], n)
+        yield family
+
+
+class Metrics:
+    """The node's counters and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.associations = Counter(
+            "cxr_node_associations", "Associations accepted by the SCP", registry=r
+        )
+        self.c_store = Counter(
+            "cxr_node_c_store", "C-STORE requests answered, by status", ["status"], registry=r
+        )
+        self.classified = Counter("cxr_node_images_classified", "Images classified", registry=r)
+        self.sr_sent = Counter("cxr_node_sr_sent", "SRs delivered to the destination", registry=r)
+        self.sr_send_failures = Counter(
+            "cxr_node_sr_send_failures", "Failed SR delivery attempts", registry=r
+        )
+        self.inference_seconds = Histogram(
+            "cxr_node_inference_seconds", "Model inference time per batch", registry=r
+        )
+        self.sr_send_seconds = Histogram(
+            "cxr_node_sr_send_seconds", "Time to C-STORE one SR", registry=r
+        )
+
+    def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_JobsCollector(counts))
+
+    def serve(self, address: str, port: int) -> int:
+        """Expose ``/metrics`` over HTTP; returns the bound port."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        bound = int(server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", address, bound)
+        return bound
