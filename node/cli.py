@@ -23,6 +23,7 @@ from node.spool import Spool
 
 if TYPE_CHECKING:
     from node.model import ModelInfo
+    from node.scu import Peer
 
 log = logging.getLogger("node.cli")
 
@@ -68,10 +69,11 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 
 # -- serve -------------------------------------------------------------------------------
 def _sender(cfg: NodeConfig) -> Callable[[Path], None]:
-    from node.scu import Peer, store_files
+    from node.scu import Peer, client_ssl_context, store_files
 
     d = cfg.destination
-    peer = Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout)
+    tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
+    peer = Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls)
 
     def send(path: Path) -> None:
         store_files(peer, [path])
@@ -129,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics)
     stop = _stop_on_signals()
-    server = start_server(cfg.scp, spool, metrics)
+    server = start_server(cfg.scp, spool, metrics, cfg.tls)
     port = int(server.server_address[1])
     _write_status(spool, classifier.info, port, metrics_port)
     if args.ready_file:
@@ -150,11 +152,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- echo --------------------------------------------------------------------------------
+def _cli_peer(args: argparse.Namespace) -> Peer:
+    from node.scu import Peer, client_ssl_context
+
+    tls = client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls else None
+    return Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout, tls)
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.scu import Peer, echo
+    from node.scu import echo
 
     setup_logging(args.log_level or "WARNING")
-    peer = Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout)
+    peer = _cli_peer(args)
     echo(peer)
     sys.stdout.write(f"C-ECHO {args.aet}@{args.host}:{args.port}: success\n")
     return 0
@@ -203,12 +212,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # -- push --------------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
     from node.push import push
-    from node.scu import Peer
 
     setup_logging(args.log_level or "WARNING")
     if args.log_level != "DEBUG":  # failures are reported in the summary, once
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    peer = Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout)
+    peer = _cli_peer(args)
     summary = push(
         args.paths,
         peer,
@@ -358,6 +366,10 @@ def _peer_args(sp: argparse.ArgumentParser) -> None:
         help="our AE title (not CXR_NODE: Orthanc's route ignores what the node sends)",
     )
     sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument("--tls", action="store_true", help="DICOM TLS")
+    sp.add_argument("--tls-ca", type=Path, help="CA file to verify the peer")
+    sp.add_argument("--tls-cert", type=Path, help="our client certificate")
+    sp.add_argument("--tls-key", type=Path, help="our client key")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,8 @@ Environment variables are named ``CXR_NODE_<SECTION>__<KEY>``, e.g.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -21,6 +23,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from node.errors import ConfigError
@@ -48,9 +51,49 @@ class ScpConfig(_Section):
     ae_title: AETitle = "CXR_NODE"
     bind_address: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
-    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    max_pdu: int = Field(default=131072, ge=4096, le=16 * 2**20)
     network_timeout: float = Field(default=60.0, gt=0)
     max_associations: int = Field(default=10, ge=1)
+    # who may talk to us
+    allowed_calling_aets: tuple[AETitle, ...] = ("ORTHANC",)
+    accept_any_calling_aet: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # source IPs / CIDR networks; empty = any
+    # what we accept
+    max_dataset_mb: int = Field(default=512, ge=1)
+
+    @model_validator(mode="after")
+    def _peers(self) -> ScpConfig:
+        if not self.allowed_calling_aets and not self.accept_any_calling_aet:
+            raise ValueError(
+                "scp.allowed_calling_aets is empty: list the peers' AE titles, or set "
+                "scp.accept_any_calling_aet = true to accept any peer"
+            )
+        return self
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError with the reason
+        return value
+
+
+class TlsConfig(_Section):
+    """DICOM TLS for the SCP (server side)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None  # CA that signs allowed client certificates
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.enabled and self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
 
 
 class DestinationConfig(_Section):
@@ -59,6 +102,10 @@ class DestinationConfig(_Section):
     port: int = Field(default=4242, ge=1, le=65535)
     calling_ae_title: AETitle = "CXR_NODE"
     timeout: float = Field(default=30.0, gt=0)
+    tls: bool = False
+    tls_ca_file: Path | None = None  # CA to verify the destination's certificate
+    tls_cert_file: Path | None = None  # our client certificate, if the PACS asks for one
+    tls_key_file: Path | None = None
 
 
 class SpoolConfig(_Section):
@@ -85,6 +132,7 @@ class FilterConfig(_Section):
     allow_missing_body_part: bool = True
     # frontal views: the model was trained on PA/AP radiographs; absent ViewPosition passes
     view_positions: tuple[str, ...] = ("PA", "AP")
+    max_pixels: int = Field(default=100_000_000, ge=1, description="Rows x Columns x frames")
 
 
 class WorkerConfig(_Section):
@@ -125,6 +173,7 @@ class LoggingConfig(_Section):
 
 class NodeConfig(_Section):
     scp: ScpConfig = ScpConfig()
+    tls: TlsConfig = TlsConfig()
     destination: DestinationConfig = DestinationConfig()
     spool: SpoolConfig = SpoolConfig()
     model: ModelConfig = ModelConfig()
@@ -145,6 +194,16 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _env_value(name: str, value: str) -> Any:
+    """Lists come as JSON (``["ORTHANC","MODALITY1"]``); everything else as a string."""
+    if not value.lstrip().startswith("["):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name}: not a JSON list: {exc}") from exc
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Turn ``CXR_NODE_SECTION__KEY=value`` variables into a nested dict of strings."""
     out: dict[str, Any] = {}
@@ -152,7 +211,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        out.setdefault(section, {})[key] = value
+        out.setdefault(section, {})[key] = _env_value(name, value)
     return out
 
 

@@ -6,7 +6,11 @@ durably and only then answers success. The worker does the rest.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
+import struct
+from collections.abc import Callable
 from enum import IntEnum
 from io import BytesIO
 from typing import Any, cast
@@ -33,12 +37,13 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import ScpConfig
+from node.config import ScpConfig, TlsConfig
 from node.errors import SpoolError
 from node.metrics import Metrics
 from node.netopts import NODELAY_HANDLER
 from node.scu import VERIFICATION
 from node.spool import Spool
+from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +91,32 @@ def _header_uids(raw: bytes) -> tuple[str, str]:
     return str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
 
 
-def handle_store(event: Event, spool: Spool, metrics: Metrics | None = None) -> int:
+def handle_store(
+    event: Event, spool: Spool, metrics: Metrics | None = None, max_bytes: int = 2**31
+) -> int:
     """EVT_C_STORE handler: spool the bytes durably, then answer (and count the answer)."""
-    status = _store(event, spool)
+    status = _store(event, spool, max_bytes)
     if metrics is not None:
         metrics.c_store.labels(f"0x{int(status):04X}").inc()
     return status
 
 
-def _store(event: Event, spool: Spool) -> StoreStatus:
+def _store(event: Event, spool: Spool, max_bytes: int) -> StoreStatus:
     req = cast(C_STORE, event.request)
     calling = str(event.assoc.requestor.ae_title)
     sop_uid = str(req.AffectedSOPInstanceUID)
     raw = event.encoded_dataset()
+    if len(raw) > max_bytes:
+        log.warning(
+            "C-STORE from %s of %s refused: %d bytes exceed scp.max_dataset_mb",
+            calling,
+            sop_uid,
+            len(raw),
+        )
+        return StoreStatus.OUT_OF_RESOURCES
+    if not is_valid_uid(sop_uid) or not is_valid_uid(str(req.AffectedSOPClassUID)):
+        log.warning("C-STORE from %s refused: invalid UID in request %r", calling, sop_uid)
+        return StoreStatus.CANNOT_UNDERSTAND
     try:
         found_uid, found_class = _header_uids(raw)
     except (
@@ -108,13 +126,10 @@ def _store(event: Event, spool: Spool) -> StoreStatus:
         KeyError,
         TypeError,
         OverflowError,
+        struct.error,
+        RecursionError,
     ) as exc:
-        log.warning(
-            "C-STORE from %s of %s rejected: unreadable dataset: %s",
-            calling,
-            sop_uid,
-            exc,
-        )
+        log.warning("C-STORE from %s of %s rejected: unreadable dataset: %s", calling, sop_uid, exc)
         return StoreStatus.CANNOT_UNDERSTAND
     if found_uid != sop_uid or found_class != str(req.AffectedSOPClassUID):
         log.warning(
@@ -147,7 +162,8 @@ def handle_echo(event: Event) -> int:
 
 
 def build_ae(cfg: ScpConfig) -> AE:
-    """An AE that accepts Verification and every storage SOP class in decodable syntaxes."""
+    """An AE that accepts Verification and every storage SOP class in decodable syntaxes,
+    from the allowed calling AE titles only, addressed to our own AE title only."""
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
     ae.network_timeout = cfg.network_timeout
@@ -155,27 +171,64 @@ def build_ae(cfg: ScpConfig) -> AE:
     ae.dimse_timeout = cfg.network_timeout
     ae.maximum_associations = cfg.max_associations
     ae.require_called_aet = True
+    if not cfg.accept_any_calling_aet:
+        ae.require_calling_aet = list(cfg.allowed_calling_aets)
     ae.add_supported_context(VERIFICATION)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(str(cx.abstract_syntax), DECODABLE)
     return ae
 
 
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """TLS for the SCP: our certificate, and client certificates checked against ``ca_file``."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _host_filter(allowed: tuple[str, ...]) -> Callable[[object, tuple[str, int]], bool]:
+    networks = [ipaddress.ip_network(a, strict=False) for a in allowed]
+
+    def verify_request(_request: object, client_address: tuple[str, int]) -> bool:
+        host = ipaddress.ip_address(client_address[0])
+        if any(host in net for net in networks):
+            return True
+        log.warning("connection from %s refused: not in scp.allowed_hosts", client_address[0])
+        return False
+
+    return verify_request
+
+
 def start_server(
-    cfg: ScpConfig, spool: Spool, metrics: Metrics | None = None
+    cfg: ScpConfig, spool: Spool, metrics: Metrics | None = None, tls: TlsConfig | None = None
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``.shutdown()`` stops it)."""
     ae = build_ae(cfg)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool, metrics]),
+        (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, _log_rejection),
         NODELAY_HANDLER,
     ]
     if metrics is not None:
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
-    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+    context = server_ssl_context(tls) if tls is not None and tls.enabled else None
+    server = ae.start_server(
+        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=context
+    )
     if server is None:  # pragma: no cover - block=False always returns the server
         raise RuntimeError("pynetdicom did not return a server")
+    if cfg.allowed_hosts:
+        server.verify_request = _host_filter(cfg.allowed_hosts)  # type: ignore[method-assign,assignment]
     host, port = server.server_address[:2]
-    log.info("listening as %s on %s:%s", cfg.ae_title, host, port)
+    log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port, " (TLS)" if context else "")
     return server
+
+
+def _log_rejection(event: Event) -> None:
+    rq = event.assoc.requestor
+    log.warning("association from %s (%s) rejected", rq.ae_title, rq.address)

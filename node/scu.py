@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,19 @@ class Peer:
     ae_title: str
     calling_ae_title: str = "CXR_NODE"
     timeout: float = 30.0
+    tls: ssl.SSLContext | None = None
+
+
+def client_ssl_context(
+    ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """TLS for the SCU: verify the peer against ``ca_file`` (system CAs if None), and
+    present a client certificate when given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx
 
 
 def check_status(status: Dataset | None, what: str) -> int:
@@ -67,8 +81,13 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
     ae = _ae(peer)
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
+    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[NODELAY_HANDLER]
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[NODELAY_HANDLER],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted or unreachable"

@@ -12,6 +12,14 @@ from node.config import FilterConfig
 _NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "REG", "SEG", "RTSTRUCT"})
 
 
+def _pixel_count(ds: Dataset) -> int:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * max(1, frames)
+    except (TypeError, ValueError):
+        return 0
+
+
 def skip_reason(ds: Dataset, rule: FilterConfig) -> str | None:
     """Return why ``ds`` is not classified, or ``None`` if it should be."""
     sop_class = UID(str(ds.get("SOPClassUID", "")))
@@ -26,6 +34,9 @@ def skip_reason(ds: Dataset, rule: FilterConfig) -> str | None:
         return "BodyPartExamined absent"
     if body and body not in rule.body_parts:
         return f"BodyPartExamined {body} is not one of {', '.join(rule.body_parts)}"
+    pixels = _pixel_count(ds)
+    if pixels > rule.max_pixels:
+        return f"image of {pixels} pixels exceeds filter.max_pixels ({rule.max_pixels})"
     view = str(ds.get("ViewPosition", "")).strip().upper()
     if view and rule.view_positions and view not in rule.view_positions:
         return f"ViewPosition {view} is not one of {', '.join(rule.view_positions)}"

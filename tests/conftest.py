@@ -187,7 +187,11 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         port = port or free_port()
         spool = tmp_path / "spool"
         sections: dict[str, dict[str, object]] = {
-            "scp": {"ae_title": "CXR_NODE", "port": port},
+            "scp": {
+                "ae_title": "CXR_NODE",
+                "port": port,
+                "allowed_calling_aets": ["ORTHANC", "TESTSCU", "CXR_PUSH"],
+            },
             "destination": {"ae_title": "ORTHANC", "port": dest_port, "timeout": 10.0},
             "spool": {"directory": str(spool), "min_free_mb": 1},
             "model": {

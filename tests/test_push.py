@@ -128,7 +128,7 @@ def test_wrong_called_ae_rejection_is_reported(tmp_path):
     from node.spool import Spool
 
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0), spool)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_PUSH",)), spool)
     try:
         done = run_push(str(NIH), "--port", str(server.server_address[1]), "--aet", "WRONG_AE")
     finally:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.network
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[tuple[int, Spool]]:
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0), spool)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool)
     try:
         yield server.server_address[1], spool
     finally:
