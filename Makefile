@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # with either; on a GPU host the same wheels use CUDA).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench certs clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ lint: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+certs:
+	scripts/make-test-certs.sh var/certs
 
 bench: setup
 	$(PY) -m bench

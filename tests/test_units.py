@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydicom
 import pytest
 from conftest import write_config
@@ -115,3 +117,25 @@ def test_backoff_grows_and_is_capped():
     assert backoff_delay(4, 2.0, 300.0, 1.0) == 16.0
     assert backoff_delay(20, 2.0, 300.0, 1.0) == 300.0
     assert backoff_delay(4, 2.0, 300.0, 0.0) == 8.0
+
+
+def test_config_file_loads_and_documents_every_key():
+    """config/node.toml is valid, and every key of every section appears in it (set or as a
+    commented example), so it is a complete reference."""
+    import re
+
+    from node.config import NodeConfig
+
+    path = Path(__file__).resolve().parents[1] / "config" / "node.toml"
+    cfg = load_config(path, {})
+    assert cfg.scp.allowed_calling_aets == ("ORTHANC",)
+    documented: dict[str, set[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]", line):
+            section = m.group(1)
+        elif m := re.match(r"^#?\s*(\w+)\s*=", line):
+            documented.setdefault(section, set()).add(m.group(1))
+    for name, field in NodeConfig.model_fields.items():
+        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
+        assert keys <= documented.get(name, set()), (name, keys - documented.get(name, set()))
