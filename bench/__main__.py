@@ -1,0 +1,383 @@
+"""``make bench``: push, ingest, inference, end-to-end and memory benchmarks.
+
+Every peer runs on loopback with TCP_NODELAY=1 (dcmtk reads it from the environment; the
+node sets it on its own sockets). Results: a table on stdout and bench/results/*.json.
+Usage: python -m bench [push] [ingest] [inference] [e2e] [memory] [--n N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    NODELAY,
+    ROOT,
+    free_port,
+    machine,
+    make_images,
+    orthanc,
+    table,
+    timed,
+    wait_for,
+)
+
+PY = sys.executable
+
+
+def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
+    """cxr-node push vs storescu vs REST (POST /instances) into a fresh Orthanc each."""
+    import requests
+
+    n = len(images)
+    folder = images[0].parent
+
+    def storescu(o: Any) -> None:
+        subprocess.run(
+            ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), *map(str, images)],
+            env=NODELAY,
+            check=True,
+            capture_output=True,
+        )
+
+    def rest(o: Any) -> None:
+        with requests.Session() as s:
+            s.auth = ("bench", "bench")
+            for p in images:
+                r = s.post(f"http://127.0.0.1:{o.http}/instances", data=p.read_bytes(), timeout=30)
+                r.raise_for_status()
+
+    def push(assocs: int):
+        def run(o: Any) -> None:
+            subprocess.run(
+                [
+                    PY,
+                    "-m",
+                    "node",
+                    "push",
+                    str(folder),
+                    "--port",
+                    str(o.dicom),
+                    "--aet",
+                    "ORTHANC",
+                    "--associations",
+                    str(assocs),
+                ],
+                check=True,
+                capture_output=True,
+            )
+
+        return run
+
+    clients = {
+        "storescu": storescu,
+        "REST (requests.Session)": rest,
+        "cxr-node push": push(1),
+        "cxr-node push --associations 2": push(2),
+    }
+    rates: dict[str, float] = {}
+    for name, client in clients.items():
+        with orthanc(work / "orthanc-push") as o:
+            seconds = timed(lambda: client(o))  # noqa: B023
+            assert o.count() == n, (name, o.count())
+        rates[name] = n / seconds
+    best = max(rates.values())
+    return {
+        "n": n,
+        "images_per_s": rates,
+        "push_vs_storescu": rates["cxr-node push"] / rates["storescu"],
+        "push2_vs_storescu": rates["cxr-node push --associations 2"] / rates["storescu"],
+        "push_vs_rest": rates["cxr-node push"] / rates["REST (requests.Session)"],
+        "best_vs_orthanc_limit": max(
+            rates["cxr-node push"], rates["cxr-node push --associations 2"]
+        )
+        / best,
+    }
+
+
+def _storescu_time(port: int, images: list[Path], *extra: str) -> float:
+    return timed(
+        lambda: subprocess.run(
+            [
+                "storescu",
+                *extra,
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "ANY",
+                "127.0.0.1",
+                str(port),
+                *map(str, images),
+            ],
+            env=NODELAY,
+            check=True,
+            capture_output=True,
+        )
+    )
+
+
+def bench_ingest(images: list[Path], work: Path) -> dict[str, Any]:
+    """Node SCP (spool only) vs dcmtk storescp, both fed by the same storescu."""
+    n = len(images)
+    rates: dict[str, float] = {}
+    for name, extra in {
+        "storescp (default PDU)": [],
+        "storescp --max-pdu 131072": ["--max-pdu", "131072"],
+    }.items():
+        out = Path(tempfile.mkdtemp(dir=work))
+        port = free_port()
+        scp = subprocess.Popen(
+            ["storescp", *extra, "--output-directory", str(out), str(port)], env=NODELAY
+        )
+        time.sleep(0.5)
+        rates[name] = n / _storescu_time(port, images, *(["--max-pdu", "131072"] if extra else []))
+        scp.terminate()
+        scp.wait()
+    for fsync in (True, False):
+        port = free_port()
+        spool = Path(tempfile.mkdtemp(dir=work))
+        node = subprocess.Popen(
+            [PY, "-m", "bench.ingest_server", str(port), str(spool), "1" if fsync else "0"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert node.stdout is not None and node.stdout.readline().strip() == b"ready"
+        name = f"cxr-node SCP (spool, fsync={'on' if fsync else 'off'})"
+        rates[name] = n / _storescu_time(port, images, "--max-pdu", "131072")
+        node.terminate()
+        node.wait()
+    best_dcmtk = max(v for k, v in rates.items() if k.startswith("storescp"))
+    return {
+        "n": n,
+        "images_per_s": rates,
+        "node_fsync_vs_best_storescp": rates["cxr-node SCP (spool, fsync=on)"] / best_dcmtk,
+        "node_nofsync_vs_best_storescp": rates["cxr-node SCP (spool, fsync=off)"] / best_dcmtk,
+    }
+
+
+def bench_inference(images: list[Path]) -> dict[str, Any]:
+    """Pipeline (decode + preprocess + model + SR build) vs raw model(x), same threads."""
+    from datetime import datetime
+
+    import numpy as np
+    import torch
+    import torchxrayvision as xrv
+
+    from node.config import ModelConfig
+    from node.dicomio import read_dataset
+    from node.model import load_classifier
+    from node.pipeline import analyze
+    from node.report import ReportContext
+
+    clf = load_classifier(
+        ModelConfig(
+            cache_dir=Path(tempfile.mkdtemp()),
+            allow_untrained=True,
+            allow_download=False,
+            device="cpu",
+        )
+    )
+    module = xrv.models.DenseNet(weights=None).eval()
+    raw: dict[int, float] = {}
+    for bs in (1, 4, 8, 16):
+        x = torch.zeros((bs, 1, 224, 224))
+        with torch.inference_mode():
+            module(x)
+            reps = max(2, 32 // bs)
+            raw[bs] = bs * reps / timed(lambda: [module(x) for _ in range(reps)])  # noqa: B023
+    ctx = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="BENCH")
+    blobs = [p.read_bytes() for p in images[:64]]
+    stages: dict[str, float] = {}
+
+    def pipeline(batch: int) -> float:
+        t = time.perf_counter()
+        for i in range(0, len(blobs), batch):
+            dss = [read_dataset(b) for b in blobs[i : i + batch]]
+            out = analyze(dss, clf, ctx, datetime.now())
+            for o in out:
+                assert not isinstance(o, Exception), o
+                for k, v in o.timings.items():
+                    stages[k] = stages.get(k, 0.0) + v
+        return len(blobs) / (time.perf_counter() - t)
+
+    pipeline(8)  # warm-up
+    stages.clear()
+    pipe = pipeline(8)
+    best_bs = max(raw, key=lambda k: raw[k])
+    return {
+        "threads": torch.get_num_threads(),
+        "raw_images_per_s": raw,
+        "best_batch": best_bs,
+        "pipeline_images_per_s": pipe,
+        "pipeline_vs_raw": pipe / raw[best_bs],
+        "pipeline_seconds_per_image_by_stage": {k: v / len(blobs) for k, v in stages.items()},
+        "numpy": np.__version__,
+    }
+
+
+def _node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
+    ready = work / "node.ready"
+    env = {
+        **NODELAY,
+        "CXR_NODE_SCP__PORT": str(port),
+        "CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["ORTHANC", "STORESCU"]',
+        "CXR_NODE_DESTINATION__PORT": str(dest_port),
+        "CXR_NODE_SPOOL__DIRECTORY": str(work / "spool"),
+        "CXR_NODE_MODEL__CACHE_DIR": str(work / "models"),
+        "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
+        "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
+        "CXR_NODE_METRICS__PORT": "0",
+        "CXR_NODE_LOGGING__LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "node",
+            "serve",
+            "--config",
+            str(ROOT / "config" / "node.toml"),
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        stderr=(work / "node.log").open("wb"),
+    )
+    wait_for(lambda: ready.exists() or proc.poll() is not None, 120, "the node")
+    assert proc.poll() is None, (work / "node.log").read_text()
+    return proc
+
+
+def bench_e2e(images: list[Path], work: Path, singles: int = 50) -> dict[str, Any]:
+    """Orthanc stored the image -> the SR is stored in Orthanc: p50/p95, and a burst."""
+    node_port = free_port()
+    with orthanc(work / "orthanc-e2e", node_port=node_port, lua=True) as o:
+        node = _node(work, o.dicom, node_port)
+        try:
+            lat = []
+            for p in images[:singles]:
+                before = o.count()
+                subprocess.run(
+                    ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), str(p)],
+                    env=NODELAY,
+                    check=True,
+                    capture_output=True,
+                )
+                t0 = time.perf_counter()  # storescu returned: Orthanc has stored the image
+                wait_for(lambda: o.count() >= before + 2, 60, "the SR", every=0.005)  # noqa: B023
+                lat.append(time.perf_counter() - t0)
+                time.sleep(0.3)
+            burst = images[singles:]
+            before = o.count()
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), *map(str, burst)],
+                env=NODELAY,
+                check=True,
+                capture_output=True,
+            )
+            wait_for(lambda: o.count() >= before + 2 * len(burst), 900, "the burst's SRs", 0.05)
+            burst_s = time.perf_counter() - t0
+        finally:
+            node.terminate()
+            node.wait(60)
+    q = statistics.quantiles(lat, n=20)
+    return {
+        "singles": len(lat),
+        "p50_s": statistics.median(lat),
+        "p95_s": q[18],
+        "max_s": max(lat),
+        "burst_images": len(burst),
+        "burst_total_s": burst_s,
+        "burst_images_per_s": len(burst) / burst_s,
+    }
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_memory(images: list[Path], work: Path) -> dict[str, Any]:
+    """Peak RSS of the node while a backlog of N images is queued (destination down)."""
+    out: dict[str, Any] = {}
+    for n in (200, len(images)):
+        sub = work / f"mem{n}"
+        sub.mkdir()
+        port = free_port()
+        node = _node(sub, free_port(), port)  # destination down: SRs pile up too
+        try:
+            subprocess.run(
+                [
+                    "storescu",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "CXR_NODE",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, images[:n]),
+                ],
+                env=NODELAY,
+                check=True,
+                capture_output=True,
+            )
+            time.sleep(5)  # the worker is busy classifying the backlog
+            out[f"peak_rss_mb_backlog_{n}"] = _peak_rss_kb(node.pid) / 1024
+        finally:
+            node.terminate()
+            node.wait(60)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument(
+        "which", nargs="*", default=["push", "ingest", "inference", "e2e", "memory"]
+    )
+    parser.add_argument("--n", type=int, default=200)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        images = make_images(
+            max(args.n, 1000 if "memory" in args.which else args.n), work / "images", "bench"
+        )
+        base = images[: args.n]
+        steps = {
+            "push": lambda: bench_push(base, work),
+            "ingest": lambda: bench_ingest(base, work),
+            "inference": lambda: bench_inference(base),
+            "e2e": lambda: bench_e2e(base, work),
+            "memory": lambda: bench_memory(images, work),
+        }
+        for name in args.which:
+            t = time.perf_counter()
+            results[name] = steps[name]()
+            results[name]["bench_seconds"] = time.perf_counter() - t
+            sys.stdout.write(f"\n== {name}\n{json.dumps(results[name], indent=2)}\n")
+            sys.stdout.flush()
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    rows = [("benchmark", "metric", "value")]
+    for name in args.which:
+        for k, v in results[name].items():
+            if isinstance(v, float):
+                rows.append((name, k, f"{v:.3f}"))
+    sys.stdout.write("\n" + table(rows) + f"\n\nresults: {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

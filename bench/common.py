@@ -1,0 +1,143 @@
+"""Shared bench helpers: peers on loopback, generated images, timing, results."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NIH = ROOT.parent / "shared" / "data" / "nih_cxr_dx.dcm"
+ORTHANC = "/usr/sbin/Orthanc"
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+WEIGHTS_NAME = (
+    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15"
+    "-seed0-best.pt"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def make_images(n: int, out: Path, seed: str) -> list[Path]:
+    """``n`` copies of the 1 MB NIH radiograph with new UIDs (one study per 50 images)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(NIH)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[seed, str(i)]
+        )
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study", str(i // 50)])
+        path = out / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class Orthanc:
+    def __init__(self, workdir: Path, node_port: int | None = None, lua: bool = False) -> None:
+        self.http, self.dicom = free_port(), free_port()
+        cfg = json.loads((ROOT / "orthanc.json").read_text())
+        cfg.update(
+            StorageDirectory=str(workdir / "db"),
+            IndexDirectory=str(workdir / "db"),
+            HttpPort=self.http,
+            DicomPort=self.dicom,
+            LuaScripts=[str(ROOT / "config" / "route-to-node.lua")] if lua else [],
+        )
+        cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port or 1)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "orthanc.json").write_text(json.dumps(cfg))
+        env = {**NODELAY, "ORTHANC_USER": "bench", "ORTHANC_PASSWORD": "bench"}
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(workdir / "orthanc.json")],
+            env=env,
+            stdout=(workdir / "orthanc.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.auth = base64.b64encode(b"bench:bench").decode()
+        wait_for(lambda: self.get("/system"), 60, "Orthanc")
+
+    def request(self, path: str, data: bytes | None = None) -> bytes:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http}{path}",
+            data=data,
+            headers={"Authorization": f"Basic {self.auth}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            return bytes(rsp.read())
+
+    def get(self, path: str) -> Any:
+        return json.loads(self.request(path))
+
+    def count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@contextmanager
+def orthanc(workdir: Path, **kw: Any) -> Iterator[Orthanc]:
+    shutil.rmtree(workdir, ignore_errors=True)
+    o = Orthanc(workdir, **kw)
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""A spool-only node SCP (classification paused) for the ingest benchmark.
+
+Usage: python -m bench.ingest_server PORT SPOOL_DIR FSYNC(0|1)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from node.config import ScpConfig
+from node.scp import start_server
+from node.spool import Spool
+
+
+def main() -> None:
+    port, spool_dir, fsync = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+    spool = Spool(spool_dir, fsync=fsync)
+    server = start_server(ScpConfig(port=port, allowed_calling_aets=("STORESCU",)), spool)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    stop.wait()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
