@@ -50,6 +50,7 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
     def rest(o: Any) -> None:
         with requests.Session() as s:
             s.auth = ("bench", "bench")
+            s.trust_env = False  # loopback: no proxy
             for p in images:
                 r = s.post(f"http://127.0.0.1:{o.http}/instances", data=p.read_bytes(), timeout=30)
                 r.raise_for_status()
@@ -111,7 +112,7 @@ def _storescu_time(port: int, images: list[Path], *extra: str) -> float:
                 "-aet",
                 "STORESCU",
                 "-aec",
-                "ANY",
+                "CXR_NODE",
                 "127.0.0.1",
                 str(port),
                 *map(str, images),
@@ -349,10 +350,9 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        images = make_images(
-            max(args.n, 1000 if "memory" in args.which else args.n), work / "images", "bench"
-        )
-        base = images[: args.n]
+        base = make_images(args.n, work / "images", "bench")
+        backlog = "memory" in args.which
+        images = make_images(1000, work / "backlog", "backlog") if backlog else []
         steps = {
             "push": lambda: bench_push(base, work),
             "ingest": lambda: bench_ingest(base, work),

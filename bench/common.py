@@ -27,6 +27,9 @@ WEIGHTS_NAME = (
     "-seed0-best.pt"
 )
 
+# loopback peers only: never through an HTTP(S)_PROXY from the environment
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -97,7 +100,7 @@ class Orthanc:
             data=data,
             headers={"Authorization": f"Basic {self.auth}"},
         )
-        with urllib.request.urlopen(req, timeout=30) as rsp:
+        with _LOCAL.open(req, timeout=30) as rsp:
             return bytes(rsp.read())
 
     def get(self, path: str) -> Any:

@@ -22,9 +22,12 @@ from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "var" / "demo"
+DEMO = Path(os.environ.get("CXR_DEMO_DIR", ROOT / "var" / "demo"))
 IMAGE = ROOT.parent / "shared" / "data" / "nih_cxr_dx.dcm"
 ORTHANC = Path("/usr/sbin/Orthanc")
+
+# loopback peers only: never through an HTTP(S)_PROXY from the environment
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def say(msg: str) -> None:
@@ -41,15 +44,11 @@ def ensure_orthanc() -> None:
     if ORTHANC.exists():
         return
     if os.geteuid() != 0:
-        sys.exit(
-            "[demo] Orthanc is not installed. Run: sudo apt-get install -y orthanc dcmtk"
-        )
+        sys.exit("[demo] Orthanc is not installed. Run: sudo apt-get install -y orthanc dcmtk")
     say("installing Orthanc and dcmtk with apt-get ...")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "orthanc", "dcmtk"], check=True, env=env
-    )
+    subprocess.run(["apt-get", "install", "-y", "-q", "orthanc", "dcmtk"], check=True, env=env)
 
 
 def weights_state() -> tuple[bool, str]:
@@ -72,7 +71,7 @@ def rest(port: int, auth: str, path: str, body: object | None = None) -> bytes:
         data=data,
         headers={"Authorization": f"Basic {auth}"},
     )
-    with urllib.request.urlopen(req, timeout=10) as rsp:
+    with _LOCAL.open(req, timeout=10) as rsp:
         return rsp.read()  # type: ignore[no-any-return]
 
 
@@ -108,9 +107,7 @@ def show_findings(sr_bytes: bytes) -> None:
                 "Present",
                 "Absent",
             ):
-                rows.setdefault(name, ["", ""])[1] = it.ConceptCodeSequence[
-                    0
-                ].CodeMeaning
+                rows.setdefault(name, ["", ""])[1] = it.ConceptCodeSequence[0].CodeMeaning
             elif it.ValueType == "TEXT" and name == "Algorithm Name":
                 algo = it.TextValue
             walk(it.get("ContentSequence", []))
@@ -218,9 +215,7 @@ def main() -> int:
         )
         say("Orthanc routes it to the node (Lua); waiting for the SR to come back ...")
         query = {"Level": "Instance", "Query": {"Modality": "SR"}}
-        ids = wait(
-            lambda: json.loads(rest(http, auth, "/tools/find", query)), 120, "the SR"
-        )
+        ids = wait(lambda: json.loads(rest(http, auth, "/tools/find", query)), 120, "the SR")
         show_findings(rest(http, auth, f"/instances/{ids[0]}/file"))
         say(f"done; logs and data in {DEMO}")
         return 0

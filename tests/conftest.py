@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import ACRNEMA, NIH, ROOT, WEIGHTS_NAME, OrthancRest, free_port, wait_for
+from helpers import _LOCAL, ACRNEMA, NIH, ROOT, WEIGHTS_NAME, OrthancRest, free_port, wait_for
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -155,10 +155,8 @@ class NodeProc:
 
     def metrics(self) -> dict[str, float]:
         """Scrape /metrics: sample name with labels -> value."""
-        import urllib.request
-
         port = self.status()["metrics_port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+        with _LOCAL.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
             text = rsp.read().decode()
         out = {}
         for line in text.splitlines():

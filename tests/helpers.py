@@ -25,6 +25,9 @@ WEIGHTS_NAME = (
 )
 T = TypeVar("T")
 
+# loopback peers only: never through an HTTP(S)_PROXY from the environment
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,7 +65,7 @@ class OrthancRest:
 
     def _req(self, path: str, data: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.base + path, data=data, headers=self.headers)
-        with urllib.request.urlopen(req, timeout=10) as rsp:
+        with _LOCAL.open(req, timeout=10) as rsp:
             return cast(bytes, rsp.read())
 
     def get(self, path: str) -> Any:
