@@ -123,7 +123,7 @@ class ModelConfig(_Section):
     allow_untrained: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="0 = torch default")
-    batch_size: int = Field(default=8, ge=1, le=256)
+    batch_size: int = Field(default=4, ge=1, le=256)
 
 
 class FilterConfig(_Section):
