@@ -139,3 +139,11 @@ def test_config_file_loads_and_documents_every_key():
     for name, field in NodeConfig.model_fields.items():
         keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
         assert keys <= documented.get(name, set()), (name, keys - documented.get(name, set()))
+
+
+def test_huge_dimensions_are_not_decoded():
+    ds = read_dataset(NIH)
+    ds.Rows = ds.Columns = 60000  # header claims 3.6 gigapixels: never decode that
+    assert "exceeds filter.max_pixels" in skip_reason(ds, FilterConfig())
+    assert skip_reason(read_dataset(NIH), FilterConfig(max_pixels=1024 * 1024)) is None
+    assert "exceeds" in skip_reason(read_dataset(NIH), FilterConfig(max_pixels=1024 * 1023))
