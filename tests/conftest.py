@@ -150,6 +150,16 @@ class NodeProc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``cxr-node ARGS --config <this node's config>`` and capture its output."""
+        return subprocess.run(
+            [sys.executable, "-m", "node", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
     def status(self) -> dict[str, object]:
         return dict(json.loads((self.spool / "status.json").read_text()))
 

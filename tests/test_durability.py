@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -88,22 +86,10 @@ def test_wrong_destination_dead_letters_then_retry_delivers(
     wait_for(lambda: node.jobs().get("dead", 0) == 3, 120, "3 dead-lettered jobs")
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(30) == 0
-    listing = subprocess.run(
-        [sys.executable, "-m", "node", "jobs", "--config", str(node.config), "--state", "dead"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    listing = node.cli("jobs", "--state", "dead")
     assert listing.returncode == 0 and "dead=3" in listing.stdout
     fixed = node_factory(orthanc.dicom_port, port=node_port)  # config fixed: right port
-    retry = subprocess.run(
-        [sys.executable, "-m", "node", "jobs", "retry", "--config", str(fixed.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    retry = fixed.cli("jobs", "retry")
     assert retry.returncode == 0 and "3 job(s) requeued" in retry.stdout
     want = expected_srs(sender.acked, weights_dir)
     wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "the 3 SRs after retry")
@@ -161,13 +147,7 @@ def test_sigterm_during_processing_exits_cleanly_and_loses_nothing(
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(40) == 0
     assert "stopped" in node.log_text()
-    status = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--config", str(node.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    status = node.cli("status")
     assert status.returncode == 3 and "node: NOT running" in status.stdout
     node_factory(orthanc.dicom_port, port=node_port)
     want = expected_srs(sender.acked, weights_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from io import BytesIO
 
 import pydicom
@@ -95,13 +94,7 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     assert again['cxr_node_c_store_total{status="0x0000"}'] == 2.0
     assert again["cxr_node_sr_sent_total"] == 2.0
 
-    status = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--config", str(node.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    status = node.cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert "node: running" in status.stdout and "uptime" in status.stdout
     assert "jobs: received=0 classified=0 sent=2" in status.stdout

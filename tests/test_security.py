@@ -57,6 +57,16 @@ def serve(tmp_path: Path) -> Iterator[object]:
         s.shutdown()
 
 
+def server_tls(certs: Path) -> TlsConfig:
+    """The SCP's TLS settings: the test server certificate, clients checked against the CA."""
+    return TlsConfig(
+        enabled=True,
+        cert_file=certs / "server.pem",
+        key_file=certs / "server.key",
+        ca_file=certs / "ca.pem",
+    )
+
+
 def _assoc(port: int, calling: str, ssl_ctx=None):
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.network_timeout = 5
@@ -116,12 +126,7 @@ def test_source_host_allow_list(serve, allowed, ok):
 
 
 def test_tls_echo_and_store_with_client_certificate(serve, certs):
-    tls = TlsConfig(
-        enabled=True,
-        cert_file=certs / "server.pem",
-        key_file=certs / "server.key",
-        ca_file=certs / "ca.pem",
-    )
+    tls = server_tls(certs)
     port = serve(tls=tls)
     ctx = client_ssl_context(certs / "ca.pem", certs / "client.pem", certs / "client.key")
     peer = Peer("localhost", port, "CXR_NODE", "ORTHANC", 10.0, ctx)
@@ -132,12 +137,7 @@ def test_tls_echo_and_store_with_client_certificate(serve, certs):
 
 @pytest.mark.parametrize("client", ["none", "rogue", "plain-tcp"])
 def test_tls_refuses_clients_without_the_right_certificate(serve, certs, client):
-    tls = TlsConfig(
-        enabled=True,
-        cert_file=certs / "server.pem",
-        key_file=certs / "server.key",
-        ca_file=certs / "ca.pem",
-    )
+    tls = server_tls(certs)
     port = serve(tls=tls)
     if client == "plain-tcp":
         ctx = None
@@ -153,12 +153,7 @@ def test_tls_refuses_clients_without_the_right_certificate(serve, certs, client)
 
 @pytest.mark.skipif(shutil.which("echoscu") is None, reason="dcmtk not installed")
 def test_dcmtk_tls_echo(serve, certs):
-    tls = TlsConfig(
-        enabled=True,
-        cert_file=certs / "server.pem",
-        key_file=certs / "server.key",
-        ca_file=certs / "ca.pem",
-    )
+    tls = server_tls(certs)
     port = serve(tls=tls)
     base = ["echoscu", "-aet", "ORTHANC", "-aec", "CXR_NODE", "+cf", str(certs / "ca.pem")]
     env = {**os.environ, "TCP_NODELAY": "1"}
