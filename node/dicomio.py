@@ -42,9 +42,15 @@ def ensure_file_meta(ds: Dataset) -> Dataset:
     return ds
 
 
-def read_dataset(source: Path | bytes, *, stop_before_pixels: bool = False) -> Dataset:
-    """Read a DICOM file or byte string (with or without preamble and File Meta)."""
-    where = str(source) if isinstance(source, Path) else "<received bytes>"
+def read_dataset(
+    source: Path | bytes, *, stop_before_pixels: bool = False, where: str | None = None
+) -> Dataset:
+    """Read a DICOM file or byte string (with or without preamble and File Meta).
+
+    ``where`` names the source in error messages (default: the path, or "<received bytes>").
+    """
+    if where is None:
+        where = str(source) if isinstance(source, Path) else "<received bytes>"
     try:
         fp = BytesIO(source) if isinstance(source, bytes) else source
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
@@ -84,7 +90,7 @@ def _not_group_2(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 def split_encoded(data: bytes, where: str) -> Encoded:
     """Read a file's header only and locate its data set; raises :class:`PreprocessError`."""
-    header = read_dataset_header(data, where)
+    header = read_dataset(data, stop_before_pixels=True, where=where)
     offset = 0
     if data[128:132] == b"DICM":
         fp = BytesIO(data)
@@ -97,14 +103,3 @@ def split_encoded(data: bytes, where: str) -> Encoded:
         str(header.file_meta.TransferSyntaxUID),
         data[offset:],
     )
-
-
-def read_dataset_header(data: bytes, where: str) -> Dataset:
-    """The data set without its pixel data, with File Meta ensured."""
-    try:
-        ds = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise PreprocessError(f"{where}: not a readable DICOM dataset: {exc}") from exc
-    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
-        raise PreprocessError(f"{where}: not a DICOM composite object (no SOP Class/Instance UID)")
-    return ensure_file_meta(ds)
