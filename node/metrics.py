@@ -43,7 +43,7 @@ class Metrics:
             "cxr_node_sr_send_failures", "Failed SR delivery attempts", registry=r
         )
         self.inference_seconds = Histogram(
-            "cxr_node_inference_seconds", "Model inference time per batch", registry=r
+            "cxr_node_inference_seconds", "Model inference time per image", registry=r
         )
         self.sr_send_seconds = Histogram(
             "cxr_node_sr_send_seconds", "Time to C-STORE one SR", registry=r
