@@ -240,6 +240,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _counts_line(spool: Spool) -> str:
+    return " ".join(f"{state}={n}" for state, n in spool.counts().items())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
@@ -258,8 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         out.write(f"node: never started with spool {spool.root}\n")
-    counts = spool.counts()
-    out.write("jobs: " + " ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
+    out.write(f"jobs: {_counts_line(spool)}\n")
     for job in spool.recent_errors(5):
         out.write(
             f"last error: job {job.id} ({job.state}) {job.sop_instance_uid}: {job.last_error}\n"
@@ -269,8 +272,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- jobs --------------------------------------------------------------------------------
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from node.spool import Spool
-
     cfg = _config(args)
     spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync)
     if args.action == "retry":
@@ -286,8 +287,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from exc
         sys.stdout.write(f"{n} job(s) purged\n")
         return 0
-    counts = spool.counts()
-    sys.stdout.write(" ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
+    sys.stdout.write(f"{_counts_line(spool)}\n")
     for job in spool.jobs(args.state):
         sys.stdout.write(
             f"{job.id}\t{job.state}\t{job.attempts}\t{job.sop_instance_uid}\t{job.last_error}\n"
