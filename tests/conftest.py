@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,6 +63,18 @@ def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
     return path
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 @dataclass
 class Orthanc:
     proc: subprocess.Popen[bytes]
@@ -73,12 +84,7 @@ class Orthanc:
     log: Path
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 15)
 
     def sr_uids(self) -> list[str]:
         found = self.rest.post(
@@ -131,12 +137,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_process(p, 10)
 
 
 @dataclass
@@ -239,9 +240,4 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_process(p, 20)
