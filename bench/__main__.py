@@ -176,6 +176,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     from node.model import load_classifier
     from node.pipeline import analyze
     from node.report import ReportContext
+    from node.srtemplate import ReportEncoder
 
     clf = load_classifier(
         ModelConfig(
@@ -194,6 +195,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
             reps = max(2, 32 // bs)
             raw[bs] = bs * reps / timed(lambda: [module(x) for _ in range(reps)])  # noqa: B023
     ctx = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="BENCH")
+    reports = ReportEncoder(clf.info, ctx)
     blobs = [p.read_bytes() for p in images[:64]]
     stages: dict[str, float] = {}
 
@@ -201,7 +203,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         t = time.perf_counter()
         for i in range(0, len(blobs), batch):
             dss = [read_dataset(b) for b in blobs[i : i + batch]]
-            out = analyze(dss, clf, ctx, datetime.now())
+            out = analyze(dss, clf, reports, datetime.now())
             for o in out:
                 assert not isinstance(o, Exception), o
                 for k, v in o.timings.items():

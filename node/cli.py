@@ -175,16 +175,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from node.model import load_classifier
     from node.pipeline import analyze
     from node.results import result_record
-    from node.worker import _encode, report_context
+    from node.srtemplate import ReportEncoder
+    from node.worker import report_context
 
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
     classifier = load_classifier(cfg.model)
+    reports = ReportEncoder(classifier.info, report_context(cfg))
     records: list[dict[str, Any]] = []
     failures = 0
     for path in args.files:
         try:
             ds = read_dataset(path)
-            [outcome] = analyze([ds], classifier, report_context(cfg), datetime.now())
+            [outcome] = analyze([ds], classifier, reports, datetime.now())
             if isinstance(outcome, NodeError):
                 raise outcome
         except NodeError as exc:
@@ -196,8 +198,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         records.append(record)
         if args.sr_dir is not None:
             args.sr_dir.mkdir(parents=True, exist_ok=True)
-            out = args.sr_dir / f"{outcome.sr.SOPInstanceUID}.dcm"
-            out.write_bytes(_encode(outcome.sr))
+            out = args.sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
+            out.write_bytes(outcome.sr.data)
             record["sr"]["file"] = str(out)
         present = [f.pathology for f in outcome.findings if f.present]
         log.info("%s: present: %s", path, ", ".join(present) or "none")

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from node.errors import NodeError
 from node.model import Classifier, Finding, to_findings
 from node.preprocess import Preprocessed, preprocess
-from node.report import ReportContext, build_sr
+from node.srtemplate import EncodedSR, ReportEncoder
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Outcome:
 
     source: Dataset
     findings: tuple[Finding, ...]
-    sr: Dataset
+    sr: EncodedSR
     steps: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ def _prepare(datasets: Sequence[Dataset]) -> list[Preprocessed | NodeError]:
 def analyze(
     datasets: Sequence[Dataset],
     classifier: Classifier,
-    ctx: ReportContext,
+    reports: ReportEncoder,
     now: datetime,
 ) -> list[Outcome | NodeError]:
     """Classify a batch and build one SR per image; failures come back as errors."""
@@ -69,7 +69,7 @@ def analyze(
         row += 1
         t3 = time.perf_counter()
         try:
-            sr = build_sr(ds, findings, classifier.info, ctx, now)
+            sr = reports.encode(ds, findings, now)
         except NodeError as exc:
             results.append(exc)
             continue

@@ -129,6 +129,11 @@ def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
     return clean, tuple(dropped)
 
 
+def tracking_text(source_sop_uid: str) -> str:
+    """The tracking identifier's text for the findings of one source image."""
+    return f"CXR findings {source_sop_uid}"[:64]
+
+
 def _measurement_group(
     source: Dataset, findings: Sequence[Finding], model: ModelInfo, tracking_uid: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -154,7 +159,7 @@ def _measurement_group(
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"CXR findings {source.SOPInstanceUID}"[:64]
+            uid=tracking_uid, identifier=tracking_text(source.SOPInstanceUID)
         ),
         algorithm_id=algorithm,
         measurements=measurements,
@@ -165,16 +170,18 @@ def _measurement_group(
     )
 
 
-def build_sr(
-    source: Dataset,
-    findings: Sequence[Finding],
-    model: ModelInfo,
-    ctx: ReportContext,
-    now: datetime,
-) -> Dataset:
-    """Build the SR for one classified image; raises :class:`ReportError`."""
-    if not findings:
-        raise ReportError("no findings to report")
+@dataclass(frozen=True)
+class Identity:
+    """The SR's clean source header and its deterministic UIDs."""
+
+    clean: Dataset
+    sop_instance_uid: str
+    series_instance_uid: str
+    tracking_uid: str
+
+
+def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
+    """Sanitize the source header and derive the SR's UIDs; raises :class:`ReportError`."""
     clean, dropped = sanitized_source(source)
     if dropped:
         log.info(
@@ -185,6 +192,18 @@ def build_sr(
     sop_uid = sr_instance_uid(
         ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256
     )
+    return Identity(
+        clean,
+        sop_uid,
+        sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
+        derive_uid(ctx.uid_root, "tracking", sop_uid),
+    )
+
+
+def content_tree(
+    ident: Identity, findings: Sequence[Finding], model: ModelInfo, ctx: ReportContext
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree for one image's findings."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -194,22 +213,28 @@ def build_sr(
             model_name=f"cxr-node {ctx.software_version}",
         ),
     )
-    report = hd.sr.MeasurementReport(
+    return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CHEST_XRAY,
-        imaging_measurements=[
-            _measurement_group(
-                clean, findings, model, derive_uid(ctx.uid_root, "tracking", sop_uid)
-            )
-        ],
+        imaging_measurements=[_measurement_group(ident.clean, findings, model, ident.tracking_uid)],
     )
+
+
+def document(
+    ident: Identity,
+    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    model: ModelInfo,
+    ctx: ReportContext,
+    now: datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document around ``content``; raises :class:`ReportError`."""
     try:
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[clean],
-            content=report,
-            series_instance_uid=sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
+            evidence=[ident.clean],
+            content=content,
+            series_instance_uid=ident.series_instance_uid,
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=sop_uid,
+            sop_instance_uid=ident.sop_instance_uid,
             instance_number=1,
             manufacturer=ctx.manufacturer,
             institution_name=ctx.institution_name,
@@ -217,10 +242,28 @@ def build_sr(
             is_final=False,
             is_verified=False,
         )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ReportError(f"cannot build SR for {clean.SOPInstanceUID}: {exc}") from exc
-    _stamp(sr, clean, model, ctx, now)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ReportError(f"cannot build SR for {ident.clean.SOPInstanceUID}: {exc}") from exc
+    _stamp(sr, ident.clean, model, ctx, now)
     return sr
+
+
+def build_sr(
+    source: Dataset,
+    findings: Sequence[Finding],
+    model: ModelInfo,
+    ctx: ReportContext,
+    now: datetime,
+) -> Dataset:
+    """Build the SR for one classified image; raises :class:`ReportError`.
+
+    This is the reference construction, entirely by highdicom; :mod:`node.srtemplate`
+    encodes the same document faster and is checked against this function.
+    """
+    if not findings:
+        raise ReportError("no findings to report")
+    ident = identify(source, model, ctx)
+    return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
 
 
 def _stamp(

@@ -23,8 +23,8 @@ def result_record(outcome: Outcome, model: ModelInfo) -> dict[str, Any]:
             "modality": str(src.get("Modality", "")),
         },
         "sr": {
-            "sop_instance_uid": str(outcome.sr.SOPInstanceUID),
-            "series_instance_uid": str(outcome.sr.SeriesInstanceUID),
+            "sop_instance_uid": outcome.sr.sop_instance_uid,
+            "series_instance_uid": outcome.sr.series_instance_uid,
         },
         "model": {
             "name": model.name,

@@ -22,6 +22,7 @@ from node.pipeline import Outcome, analyze
 from node.report import ReportContext
 from node.results import result_record
 from node.spool import Job, Spool
+from node.srtemplate import ReportEncoder
 from node.triage import skip_reason
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Worker:
         self.clock = clock
         self.rng = rng
         self.metrics = metrics
-        self.ctx = report_context(cfg)
+        self.reports = ReportEncoder(classifier.info, report_context(cfg))
 
     # -- classification ------------------------------------------------------------------
     def _load(self, job: Job) -> Dataset | None:
@@ -85,7 +86,7 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
-        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.ctx, self.clock())
+        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.reports, self.clock())
         if self.metrics is not None:
             done = [o for o in outcomes if not isinstance(o, NodeError)]
             for o in done:  # the model's share of the batch, per image
@@ -102,11 +103,10 @@ class Worker:
     def _save(self, job: Job, outcome: Outcome) -> None:
         sr = outcome.sr
         # one file per job: the same image received twice makes two jobs with one SR UID
-        path = self.spool.reports / f"{job.id}-{sr.SOPInstanceUID}.dcm"
-        buf = _encode(sr)
-        self.spool.write_atomic(buf, path)
-        self._write_extras(outcome, buf)
-        self.spool.mark_classified(job.id, path, str(sr.SOPInstanceUID))
+        path = self.spool.reports / f"{job.id}-{sr.sop_instance_uid}.dcm"
+        self.spool.write_atomic(sr.data, path)
+        self._write_extras(outcome)
+        self.spool.mark_classified(job.id, path, sr.sop_instance_uid)
         present = [f.pathology for f in outcome.findings if f.present]
         log.info(
             "job %d (%s): classified by %s; present: %s; SR %s",
@@ -114,21 +114,21 @@ class Worker:
             job.sop_instance_uid,
             self.classifier.info.name,
             ", ".join(present) or "none",
-            sr.SOPInstanceUID,
+            sr.sop_instance_uid,
             extra={
                 "job_id": job.id,
                 "sop_instance_uid": job.sop_instance_uid,
                 "calling_ae": job.calling_ae,
-                "sr_uid": str(sr.SOPInstanceUID),
+                "sr_uid": sr.sop_instance_uid,
             },
         )
 
-    def _write_extras(self, outcome: Outcome, buf: bytes) -> None:
+    def _write_extras(self, outcome: Outcome) -> None:
         """The optional copies: the SR in ``report.sr_dir``, the JSON in ``report.json_dir``."""
         rc, sr = self.cfg.report, outcome.sr
         if rc.sr_dir is not None:
             rc.sr_dir.mkdir(parents=True, exist_ok=True)
-            self.spool.write_atomic(buf, rc.sr_dir / f"{sr.SOPInstanceUID}.dcm")
+            self.spool.write_atomic(sr.data, rc.sr_dir / f"{sr.sop_instance_uid}.dcm")
         if rc.json_dir is not None:
             rc.json_dir.mkdir(parents=True, exist_ok=True)
             record = result_record(outcome, self.classifier.info)
@@ -198,11 +198,3 @@ class Worker:
                 busy = 0
             if not busy:
                 stop.wait(self.cfg.worker.poll_interval)
-
-
-def _encode(ds: Dataset) -> bytes:
-    from io import BytesIO
-
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()

@@ -1,0 +1,121 @@
+"""Unit: the fast SR encoder produces exactly the document highdicom builds (pure)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import numpy as np
+import pytest
+from helpers import ACRNEMA, NIH
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_report import CTX, NOW, SCORES, info, roundtrip
+
+from node.dicomio import read_dataset
+from node.errors import ReportError
+from node.model import Finding, to_findings
+from node.report import build_sr
+from node.srtemplate import ReportEncoder, comparable, encode_dataset
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ReportEncoder:
+    return ReportEncoder(info(), CTX)
+
+
+def reference(src, findings, model=None, now=NOW) -> bytes:
+    return encode_dataset(build_sr(src, findings, model or info(), CTX, now))
+
+
+def test_the_template_is_used_and_agrees_on_the_shared_images(encoder):
+    assert encoder._template is not None  # the self-check passed: the fast path is on
+    for path in (NIH, ACRNEMA):
+        src = read_dataset(path, stop_before_pixels=True)
+        findings = to_findings(SCORES, info())
+        fast = encoder.encode(src, findings, NOW)
+        assert comparable(fast.data) == comparable(reference(src, findings))
+        sr = roundtrip(read_dataset(fast.data))  # strict pydicom validation
+        assert sr.SOPInstanceUID == fast.sop_instance_uid
+        assert sr.SeriesInstanceUID == fast.series_instance_uid
+
+
+_component = st.one_of(st.just("0"), st.from_regex(r"[1-9][0-9]{0,15}", fullmatch=True))
+_uid = st.lists(_component, min_size=2, max_size=20).map(".".join).filter(lambda u: len(u) <= 64)
+_score = st.one_of(
+    st.floats(0.0, 1.0, allow_nan=False),
+    st.sampled_from([0.0, 1.0, 0.5, 0.4999995, 1e-7, 0.123456789, 2 / 3]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(_score, min_size=18, max_size=18),
+    sop=_uid,
+    study=_uid,
+    sop_class=st.sampled_from(
+        ["1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.7"]
+    ),
+    name=st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=20)),
+    age=st.sampled_from([None, "045Y", "81", "012M"]),
+    accession=st.one_of(st.none(), st.from_regex(r"[A-Z0-9]{1,16}", fullmatch=True)),
+)
+def test_fast_equals_highdicom_for_generated_inputs(
+    encoder, scores, sop, study, sop_class, name, age, accession
+):
+    src = read_dataset(NIH, stop_before_pixels=True)
+    src.SOPInstanceUID, src.StudyInstanceUID, src.SOPClassUID = sop, study, sop_class
+    for keyword, value in (("PatientName", name), ("PatientAge", age)):
+        if value is None:
+            src.pop(keyword, None)
+        else:
+            setattr(src, keyword, value)
+    if accession is not None:
+        src.AccessionNumber = accession
+    findings = to_findings(np.array(scores, dtype=np.float32), info())
+    try:
+        expected = reference(src, findings)
+    except ReportError:
+        with pytest.raises(ReportError):
+            encoder.encode(src, findings, NOW)
+        return
+    assert comparable(encoder.encode(src, findings, NOW).data) == comparable(expected)
+
+
+def test_unexpected_labels_take_highdicoms_path(encoder):
+    src = read_dataset(NIH, stop_before_pixels=True)
+    findings = (Finding("Cardiomegaly", 0.7, 0.5, True), Finding("Mass", 0.2, 0.5, False))
+    fast = encoder.encode(src, findings, NOW)
+    assert comparable(fast.data) == comparable(reference(src, findings))
+
+
+@pytest.mark.parametrize("where", ["template", "fill"])
+def test_an_encoder_that_disagrees_falls_back_to_highdicom(monkeypatch, caplog, where):
+    from node import srtemplate
+
+    if where == "template":  # every score would read 0.5: the template cannot be built
+        monkeypatch.setattr(srtemplate, "_ds", lambda value: b"0.5")
+    else:  # a per-image value encoded wrongly (every code "Absent"): caught by the self-check
+        right = srtemplate._ContentTemplate._value
+
+        def wrong(self, slot, fixed, findings):
+            return self.absent_code if slot.kind == "code" else right(self, slot, fixed, findings)
+
+        monkeypatch.setattr(srtemplate._ContentTemplate, "_value", wrong)
+    with caplog.at_level(logging.WARNING, logger="node.srtemplate"):
+        enc = ReportEncoder(info(), CTX)
+    assert enc._template is None and "disagrees" in caplog.text
+    assert ("cannot build the SR template" in caplog.text) == (where == "template")
+    src = read_dataset(NIH, stop_before_pixels=True)
+    findings = to_findings(SCORES, info())
+    assert comparable(enc.encode(src, findings, NOW).data) == comparable(reference(src, findings))
+
+
+def test_untrained_models_and_other_clocks_agree():
+    enc = ReportEncoder(info(False), CTX)
+    src = read_dataset(ACRNEMA, stop_before_pixels=True)
+    findings = to_findings(SCORES[::-1].copy(), info(False))
+    now = datetime(2030, 12, 31, 23, 59, 59)
+    got = comparable(enc.encode(src, findings, now).data)
+    assert got == comparable(reference(src, findings, info(False), now))
+    assert "UNTRAINED" in got["0008103E"]["Value"][0]
