@@ -71,6 +71,8 @@ _REQUIRED_UIDS = (
     "SOPClassUID",
 )
 _SEX = {"M", "F", "O"}
+# What the SR's header takes from the source (highdicom copies them, _stamp the age).
+FROM_SOURCE = (*_TYPE2, "PatientAge", "StudyInstanceUID")
 
 
 @dataclass(frozen=True)
@@ -266,14 +268,25 @@ def build_sr(
     return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
 
 
+def clock_attributes(now: datetime) -> dict[str, str]:
+    """The SR's dates and times, all of them ``now``."""
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    return {
+        "ContentDate": date,
+        "ContentTime": time,
+        "SeriesDate": date,
+        "SeriesTime": time,
+        "InstanceCreationDate": date,
+        "InstanceCreationTime": time,
+    }
+
+
 def _stamp(
     sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, now: datetime
 ) -> None:
     """Set the clock-dependent and descriptive attributes highdicom leaves to us."""
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    sr.ContentDate, sr.ContentTime = date, time
-    sr.SeriesDate, sr.SeriesTime = date, time
-    sr.InstanceCreationDate, sr.InstanceCreationTime = date, time
+    for keyword, value in clock_attributes(now).items():
+        setattr(sr, keyword, value)
     suffix = "" if model.trained else " [UNTRAINED]"
     sr.SeriesDescription = f"{SR_SERIES_DESCRIPTION}{suffix}"
     sr.SoftwareVersions = [

@@ -32,8 +32,9 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
@@ -43,9 +44,11 @@ from node.codes import ABSENT, PRESENT
 from node.errors import ReportError
 from node.model import Finding, ModelInfo
 from node.report import (
+    FROM_SOURCE,
     Identity,
     ReportContext,
     build_sr,
+    clock_attributes,
     content_tree,
     document,
     identify,
@@ -70,6 +73,7 @@ _SENTINEL_SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.99999999999992"
 _SENTINEL_STUDY = "1.2.826.0.1.3680043.8.498.99999999999993"
 _SENTINEL_SERIES = "1.2.826.0.1.3680043.8.498.99999999999994"
 _SENTINEL_NOW = datetime(2000, 1, 1)
+_MAX_HEADERS = 64  # header shapes kept (SOP class x which patient/study values exist)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,7 @@ class ReportEncoder:
     def __init__(self, model: ModelInfo, ctx: ReportContext, *, verify: bool = True) -> None:
         self.model, self.ctx = model, ctx
         self._stub = self._root_stub()
+        self._headers: dict[tuple[str, ...], Dataset] = {}
         try:
             self._template: _ContentTemplate | None = _ContentTemplate(model, ctx)
             agrees = not verify or self._agrees()
@@ -318,26 +323,108 @@ class ReportEncoder:
             sr = build_sr(source, findings, self.model, self.ctx, now)
             return EncodedSR(encode_dataset(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
         ident = identify(source, self.model, self.ctx)
+        data = encode_dataset(self._header(ident, now)) + self._template.fill(ident, findings)
+        return EncodedSR(data, ident.sop_instance_uid, ident.series_instance_uid)
+
+    def _header(self, ident: Identity, now: datetime) -> Dataset:
+        """The document header: highdicom's for the first source of its kind, then reused."""
+        key = _header_key(ident.clean)
+        cached = self._headers.get(key)
+        if cached is not None:
+            return _reuse_header(cached, ident, now)
         header = document(ident, self._stub, self.model, self.ctx, now)
         if any(tag > _CONTENT_SEQUENCE for tag in header.keys()):
             raise ReportError("SR header has attributes after the Content Sequence")
         del header[_CONTENT_SEQUENCE]
-        data = encode_dataset(header) + self._template.fill(ident, findings)
-        return EncodedSR(data, ident.sop_instance_uid, ident.series_instance_uid)
+        if len(self._headers) >= _MAX_HEADERS:
+            self._headers.pop(next(iter(self._headers)))
+        self._headers[key] = header
+        return header
 
     def _agrees(self) -> bool:
         """Whether a mixed example encodes to the same dataset as ``build_sr``'s."""
         source = _ContentTemplate._sentinel_source()
-        source.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-        source.PatientName, source.PatientID = "Check^Self", "SELFCHECK"
+        source.PatientName = "Check^Self"
         findings = [
             Finding(label, 0.3 + 0.4 * (i % 2) + i / 997, 0.5, i % 2 == 1)
             for i, label in enumerate(self.model.pathologies)
         ]
-        now = datetime(2001, 2, 3, 4, 5, 6)
-        fast = self.encode(source, findings, now).data
-        slow = encode_dataset(build_sr(source, findings, self.model, self.ctx, now))
-        return comparable(fast) == comparable(slow)
+        for n, now in enumerate((datetime(2001, 2, 3, 4, 5, 6), datetime(2002, 3, 4, 5, 6, 7))):
+            source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{n + 1}"  # the second reuses
+            source.PatientID = f"SELFCHECK{n}"  # the header of the first
+            fast = self.encode(source, findings, now).data
+            slow = encode_dataset(build_sr(source, findings, self.model, self.ctx, now))
+            if comparable(fast) != comparable(slow):
+                return False
+        self._headers.clear()
+        return True
+
+
+def _header_key(clean: Dataset) -> tuple[str, ...]:
+    """What decides the header's shape: the source's SOP class and which values it has."""
+    return (str(clean.SOPClassUID), *(k for k in FROM_SOURCE if clean.get(k) not in (None, "")))
+
+
+def _element(keyword: str, value: object) -> DataElement:
+    tag = Tag(keyword)
+    return DataElement(tag, dictionary_VR(tag), value)
+
+
+def _evidence(clean: Dataset) -> Dataset:
+    """The Current Requested Procedure Evidence item that lists the source image."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = clean.SOPClassUID
+    sop.ReferencedSOPInstanceUID = clean.SOPInstanceUID
+    series = Dataset()
+    series.ReferencedSOPSequence = [sop]
+    series.SeriesInstanceUID = clean.SeriesInstanceUID
+    study = Dataset()
+    study.ReferencedSeriesSequence = [series]
+    study.StudyInstanceUID = clean.StudyInstanceUID
+    return study
+
+
+def _contribution(item: Dataset, now: datetime) -> Dataset:
+    out = Dataset()
+    for elem in item:
+        out[elem.tag] = elem
+    out.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    return out
+
+
+def _reuse_header(cached: Dataset, ident: Identity, now: datetime) -> Dataset:
+    """A new header from one of the same kind: its elements shared, the image's replaced.
+
+    Elements are replaced, never modified, so the cached header stays as it was.
+    """
+    ds = Dataset()
+    for elem in cached:
+        ds[elem.tag] = elem
+    meta = FileMetaDataset()
+    for elem in cached.file_meta:
+        meta[elem.tag] = elem
+    meta[Tag("MediaStorageSOPInstanceUID")] = _element(
+        "MediaStorageSOPInstanceUID", ident.sop_instance_uid
+    )
+    ds.file_meta = meta
+    clean = ident.clean
+    for keyword in FROM_SOURCE:
+        if keyword in cached:
+            ds[Tag(keyword)] = _element(keyword, clean.get(keyword))
+    values = {
+        **clock_attributes(now),
+        "SOPInstanceUID": ident.sop_instance_uid,
+        "SeriesInstanceUID": ident.series_instance_uid,
+    }
+    for keyword, value in values.items():
+        ds[Tag(keyword)] = _element(keyword, value)
+    ds[Tag("CurrentRequestedProcedureEvidenceSequence")] = _element(
+        "CurrentRequestedProcedureEvidenceSequence", [_evidence(clean)]
+    )
+    if "ContributingEquipmentSequence" in cached:
+        items = [_contribution(i, now) for i in cached.ContributingEquipmentSequence]
+        ds[Tag("ContributingEquipmentSequence")] = _element("ContributingEquipmentSequence", items)
+    return ds
 
 
 def comparable(data: bytes) -> dict[str, Any]:

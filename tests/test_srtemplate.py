@@ -63,6 +63,7 @@ _score = st.one_of(
 def test_fast_equals_highdicom_for_generated_inputs(
     encoder, scores, sop, study, sop_class, name, age, accession
 ):
+    assert encoder._template is not None  # else this compares highdicom with itself
     src = read_dataset(NIH, stop_before_pixels=True)
     src.SOPInstanceUID, src.StudyInstanceUID, src.SOPClassUID = sop, study, sop_class
     for keyword, value in (("PatientName", name), ("PatientAge", age)):
