@@ -7,8 +7,10 @@ the next the content tree differs only in a few values. So highdicom builds the 
 tree once, for a sentinel image, and pydicom encodes it once, with undefined-length
 sequences and items (so that no enclosing length depends on a value). For each image:
 
-* highdicom builds the document header (patient, study, evidence, flags) around a
-  one-item stub of the content tree, and pydicom encodes it (~8 ms together);
+* the document header (patient, study, evidence, flags) is highdicom's, built around a
+  one-item stub of the content tree for the first source of each kind (SOP class and
+  which patient/study values it has) and then reused with this image's values put in;
+  pydicom encodes it (~3 ms);
 * the encoded content tree is reused with its variable elements (the source image
   reference, tracking identifier and UID, each score as DS and FD, and each
   present/absent code) re-encoded from this image's values (< 1 ms).
