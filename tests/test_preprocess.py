@@ -6,11 +6,19 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import ACRNEMA, NIH
+from pydicom.dataset import Dataset
 from reference import xrv_input
 
 from node.dicomio import read_dataset
 from node.errors import PreprocessError
-from node.preprocess import preprocess
+from node.preprocess import (
+    _clip_like_skimage,
+    _Grey,
+    _scaled,
+    crop_and_resize,
+    preprocess,
+    to_xrv_range,
+)
 
 
 def test_nih_matches_xrv_reference():
@@ -52,8 +60,6 @@ def test_acrnema_monochrome1_lungs_dark_spine_bright():
     raw = ds.pixel_array.astype(np.float32)
     maxval = max(2.0**ds.BitsStored - 1, float(raw.max()))
     ref = (2 * ((maxval - raw) / maxval) - 1) * 1024
-    from node.preprocess import crop_and_resize
-
     np.testing.assert_allclose(out, crop_and_resize(ref.astype(np.float32))[0], atol=1e-3)
 
 
@@ -128,3 +134,154 @@ def test_unsupported_photometric_interpretation_is_refused():
     ds.PhotometricInterpretation = "PALETTE COLOR"
     with pytest.raises(PreprocessError, match="unsupported Photometric Interpretation"):
         preprocess(ds)
+
+
+def _xrv_crop_resize(img: np.ndarray) -> np.ndarray:
+    from torchxrayvision.datasets import XRayCenterCrop, XRayResizer
+
+    return np.asarray(XRayResizer(224)(XRayCenterCrop()(img[None])))
+
+
+def _xrv_crop(img: np.ndarray) -> np.ndarray:
+    from torchxrayvision.datasets import XRayCenterCrop
+
+    return np.asarray(XRayCenterCrop()(img[None])[0])
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1024, 1024),  # square, downsampled
+        (300, 231),  # portrait; centre offset 35, not (300 - 231) // 2 = 34
+        (231, 300),  # landscape
+        (224, 224),  # the output size: identity
+        (224, 501),  # side 224 from a wide image
+        (100, 151),  # upsampled: no anti-aliasing
+        (151, 100),
+        (5, 7),  # tiny: upsampled ~45x, every output near an edge
+        (3000, 2500),  # large portrait
+        (2500, 3001),  # large landscape
+    ],
+)
+def test_crop_and_resize_matches_xrv_transforms(shape):
+    rng = np.random.default_rng(sum(shape))
+    img = rng.uniform(-1024, 1024, shape).astype(np.float32)
+    out = crop_and_resize(img)
+    assert out.shape == (1, 224, 224) and out.dtype == np.float32
+    np.testing.assert_allclose(out, _xrv_crop_resize(img), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (481, 640), (100, 151), (5, 7)])
+@pytest.mark.parametrize("lo, hi", [(1000.0, 1024.0), (-1024.0, -1000.0)])
+def test_crop_and_resize_clips_to_the_input_range_like_skimage(shape, lo, hi):
+    img = np.zeros(shape, dtype=np.float32)  # 0 outside the centre square: not in the range
+    crop = _xrv_crop(img)  # a view
+    crop[...] = np.random.default_rng(7).uniform(lo, hi, crop.shape)
+    ref = _xrv_crop_resize(img)
+    # the border outputs are pulled towards cval = 0 and clipped back: this case clips
+    assert (ref == (crop.min() if lo > 0 else crop.max())).any()
+    np.testing.assert_allclose(crop_and_resize(img), ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (481, 640), (100, 151)])
+@pytest.mark.parametrize("value", [-700.0, 333.25])
+def test_constant_image_resizes_to_the_same_constant(shape, value):
+    img = np.full(shape, value, dtype=np.float32)
+    np.testing.assert_array_equal(_xrv_crop_resize(img), value)
+    np.testing.assert_array_equal(crop_and_resize(img), value)
+
+
+@pytest.mark.parametrize(
+    "src, out",
+    [
+        ((5.0, 10.0), (-3.0, 12.0)),  # cval 0 outside the input's range, inside the output's
+        ((-10.0, -5.0), (-12.0, 3.0)),
+        ((5.0, 10.0), (1.0, 12.0)),  # outside both: plain clip
+        ((-4.0, 6.0), (-9.0, 9.0)),  # inside the input's range
+    ],
+)
+@pytest.mark.parametrize("nan", [False, True])
+def test_clip_is_skimages_clip_warp_output(src, out, nan):
+    from skimage.transform._warps import _clip_warp_output
+
+    rng = np.random.default_rng(3)
+    inp = rng.uniform(*src, (20, 20)).astype(np.float32)
+    if nan:
+        inp[4, 5] = np.nan  # skimage then takes the range ignoring NaNs
+    resized = rng.uniform(*out, (8, 8)).astype(np.float32)
+    expected = resized.copy()
+    _clip_warp_output(inp, expected, "constant", 0, True)
+    got = _clip_like_skimage(resized.copy(), inp)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (100, 151), (2500, 3001)])
+def test_nans_spread_and_are_ignored_by_the_clip_as_in_xrv(shape):
+    img = np.random.default_rng(11).uniform(900, 1024, shape).astype(np.float32)
+    crop = _xrv_crop(img)  # a view
+    side = crop.shape[0]
+    for y, x in [(0, 0), (side // 2, side // 3), (side - 1, side - 1)]:
+        crop[y, x] = np.nan
+    ref = _xrv_crop_resize(img)
+    assert 0 < np.isnan(ref).sum() < 500
+    np.testing.assert_allclose(crop_and_resize(img), ref, atol=1e-3, rtol=0)  # NaNs where ref's
+
+
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize(
+    "dtype, lo, hi",
+    [
+        (np.uint8, 0, 255),
+        (np.uint16, 0, 4095),
+        (np.int16, -2048, 2047),
+        (np.float32, -3e3, 7e4),
+        (np.float64, -3e3, 7e4),  # e.g. after a rescale: rounded to float32 first, as before
+    ],
+)
+def test_scaling_is_bit_for_bit_the_plain_formula(invert, dtype, lo, hi):
+    values = np.random.default_rng(5).uniform(lo, hi, (64, 48)).astype(dtype)
+    v = values.astype(np.float32)
+    if invert:
+        v = np.float32(hi + lo) - v
+    expected = ((2 * ((v - np.float32(lo)) / np.float32(hi - lo)) - 1.0) * 1024.0).astype(
+        np.float32
+    )
+    grey = _Grey(values, float(lo), float(hi), modality_lut=False, invert=invert)
+    np.testing.assert_array_equal(_scaled(Dataset(), grey, values), expected)
+
+
+def _cropped_nih(tmp_path, rows: slice, cols: slice, photometric: str):
+    ds = pydicom.dcmread(NIH)
+    px = np.ascontiguousarray(ds.pixel_array[rows, cols])
+    if photometric == "MONOCHROME1":
+        px = 255 - px
+    ds.PixelData, ds.PhotometricInterpretation = px.astype(np.uint8).tobytes(), photometric
+    ds.Rows, ds.Columns = px.shape
+    path = tmp_path / f"nih_{px.shape[0]}x{px.shape[1]}_{photometric}.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize(
+    "rows, cols", [(slice(None), slice(0, 901)), (slice(100, 1001), slice(None))]
+)
+def test_non_square_matches_xrv_reference(tmp_path, rows, cols, photometric):
+    path = _cropped_nih(tmp_path, rows, cols, photometric)
+    out = preprocess(read_dataset(path))
+    np.testing.assert_allclose(out.array, xrv_input(path), atol=1e-3, rtol=0)
+
+
+def test_bits_stored_check_sees_pixels_outside_the_centre_square(tmp_path):
+    ds = pydicom.dcmread(NIH)
+    px = ds.pixel_array[:901, :].astype(np.uint16)  # 901 x 1024: columns 0..61 are cropped
+    px[450, 0] = 4000  # beyond BitsStored = 8, outside the centre square
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 8, 7
+    ds.PixelData, (ds.Rows, ds.Columns) = px.tobytes(), px.shape
+    out = preprocess(ds)
+    assert "stored values [0, 4000] exceed BitsStored range [0, 255]: true data range used" in (
+        out.steps
+    )
+    ref = _xrv_crop_resize((2 * (px.astype(np.float32) / 4000) - 1) * 1024)
+    np.testing.assert_allclose(out.array, ref, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(out.array, crop_and_resize(to_xrv_range(ds, [])), atol=1e-3)
