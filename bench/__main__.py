@@ -187,13 +187,16 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         )
     )
     module = xrv.models.DenseNet(weights=None).eval()
-    raw: dict[int, float] = {}
-    for bs in (1, 4, 8, 16):
+
+    def raw_rate(bs: int, images: int) -> float:
         x = torch.zeros((bs, 1, 224, 224))
         with torch.inference_mode():
             module(x)
-            reps = max(2, 32 // bs)
-            raw[bs] = bs * reps / timed(lambda: [module(x) for _ in range(reps)])  # noqa: B023
+            reps = max(2, images // bs)
+            return bs * reps / timed(lambda: [module(x) for _ in range(reps)])
+
+    raw = {bs: raw_rate(bs, 32) for bs in (1, 4, 8, 16)}
+    best_bs = max(raw, key=lambda k: raw[k])
     ctx = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="BENCH")
     reports = ReportEncoder(clf.info, ctx)
     blobs = [p.read_bytes() for p in images[:64]]
@@ -210,17 +213,24 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
                     stages[k] = stages.get(k, 0.0) + v
         return len(blobs) / (time.perf_counter() - t)
 
-    pipeline(8)  # warm-up
+    pipeline(best_bs)  # warm-up (operators, SR header cache)
     stages.clear()
-    pipe = pipeline(8)
-    best_bs = max(raw, key=lambda k: raw[k])
+    # Alternate raw and pipeline runs over the same number of images: a shared machine's
+    # drift then hits both sides of each ratio alike; the median ratio is reported.
+    rounds = []
+    for _ in range(3):
+        r = raw_rate(best_bs, len(blobs))
+        p = pipeline(best_bs)
+        rounds.append({"raw": r, "pipeline": p, "ratio": p / r})
+    ratio = statistics.median(x["ratio"] for x in rounds)
     return {
         "threads": torch.get_num_threads(),
         "raw_images_per_s": raw,
         "best_batch": best_bs,
-        "pipeline_images_per_s": pipe,
-        "pipeline_vs_raw": pipe / raw[best_bs],
-        "pipeline_seconds_per_image_by_stage": {k: v / len(blobs) for k, v in stages.items()},
+        "rounds": rounds,
+        "pipeline_images_per_s": statistics.median(x["pipeline"] for x in rounds),
+        "pipeline_vs_raw": ratio,
+        "pipeline_seconds_per_image_by_stage": {k: v / (3 * len(blobs)) for k, v in stages.items()},
         "numpy": np.__version__,
     }
 
