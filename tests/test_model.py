@@ -89,3 +89,20 @@ def test_serve_exits_nonzero_when_weights_missing_and_download_fails(tmp_path):
     assert str(tmp_path / "models" / WEIGHTS_NAME) in done.stderr
     assert "https://github.com/mlmed/torchxrayvision/releases/download/v1/" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device on this machine")
+def test_gpu_and_cpu_give_the_same_scores(weights_dir):
+    """device = auto picks the GPU when there is one; its scores equal the CPU's."""
+    cfg = {"cache_dir": weights_dir, "allow_untrained": True, "allow_download": False}
+    cpu = load_classifier(ModelConfig(**cfg, device="cpu"))
+    gpu = load_classifier(ModelConfig(**cfg, device="auto"))
+    assert str(gpu.device).startswith("cuda")
+    batch = np.stack([xrv_input(NIH)] * 4)
+    np.testing.assert_allclose(gpu.predict(batch), cpu.predict(batch), atol=1e-3)
