@@ -18,11 +18,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from node import __version__
-from node.config import NodeConfig, load_config
 from node.errors import ConfigError, NodeError
 from node.spool import Spool
 
 if TYPE_CHECKING:
+    from node.config import NodeConfig
     from node.model import ModelInfo
     from node.scu import Peer
 
@@ -65,6 +65,8 @@ def setup_logging(level: str, json_format: bool = False) -> None:
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    from node.config import load_config  # pydantic: ~0.15 s of import that push does not need
+
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
     return cfg
@@ -356,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="walk sub-folders (default: yes)",
     )
-    u.add_argument("--associations", type=int, default=1, help="parallel associations")
+    u.add_argument(
+        "--associations",
+        type=int,
+        default=4,
+        help="parallel associations (default 4; 1 sends in order over one association)",
+    )
     u.add_argument(
         "--max-member-mb",
         type=int,

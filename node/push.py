@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -26,13 +27,15 @@ from pynetdicom.association import Association
 from node.archive import MAX_MEMBER_BYTES, Item, iter_items
 from node.dicomio import Encoded, split_encoded
 from node.errors import PreprocessError, SendError
-from node.scu import SUCCESS, Peer, associate, check_status, send_raw
+from node.scu import SUCCESS, Peer, associate, check_status, reactor_paused, send_raw
+from node.wire import split_part10
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
 CHUNK_FILES = 32  # files held in memory per association
 ASSOCIATION_RETRIES = 3
+DEFAULT_ASSOCIATIONS = 4  # into a local Orthanc on 2 cores: 1 -> 2 -> 4 gave 43 -> 57 -> 64 img/s
 
 
 @dataclass
@@ -131,8 +134,43 @@ class Progress:
             self.stream.write("\n")
 
 
-def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
-    """Send one chunk over one association; re-associate on transient failures."""
+class _Link:
+    """One worker's association, kept open across chunks whose contexts it already has,
+    with its reactor paused while the worker sends (see ``scu.reactor_paused``)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.assoc: Association | None = None
+        self._stack: ExitStack | None = None
+        self._pairs: set[tuple[str, str]] = set()
+        self._msg_id = 0
+
+    def open_for(self, batch: list[Prepared]) -> Association:
+        """The open association if it proposed every context ``batch`` needs, else a new
+        one; raises :class:`SendError` when the peer cannot be associated with."""
+        pairs = {p.context for p in batch}
+        if self.assoc is not None and self.assoc.is_established and pairs <= self._pairs:
+            return self.assoc
+        self.close()
+        stack = ExitStack()
+        assoc = stack.enter_context(associate(self.peer, _contexts(batch)))
+        stack.enter_context(reactor_paused(assoc))
+        self._stack, self.assoc, self._pairs = stack, assoc, pairs
+        return assoc
+
+    def next_message_id(self) -> int:
+        self._msg_id = self._msg_id % 0xFFFF + 1
+        return self._msg_id
+
+    def close(self) -> None:
+        """Let the reactor run again and release the association (if one is open)."""
+        stack, self._stack, self.assoc = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
+def _send_batch(link: _Link, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
+    """Send one chunk over the worker's association; re-associate on transient failures."""
     pending = list(batch)
     if summary.unreachable:
         with summary.lock:
@@ -141,22 +179,10 @@ def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: P
         return
     for attempt in range(1, ASSOCIATION_RETRIES + 1):
         try:
-            with associate(peer, _contexts(pending)) as assoc:
-                while pending:
-                    p = pending[0]
-                    try:
-                        status = _store(assoc, p)
-                    except ValueError as exc:  # no accepted context for this file's syntax
-                        pending.pop(0)
-                        summary.fail(f"{p.name}: {exc}")
-                        continue
-                    if not status and not assoc.is_established:
-                        raise SendError(f"association aborted while sending {p.name}")
-                    pending.pop(0)
-                    _record(p, status, summary)
-                    progress.update(summary)
+            _send_pending(link, pending, summary, progress)
             return
         except SendError as exc:
+            link.close()
             if "rejected" in str(exc) or attempt == ASSOCIATION_RETRIES:
                 summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
                 if len(pending) == len(batch):  # not one file went through: give up
@@ -166,12 +192,40 @@ def _send_batch(peer: Peer, batch: list[Prepared], summary: Summary, progress: P
             time.sleep(0.5 * attempt)
 
 
-def _store(assoc: Association, p: Prepared) -> Dataset:
+def _send_pending(
+    link: _Link, pending: list[Prepared], summary: Summary, progress: Progress
+) -> None:
+    """Send ``pending`` in order, removing each file once it has an outcome."""
+    assoc = link.open_for(pending)
+    while pending:
+        p = pending[0]
+        try:
+            status = _store(assoc, p, link.next_message_id())
+        except ValueError as exc:  # no accepted context for this file's syntax
+            pending.pop(0)
+            summary.fail(f"{p.name}: {exc}")
+            continue
+        if not status and not assoc.is_established:
+            raise SendError(f"association aborted while sending {p.name}")
+        pending.pop(0)
+        _record(p, status, summary)
+        progress.update(summary)
+
+
+def _store(assoc: Association, p: Prepared, msg_id: int) -> Dataset:
     """Send the bytes as encoded; if the peer refused that syntax, let pynetdicom convert
     between uncompressed syntaxes (it refuses compressed ones: ``ValueError``)."""
     e = p.encoded
     try:
-        return send_raw(assoc, e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax, e.dataset)
+        return send_raw(
+            assoc,
+            e.sop_class_uid,
+            e.sop_instance_uid,
+            e.transfer_syntax,
+            e.dataset,
+            msg_id,
+            resume=False,
+        )
     except ValueError:
         ds = pydicom.dcmread(BytesIO(e.dataset), force=True)
         ds.file_meta = FileMetaDataset()
@@ -198,11 +252,21 @@ def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared
             log.debug("skipped non-DICOM %s", item)
             continue
         try:
-            encoded = split_encoded(item.data, item.name)
+            encoded = _split(item)
         except PreprocessError as exc:
             summary.fail(str(exc))
             continue
         yield Prepared(item.name, len(item.data), encoded)
+
+
+def _split(item: Item) -> Encoded:
+    """The file's identity and data set bytes: from its File Meta group and first elements
+    where they suffice (~0.1 ms), else through pydicom's full header read (~1 ms)."""
+    fast = split_part10(item.data)
+    if fast is None:
+        return split_encoded(item.data, item.name)
+    sop_class, sop_uid, syntax, offset = fast
+    return Encoded(sop_class, sop_uid, syntax, item.data[offset:])
 
 
 def push(
@@ -211,7 +275,7 @@ def push(
     *,
     recursive: bool = True,
     dry_run: bool = False,
-    associations: int = 1,
+    associations: int = DEFAULT_ASSOCIATIONS,
     max_member: int = MAX_MEMBER_BYTES,
     progress_stream: TextIO | None = sys.stderr,
 ) -> Summary:
@@ -225,20 +289,24 @@ def push(
     prepared = _prepare(iter_items(paths, recursive=recursive, max_member=max_member), summary)
     if dry_run:
         summary.sent = sum(1 for _ in prepared)
-    elif associations <= 1:
-        for batch in chunks(prepared):
-            _send_batch(peer, batch, summary, progress)
-    else:
-        _parallel(
-            peer,
-            chunks(prepared, CHUNK_FILES // associations or 1),
-            associations,
-            summary,
-            progress,
-        )
+    else:  # files are read and parsed here while worker threads send
+        n = max(1, associations)
+        _parallel(peer, chunks(prepared, CHUNK_FILES // n or 1), n, summary, progress)
     progress.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _send_guarded(link: _Link, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
+    """:func:`_send_batch` in a worker thread: an unexpected error fails this chunk (and
+    drops the association) instead of killing the worker, which would leave the reading
+    thread blocked on a full queue."""
+    try:
+        _send_batch(link, batch, summary, progress)
+    except Exception as exc:  # recorded in the summary and logged, never swallowed
+        log.exception("sending a chunk of %d file(s) failed", len(batch))
+        summary.fail(f"{len(batch)} file(s) not sent: {exc}", len(batch))
+        link.close()
 
 
 def _parallel(
@@ -247,8 +315,12 @@ def _parallel(
     work: queue.Queue[list[Prepared] | None] = queue.Queue(maxsize=n)
 
     def run() -> None:
-        while (batch := work.get()) is not None:
-            _send_batch(peer, batch, summary, progress)
+        link = _Link(peer)
+        try:
+            while (batch := work.get()) is not None:
+                _send_guarded(link, batch, summary, progress)
+        finally:
+            link.close()
 
     threads = [threading.Thread(target=run, daemon=True) for _ in range(n)]
     for t in threads:

@@ -19,7 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from node.errors import SendError
-from node.netopts import NODELAY_HANDLER
+from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def check_status(status: Dataset | None, what: str) -> int:
 
 
 def _ae(peer: Peer) -> AE:
+    quiet_pynetdicom()
     ae = AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = peer.timeout
     ae.dimse_timeout = peer.timeout
@@ -134,8 +135,36 @@ def echo(peer: Peer) -> None:
             raise SendError(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: no success")
 
 
+@contextmanager
+def reactor_paused(assoc: Association) -> Iterator[Association]:
+    """Keep the association's reactor paused while we exchange several messages ourselves.
+
+    pynetdicom's ``send_c_store`` pauses the reactor, sends, reads the response and lets the
+    reactor run again, once per message; the reactor then naps 1 ms before it can be paused
+    again, so every image waited ~1 ms for it. Inside this block :func:`send_raw` (with
+    ``resume=False``) pauses it once and leaves it paused until the block ends.
+    """
+    try:
+        yield assoc
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def _pause_reactor(assoc: Association) -> None:
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused and assoc.is_alive():
+        time.sleep(0.0001)
+
+
 def send_raw(
-    assoc: Association, sop_class: str, sop_uid: str, syntax: str, payload: bytes, msg_id: int = 1
+    assoc: Association,
+    sop_class: str,
+    sop_uid: str,
+    syntax: str,
+    payload: bytes,
+    msg_id: int = 1,
+    *,
+    resume: bool = True,
 ) -> Dataset:
     """C-STORE an already-encoded data set (the bytes after a file's meta group) as is.
 
@@ -143,6 +172,8 @@ def send_raw(
     for exactly (``sop_class``, ``syntax``). Mirrors ``Association.send_c_store`` (pynetdicom
     3.x), whose file-path mode does the same from disk; raises ``ValueError`` when no such
     context was accepted. Returns the response status (empty Dataset if none came).
+    ``resume=False`` leaves the reactor paused for the next message (see
+    :func:`reactor_paused`, which must then enclose the calls).
     """
     context = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
     req = C_STORE()
@@ -151,14 +182,13 @@ def send_raw(
     req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
     req.DataSet = BytesIO(payload)
-    assoc._reactor_checkpoint.clear()
+    _pause_reactor(assoc)
     try:
-        while not assoc._is_paused:
-            time.sleep(0.0001)
         assoc.dimse.send_msg(req, cast(int, context.context_id))
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
-        assoc._reactor_checkpoint.set()
+        if resume:
+            assoc._reactor_checkpoint.set()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +65,17 @@ class Job:
     last_error: str
     report: Path | None
     sr_uid: str
+
+
+Buffer = bytes | bytearray | memoryview
+Data = Buffer | Sequence[Buffer]
+"""What the spool writes: one buffer, or several written back to back (no join, no copy)."""
+
+
+def _size(data: Data) -> int:
+    if isinstance(data, Buffer):
+        return len(data)
+    return sum(len(part) for part in data)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,14 +122,16 @@ class Spool:
             self._db.close()
 
     # -- writing -------------------------------------------------------------------------
-    def write_atomic(self, data: bytes, final: Path) -> None:
-        """Write ``data`` to ``final`` via a temp file, fsync and rename; nothing half-written."""
+    def write_atomic(self, data: Data, final: Path) -> None:
+        """Write ``data`` (bytes, or a sequence of buffers written one after the other) to
+        ``final`` via a temp file, fsync and rename; nothing half-written."""
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        parts = (data,) if isinstance(data, Buffer) else tuple(data)
         try:
-            with tmp.open("wb") as fh:
-                fh.write(data)
+            with tmp.open("wb", buffering=0) as fh:
+                for part in parts:
+                    fh.write(part)
                 if self._fsync:
-                    fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, final)
             if self._fsync:
@@ -127,9 +140,9 @@ class Spool:
             _discard(tmp)
             raise SpoolError(f"cannot write {final.name} to the spool: {exc}") from exc
 
-    def store(self, data: bytes, sop_instance_uid: str, sop_class_uid: str, calling_ae: str) -> int:
+    def store(self, data: Data, sop_instance_uid: str, sop_class_uid: str, calling_ae: str) -> int:
         """Durably store a received object and enqueue it; returns the job id."""
-        self._check_space(len(data))
+        self._check_space(_size(data))
         final = self.images / f"{uuid.uuid4().hex}.dcm"
         self.write_atomic(data, final)
         try:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH, send_raw_c_store
+from helpers import NIH, send_raw_c_store, wait_for
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     SecondaryCaptureImageStorage,
@@ -147,3 +147,104 @@ def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):
     assert "not an image" in states[sr.SOPInstanceUID][1]
     assert sent == []
     assert list(spool.reports.iterdir()) == []
+
+
+def test_acceptor_reactor_serves_releases_survives_aborts_and_times_out(tmp_path):
+    """node.netopts.acceptor_reactor replaces pynetdicom's loop: same endings."""
+    from node.netopts import acceptor_reactor
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
+    server = start_server(cfg, spool)
+    ended: list[str] = []
+    server.bind(evt.EVT_RELEASED, lambda _e: ended.append("released"))
+    server.bind(evt.EVT_ABORTED, lambda _e: ended.append("aborted"))
+    port = server.server_address[1]
+    try:
+        assoc = _assoc(port, SecondaryCaptureImageStorage)
+        [acceptor] = server.active_associations
+        assert acceptor._run_reactor.__func__ is acceptor_reactor
+        for _ in range(3):  # several messages on one association
+            ds = pydicom.dcmread(NIH)
+            ds.SOPInstanceUID = generate_uid()
+            assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+        assoc.release()
+        wait_for(lambda: ended == ["released"], 5, "the release")
+
+        _assoc(port, Verification).abort()
+        wait_for(lambda: ended[-1:] == ["aborted"], 5, "the peer's abort")
+
+        idle = _assoc(port, Verification)
+        wait_for(lambda: not idle.is_established, 10, "the network timeout")
+        assert idle.is_aborted
+        assert len(spool.jobs()) == 3
+        again = _assoc(port, Verification)  # still serving
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+    finally:
+        server.shutdown()
+        spool.close()
+
+
+def test_push_keeps_one_association_across_chunks(tmp_path, monkeypatch):
+    """Chunks whose contexts the open association already has reuse it; the reactor stays
+    paused while the worker sends, and every file is acknowledged."""
+    import node.push
+    from node.scu import Peer
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",)), spool)
+    accepted: list[int] = []
+    server.bind(evt.EVT_ACCEPTED, lambda _e: accepted.append(1))
+    files = tmp_path / "files"
+    files.mkdir()
+    uids = []
+    for i in range(5):
+        ds = pydicom.dcmread(NIH)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        uids.append(ds.SOPInstanceUID)
+        ds.save_as(files / f"{i}.dcm", enforce_file_format=True)
+    monkeypatch.setattr(node.push, "CHUNK_FILES", 2)
+    try:
+        peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE")
+        summary = node.push.push([files], peer, associations=1, progress_stream=None)
+    finally:
+        server.shutdown()
+    assert (summary.sent, summary.failed) == (5, 0), summary.describe()
+    assert len(accepted) == 1
+    assert sorted(j.sop_instance_uid for j in spool.jobs()) == sorted(uids)
+    spool.close()
+
+
+def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
+    """A bug in sending one chunk fails that chunk only; the push still ends."""
+    import node.push
+    from node.scu import Peer
+
+    calls: list[int] = []
+    real = node.push._send_batch
+
+    def flaky(link, batch, summary, progress):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        real(link, batch, summary, progress)
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",)), spool)
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(3):
+        ds = pydicom.dcmread(NIH)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(files / f"{i}.dcm", enforce_file_format=True)
+    monkeypatch.setattr(node.push, "CHUNK_FILES", 1)
+    monkeypatch.setattr(node.push, "_send_batch", flaky)
+    try:
+        peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE")
+        summary = node.push.push([files], peer, progress_stream=None)
+    finally:
+        server.shutdown()
+        spool.close()
+    assert (summary.sent, summary.failed) == (2, 1)
+    assert "boom" in summary.describe()

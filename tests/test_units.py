@@ -72,6 +72,29 @@ def test_spool_store_is_atomic_and_recorded(tmp_path):
     assert list(spool.incoming.iterdir()) == []
 
 
+def test_spool_store_writes_buffers_back_to_back_and_fsyncs_before_the_row(tmp_path, monkeypatch):
+    """The SCP hands the File Meta bytes and a view of the received data set; the file is
+    their concatenation, fsynced (file, then its directory) before the job row exists."""
+    import node.spool
+
+    spool = Spool(tmp_path / "s")
+    synced: list[int] = []
+    real_fsync = node.spool.os.fsync
+
+    def fsync(fd: int) -> None:
+        assert spool.jobs() == []  # no row before the bytes are on disk
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(node.spool.os, "fsync", fsync)
+    body = bytearray(b"dataset" * 1000)
+    with memoryview(body) as view:
+        spool.store((b"META", view[7:]), "1.2.3", "1.2.840.10008.5.1.4.1.1.1", "AE")
+    [job] = spool.jobs()
+    assert job.image.read_bytes() == b"META" + bytes(body[7:])
+    assert len(synced) == 2  # the file and the images/ directory
+
+
 def test_spool_unwritable_raises_and_leaves_nothing(tmp_path, monkeypatch):
     spool = Spool(tmp_path / "s")
 
@@ -169,3 +192,26 @@ def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     cli._limit_malloc_arenas()
     assert libc.calls == [(-8, 2)]  # glibc reads the variable itself: left alone
+
+
+def test_scp_contexts_copy_cheaply_and_independently():
+    """pynetdicom deep-copies the supported contexts per association: CheapCopyContext's copy
+    must not share the mutable transfer syntax list (nor the negotiation results)."""
+    import copy
+    import time
+
+    from node.config import ScpConfig
+    from node.scp import CheapCopyContext, build_ae
+
+    contexts = build_ae(ScpConfig(port=0)).supported_contexts
+    assert {type(cx) for cx in contexts} == {CheapCopyContext}
+    start = time.perf_counter()
+    clones = copy.deepcopy(contexts)
+    assert time.perf_counter() - start < 0.02  # pynetdicom's generic deep copy: ~40 ms
+    for cx, clone in zip(contexts, clones, strict=True):
+        assert clone is not cx and clone.transfer_syntax == cx.transfer_syntax
+        assert clone.abstract_syntax == cx.abstract_syntax
+    clones[0].add_transfer_syntax("1.2.840.10008.1.2.4.80")
+    clones[0].result = 0
+    assert "1.2.840.10008.1.2.4.80" not in contexts[0].transfer_syntax
+    assert contexts[0].result is None

@@ -1,0 +1,104 @@
+"""Encoded DICOM objects as they travel: File Meta bytes and header UIDs, without decoding.
+
+The SCP (``node.scp``) and the push tool (``node.push``) handle every image's bytes; building
+and validating pydicom Datasets for the File Meta group and parsing whole headers cost about
+1 ms per image there. These helpers read only what they need, still with pydicom's reader.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from io import BytesIO
+from typing import BinaryIO
+
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+_SOP_INSTANCE_UID_TAG = 0x00080018
+_DEFLATED_HEADER_LIMIT = 2**20  # inflate at most this much of a deflated data set's start
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian File Meta (group 2) element, padded to even length."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 2, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group for a received data set.
+
+    Byte for byte what pynetdicom's ``Event.encoded_dataset()`` puts in front of the data
+    set (``create_file_meta`` + pydicom's writer), without building and validating a pydicom
+    Dataset per image (~0.4 ms). The caller has checked that the UIDs are valid.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
+            _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        )
+    )
+    return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _past_sop_uids(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag > _SOP_INSTANCE_UID_TAG)
+
+
+def dataset_uids(fp: BinaryIO, transfer_syntax: str) -> tuple[str, str]:
+    """(SOP Instance UID, SOP Class UID) of the encoded data set that starts at ``fp``'s
+    position ("" where absent).
+
+    Reads the elements in ``transfer_syntax`` and stops at the first tag after (0008,0018),
+    long before the pixel data. ``fp`` should share the caller's buffer (a ``BytesIO`` of
+    ``bytes``, or the received ``BytesIO``): wrapping a 1 MB memoryview in a new BytesIO
+    would copy it. Raises what pydicom's reader raises on malformed bytes (``ValueError``,
+    ``EOFError``, ``struct.error``, ...) and ``zlib.error``.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        fp = BytesIO(inflate.decompress(fp.read(), _DEFLATED_HEADER_LIMIT))
+    ds = read_dataset(
+        fp,
+        is_implicit_VR=syntax.is_implicit_VR,
+        is_little_endian=syntax.is_little_endian,
+        stop_when=_past_sop_uids,
+    )
+    return str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+
+
+def _not_group_2(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag.group != 2)
+
+
+def split_part10(data: bytes) -> tuple[str, str, str, int] | None:
+    """(SOP Class UID, SOP Instance UID, transfer syntax, data set offset) of a DICOM file,
+    from its File Meta group and the first elements of its data set only.
+
+    ``None`` where that is not enough: no preamble/``DICM`` (ACR-NEMA), no transfer syntax,
+    no SOP UIDs in the data set, or bytes pydicom cannot read; the caller then reads the
+    file the thorough way (``node.dicomio.split_encoded``), which also names the problem.
+    """
+    if data[128:132] != b"DICM":
+        return None
+    fp = BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_2)
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+        offset = fp.tell()
+        uid, cls = dataset_uids(fp, syntax) if syntax else ("", "")
+    except (ValueError, EOFError, KeyError, TypeError, OverflowError, struct.error, zlib.error):
+        return None
+    return (cls, uid, syntax, offset) if uid and cls else None
