@@ -56,6 +56,7 @@ from node.report import (
     identify,
     tracking_text,
 )
+from node.wire import encoded_element
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ _TEXT_VALUE = Tag("TextValue")
 _NUMERIC = Tag("NumericValue")
 _FLOAT = Tag("FloatingPointValue")
 _CONCEPT_CODE = Tag("ConceptCodeSequence")
-_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 
 # Sentinel values for the template image: valid, and unlike anything a scanner makes.
 _SENTINEL_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
@@ -94,16 +94,6 @@ def encode_dataset(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def encoded_element(tag: int, vr: str, value: bytes) -> bytes:
-    """One data element in Explicit VR Little Endian, padded to even length."""
-    if len(value) % 2:
-        value += b"\0" if vr == "UI" else b" "
-    group, element = tag >> 16, tag & 0xFFFF
-    if vr in _LONG_VRS:
-        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
-
-
 def _score(value: float) -> float:
     return round(value, 6)
 
@@ -116,17 +106,20 @@ def _fd(value: float) -> bytes:
     return struct.pack("<d", value)
 
 
-def _undefined_lengths(ds: Dataset) -> None:
-    """Mark every sequence and item below ``ds`` for undefined-length encoding."""
-    for elem in ds:
-        if elem.VR == "SQ":
-            elem.is_undefined_length = True
-            for item in elem.value:
-                item.is_undefined_length_sequence_item = True
-                _undefined_lengths(item)
+def _undefined_lengths(elem: DataElement) -> None:
+    """Mark a sequence, its items and every sequence below for undefined-length encoding."""
+    elem.is_undefined_length = True
+    for item in elem.value:
+        item.is_undefined_length_sequence_item = True
+        for child in item:
+            if child.VR == "SQ":
+                _undefined_lengths(child)
 
 
-def _encode_sequence(elem: DataElement) -> bytes:
+def _encode_undefined(elem: DataElement) -> bytes:
+    """A copy of the sequence ``elem`` encoded with undefined lengths throughout."""
+    elem = copy.deepcopy(elem)
+    _undefined_lengths(elem)
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, elem)
@@ -228,20 +221,11 @@ class _ContentTemplate:
 
     @staticmethod
     def _content_bytes(sr: Dataset) -> bytes:
-        elem = copy.deepcopy(sr[_CONTENT_SEQUENCE])
-        for item in elem.value:
-            item.is_undefined_length_sequence_item = True
-            _undefined_lengths(item)
-        elem.is_undefined_length = True
-        return _encode_sequence(elem)
+        return _encode_undefined(sr[_CONTENT_SEQUENCE])
 
     @staticmethod
     def _code_bytes(sr: Dataset, code_value: str) -> bytes:
-        elem = copy.deepcopy(_code_items(sr, code_value)[0])
-        elem.is_undefined_length = True
-        for item in elem.value:
-            item.is_undefined_length_sequence_item = True
-        return _encode_sequence(elem)
+        return _encode_undefined(_code_items(sr, code_value)[0])
 
     @staticmethod
     def _segments(blob: bytes, slots: Sequence[_Slot]) -> tuple[bytes, ...]:

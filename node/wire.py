@@ -22,13 +22,17 @@ _SOP_INSTANCE_UID_TAG = 0x00080018
 _DEFLATED_HEADER_LIMIT = 2**20  # inflate at most this much of a deflated data set's start
 
 
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian File Meta (group 2) element, padded to even length."""
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def encoded_element(tag: int, vr: str, value: bytes) -> bytes:
+    """One data element in Explicit VR Little Endian, padded to even length."""
     if len(value) % 2:
-        value += b"\x00" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xL", 2, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+        value += b"\0" if vr == "UI" else b" "
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
 
 
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -40,15 +44,15 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> 
     """
     body = b"".join(
         (
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
-            _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
-            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
-            _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-            _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+            encoded_element(0x00020001, "OB", b"\x00\x01"),
+            encoded_element(0x00020002, "UI", sop_class.encode("ascii")),
+            encoded_element(0x00020003, "UI", sop_instance.encode("ascii")),
+            encoded_element(0x00020010, "UI", transfer_syntax.encode("ascii")),
+            encoded_element(0x00020012, "UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            encoded_element(0x00020013, "SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
         )
     )
-    return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+    return PREAMBLE + encoded_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
 
 
 def _past_sop_uids(tag: BaseTag, _vr: str | None, _length: int) -> bool:
