@@ -335,21 +335,7 @@ def bench_memory(images: list[Path], work: Path) -> dict[str, Any]:
         port = free_port()
         node = _node(sub, free_port(), port)  # destination down: SRs pile up too
         try:
-            subprocess.run(
-                [
-                    "storescu",
-                    "-aet",
-                    "STORESCU",
-                    "-aec",
-                    "CXR_NODE",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, images[:n]),
-                ],
-                env=NODELAY,
-                check=True,
-                capture_output=True,
-            )
+            _storescu_time(port, images[:n])
             time.sleep(5)  # the worker is busy classifying the backlog
             out[f"peak_rss_mb_backlog_{n}"] = _peak_rss_kb(node.pid) / 1024
         finally:
