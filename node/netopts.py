@@ -1,43 +1,47 @@
 """Socket options and pynetdicom tuning shared by the SCP and the SCU.
 
-Three small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per
-association from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
-tests/test_scp_network.py: whole-PDU socket reads, an event-driven acceptor reactor, and
-the reactor's shorter idle nap. Plus a switch for its per-message logging handlers.
+Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per association
+from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
+tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
+in ``select`` instead of napping and polling), an event-driven acceptor reactor, and a
+switch for pynetdicom's per-message logging handlers.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
-from collections.abc import Callable
+import ssl
+import threading
+import weakref
+from functools import partial
 from types import MethodType
-from typing import cast
+from typing import Any, cast
 
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
 
-# pynetdicom's DUL reactor sleeps 1 ms whenever it finds nothing to do; a 1 MB image is
-# ~64 P-DATA PDUs, so those naps dominate the transfer time. 0.2 ms keeps idle CPU low.
-REACTOR_DELAY = 0.0002
+IDLE_WAIT = 0.05
+"""Longest the DUL reactor blocks in ``select`` while nothing arrives and nothing is queued
+to send; it then makes its timer and stop checks."""
 
 
 def set_nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket,
-    shorten the reactor's idle nap and read PDUs in one piece.
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
+    the DUL reactor event-driven and read PDUs in one piece.
 
     DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
     delayed ACK stalls every message by ~40 ms.
     """
     dul = event.assoc.dul
-    if hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = REACTOR_DELAY
     wrapper = getattr(dul, "socket", None)
     sock = getattr(wrapper, "socket", None)
     if isinstance(sock, socket.socket):
@@ -45,41 +49,184 @@ def set_nodelay(event: Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:  # e.g. a socket already closed by the peer
             log.debug("cannot set TCP_NODELAY: %s", exc)
-        if isinstance(wrapper, AssociationSocket):
-            wrapper.recv = _exact_reader(sock)  # type: ignore[method-assign,assignment]
+        if type(wrapper) is AssociationSocket:
+            _make_event_driven(dul, wrapper)
     if event.assoc.is_acceptor:
         event.assoc._run_reactor = MethodType(acceptor_reactor, event.assoc)  # type: ignore[method-assign]
+
+
+class Waker:
+    """A self-pipe: a byte written to it wakes a thread blocked in ``select`` on it.
+
+    The waiting thread sets :attr:`waiting` before it makes its last check and blocks;
+    :meth:`wake` writes only while it is set (a write per queued PDU would cost a system
+    call and a thread switch each).
+    """
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.waiting = False
+
+    def wake(self) -> None:
+        if not self.waiting:
+            return  # the reactor is running: it checks the queue before it blocks again
+        try:
+            self.writer.send(b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending anyway
+        except OSError as exc:  # closed: the reactor has stopped, nobody waits
+            log.debug("wake-up after the reactor stopped: %s", exc)
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except BlockingIOError:
+            return
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+class EventDrivenSocket(AssociationSocket):
+    """pynetdicom's ``AssociationSocket`` for an event-driven DUL reactor.
+
+    pynetdicom 3.0's DUL reactor naps 1 ms whenever a turn found nothing to do, then polls
+    the socket with a zero ``select`` timeout: up to 1 ms of latency per message and a
+    thousand GIL-taking turns per second per idle association. Here :attr:`ready` blocks
+    in ``select`` on the socket and on a :class:`Waker` that the DUL's send queue and its
+    stop calls write to, so the reactor runs exactly when there is something to do (and
+    every :data:`IDLE_WAIT` seconds for its timers). :meth:`recv` reads a whole PDU into
+    one buffer (see :func:`read_exact`).
+    """
+
+    waker: Waker
+
+    @property
+    def ready(self) -> bool:
+        waker = self.waker
+        waker.waiting = True  # before the checks: a later put() wakes the select below
+        try:
+            return self._wait_readable(waker)
+        finally:
+            waker.waiting = False
+
+    def _wait_readable(self, waker: Waker) -> bool:
+        dul = self.assoc.dul
+        stopping = dul._kill_thread
+        busy = stopping or not dul.event_queue.empty() or bool(dul.to_provider_queue.queue)
+        timeout = 0.0 if busy else IDLE_WAIT
+        sock = self.socket
+        if sock is None or not self._is_connected:
+            self._idle(waker, timeout)  # closed: wait for the stop call (or the timer checks)
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # TLS may hold decrypted bytes that select cannot see (pynetdicom #528)
+        try:
+            readable, _, _ = select.select([sock, waker.reader], [], [], timeout)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # as pynetdicom: the connection is gone
+            return False
+        if waker.reader in readable:
+            waker.drain()
+        return sock in readable
+
+    @staticmethod
+    def _idle(waker: Waker, timeout: float) -> None:
+        try:
+            readable, _, _ = select.select([waker.reader], [], [], timeout)
+        except (OSError, ValueError):  # the waker is closed: the reactor is being stopped
+            return
+        if readable:
+            waker.drain()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        return read_exact(cast(socket.socket, self.socket), nr_bytes)
+
+
+def _make_event_driven(dul: DULServiceProvider, wrapper: AssociationSocket) -> None:
+    """Swap in :class:`EventDrivenSocket` and wake the reactor on every send and stop."""
+    waker = Waker()
+    wrapper.__class__ = EventDrivenSocket
+    cast(EventDrivenSocket, wrapper).waker = waker
+    weakref.finalize(wrapper, waker.close)  # in case the reactor ends without stop_dul
+    sends = dul.to_provider_queue
+    put = sends.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        waker.wake()
+
+    kill = dul.kill_dul
+
+    def kill_and_wake() -> None:
+        kill()
+        _stopped(dul, waker)
+
+    sends.put = put_and_wake  # type: ignore[method-assign]
+    dul.kill_dul = kill_and_wake  # type: ignore[method-assign]
+    dul.stop_dul = partial(_stop_dul, dul, waker)  # type: ignore[method-assign]
+    dul._run_loop_delay = 0.0  # its naps: ``ready`` now blocks instead
+
+
+STOP_WAIT = 1.0
+"""How long a stop call waits for the woken reactor thread before it leaves the self-pipe
+to be closed by the garbage collector."""
+
+
+def _stop_dul(dul: DULServiceProvider, waker: Waker) -> bool:
+    """``DULServiceProvider.stop_dul`` of pynetdicom 3.0, woken instead of polled: stop
+    the reactor if the state machine is idle (Sta1) and wait for its thread."""
+    if dul.state_machine.current_state != "Sta1":
+        return False
+    dul._kill_thread = True  # set before the wake-up: the reactor checks it before blocking
+    _stopped(dul, waker)
+    if dul.is_alive() and dul is not threading.current_thread():
+        dul.join()  # pynetdicom waits for it too (its loop has no time limit either)
+    return True
+
+
+def _stopped(dul: DULServiceProvider, waker: Waker) -> None:
+    """After ``dul._kill_thread`` was set: wake the reactor and close its self-pipe once
+    it has stopped. Called from the reactor itself (a state machine action), it stops at
+    its next turn without blocking again, so the pipe closes at once."""
+    if dul is not threading.current_thread():
+        waker.wake()
+        if dul.is_alive():
+            dul.join(STOP_WAIT)
+        if dul.is_alive():
+            return
+    waker.close()
 
 
 READ_STEP = 256 * 1024
 """The reader grows its buffer by at most this much ahead of the bytes that arrived."""
 
 
-def _exact_reader(sock: socket.socket) -> Callable[[int], bytearray]:
-    """A replacement for ``AssociationSocket.recv`` (pynetdicom 3.x): read ``nr_bytes``
-    straight into one buffer.
+def read_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` (pynetdicom 3.x) reading ``nr_bytes`` straight into one
+    buffer.
 
     pynetdicom reads a PDU 4 KiB at a time and appends each piece to a bytearray: 32 calls
     and copies per 128 KiB P-DATA PDU. Same contract: blocks until ``nr_bytes`` have been
     read, returns fewer only when the peer closed the connection; socket errors propagate.
     The buffer grows only as data arrives (a PDU header may claim 4 GiB).
     """
-
-    def recv(nr_bytes: int) -> bytearray:
-        buf = bytearray(min(nr_bytes, READ_STEP))
-        got = 0
-        while got < nr_bytes:
-            if got == len(buf):
-                buf.extend(bytes(min(nr_bytes - got, READ_STEP)))
-            with memoryview(buf) as view:
-                n = sock.recv_into(view[got:])
-            if n == 0:  # connection closed: return what arrived
-                break
-            got += n
-        del buf[got:]
-        return buf
-
-    return recv
+    buf = bytearray(min(nr_bytes, READ_STEP))
+    got = 0
+    while got < nr_bytes:
+        if got == len(buf):
+            buf.extend(bytes(min(nr_bytes - got, READ_STEP)))
+        with memoryview(buf) as view:
+            n = sock.recv_into(view[got:])
+        if n == 0:  # connection closed: return what arrived
+            break
+        got += n
+    del buf[got:]
+    return buf
 
 
 ACCEPTOR_WAIT = 0.001

@@ -248,3 +248,66 @@ def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
         spool.close()
     assert (summary.sent, summary.failed) == (2, 1)
     assert "boom" in summary.describe()
+
+
+def test_event_driven_reactors_wake_on_every_send_arrival_and_stop(tmp_path, monkeypatch):
+    """node.netopts makes pynetdicom's DUL reactors block in select instead of polling.
+    With their idle wait set to 10 s, one missed wake-up (a queued PDU, the peer's data,
+    a release or a stop) would stall this exchange by 10 s."""
+    import time
+
+    import node.netopts
+    from node.netopts import EventDrivenSocket
+    from node.scu import VERIFICATION, Peer, associate
+
+    monkeypatch.setattr(node.netopts, "IDLE_WAIT", 10.0)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool)
+    peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE", calling_ae_title="TESTSCU")
+    ds = pydicom.dcmread(NIH)
+    contexts = [
+        (VERIFICATION, [ExplicitVRLittleEndian]),
+        (ds.SOPClassUID, [ImplicitVRLittleEndian]),
+    ]
+    start = time.monotonic()
+    try:
+        with associate(peer, contexts) as assoc:
+            dul = assoc.dul
+            assert isinstance(dul.socket, EventDrivenSocket)
+            assert dul._run_loop_delay == 0
+            [acceptor] = server.active_associations
+            assert isinstance(acceptor.dul.socket, EventDrivenSocket)
+            for _ in range(10):
+                assert assoc.send_c_echo().Status == 0x0000
+                assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+        assert not dul.is_alive()  # released, and the stopped reactor was joined
+        assert dul.socket.waker.reader.fileno() == -1  # its self-pipe is closed
+        wait_for(lambda: not server.active_associations, 5, "the acceptor to end")
+        assert time.monotonic() - start < 5.0
+        assert len(spool.jobs()) == 10
+    finally:
+        server.shutdown()
+        spool.close()
+
+
+def test_an_idle_association_does_not_poll(scp):
+    """pynetdicom's own reactor turns ~1000 times a second while idle; ours waits in select."""
+    import time
+
+    from node.scu import VERIFICATION, Peer, associate
+
+    port, _ = scp
+    peer = Peer("127.0.0.1", port, "CXR_NODE", calling_ae_title="TESTSCU")
+    with associate(peer, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        dul = assoc.dul
+        check = dul._is_transport_event
+        turns: list[float] = []
+
+        def counted() -> bool:
+            turns.append(time.monotonic())
+            return check()
+
+        dul._is_transport_event = counted
+        time.sleep(0.5)
+        dul._is_transport_event = check
+    assert 1 <= len(turns) <= 25, len(turns)  # ~10 at one turn per 50 ms

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import zlib
+from functools import partial
 from io import BytesIO
 
 import pydicom
@@ -23,7 +24,7 @@ from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
 from node.dicomio import split_encoded
-from node.netopts import _exact_reader, quiet_pynetdicom
+from node.netopts import quiet_pynetdicom, read_exact
 from node.wire import PREAMBLE, dataset_uids, file_meta_bytes, split_part10
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -92,7 +93,7 @@ def test_exact_reader_reads_across_partial_sends_and_stops_at_close():
             target=lambda: [a.sendall(payload[i : i + 777]) for i in range(0, len(payload), 777)]
         )
         sender.start()
-        read = _exact_reader(b)
+        read = partial(read_exact, b)
         assert read(6) == payload[:6]
         assert read(len(payload) - 6) == payload[6:]
         sender.join()
@@ -125,7 +126,7 @@ def test_exact_reader_does_not_allocate_what_a_pdu_header_merely_claims():
         a.shutdown(socket.SHUT_WR)
         tracemalloc.start()
         try:
-            assert _exact_reader(b)(0xFFFFFFFF) == b"A" * 100
+            assert read_exact(b, 0xFFFFFFFF) == b"A" * 100
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
