@@ -14,8 +14,11 @@ import hashlib
 import io
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -64,9 +67,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+DYNAMO_UTILS = "torch._dynamo.utils"
+
+
+def import_xrv() -> ModuleType:
+    """torchxrayvision, imported without torch's compiler stack.
+
+    xrv imports torchvision, whose ``ops.roi_align`` imports ``torch._dynamo.utils`` for a
+    single helper, ``is_compile_supported`` (torchvision meant to keep dynamo out of eager
+    users' imports: pytorch/vision#8436). That drags in dynamo, sympy, torch.distributed
+    and triton: ~125 MB resident and ~1 s of start-up in a node that never compiles. So
+    while xrv is first imported, that one module is a stand-in whose helper imports the
+    real one when called; it leaves ``sys.modules`` right after, so any later
+    ``import torch._dynamo`` gets the real package.
+    """
+    loaded = sys.modules.get("torchxrayvision")
+    if loaded is not None:
+        return loaded
+    with _dynamo_utils_deferred():
+        import torchxrayvision
+
+    module: ModuleType = torchxrayvision
+    return module
+
+
+@contextlib.contextmanager
+def _dynamo_utils_deferred() -> Iterator[None]:
+    if DYNAMO_UTILS in sys.modules or "torchvision" in sys.modules:
+        yield  # already imported: nothing to spare
+        return
+    stand_in = ModuleType(DYNAMO_UTILS, "stand-in while torchvision is imported (node.model)")
+
+    def is_compile_supported(device_type: str) -> bool:
+        from torch._dynamo.utils import is_compile_supported as real
+
+        return bool(real(device_type))
+
+    stand_in.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+    sys.modules[DYNAMO_UTILS] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(DYNAMO_UTILS) is stand_in:
+            del sys.modules[DYNAMO_UTILS]
+
+
 def expected_weights_path(cfg: ModelConfig) -> tuple[Path, str]:
     """Return (the file torchxrayvision loads, the URL it downloads it from)."""
-    import torchxrayvision as xrv
+    xrv = import_xrv()
 
     url: str = xrv.models.model_urls[cfg.weights]["weights_url"]
     name = os.path.basename(url)
@@ -91,7 +139,7 @@ def _missing_message(path: Path, url: str) -> str:
 
 
 def _try_download(cfg: ModelConfig, path: Path, url: str) -> None:
-    import torchxrayvision as xrv
+    xrv = import_xrv()
 
     log.info("weights %s missing: downloading %s", path, url)
     chatter = io.StringIO()
@@ -133,7 +181,7 @@ class Classifier:
 
 def _build_untrained(cfg: ModelConfig) -> Any:
     import torch
-    import torchxrayvision as xrv
+    xrv = import_xrv()
 
     threshs = xrv.models.model_urls[cfg.weights]["op_threshs"]
     return xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(threshs)).eval()
@@ -142,7 +190,7 @@ def _build_untrained(cfg: ModelConfig) -> Any:
 def load_classifier(cfg: ModelConfig) -> Classifier:
     """Load the model as configured, or raise :class:`ModelError` with what to do."""
     import torch
-    import torchxrayvision as xrv
+    xrv = import_xrv()
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -106,3 +106,24 @@ def test_gpu_and_cpu_give_the_same_scores(weights_dir):
     assert str(gpu.device).startswith("cuda")
     batch = np.stack([xrv_input(NIH)] * 4)
     np.testing.assert_allclose(gpu.predict(batch), cpu.predict(batch), atol=1e-3)
+
+
+def test_xrv_is_imported_without_torchs_compiler_stack():
+    """node.model.import_xrv keeps torchvision's roi_align from importing torch._dynamo (and
+    sympy, triton: ~125 MB); the stand-in is gone afterwards and defers to the real one."""
+    probe = (
+        "import sys\n"
+        "from node.model import import_xrv\n"
+        "xrv = import_xrv()\n"
+        "assert xrv.models.DenseNet is not None\n"
+        "heavy = [m for m in ('torch._dynamo', 'torch._dynamo.utils', 'sympy', 'triton')"
+        " if m in sys.modules]\n"
+        "assert heavy == [], heavy\n"
+        "helper = sys.modules['torchvision.ops.roi_align'].is_compile_supported\n"
+        "assert helper('cpu') is True\n"  # the real helper, imported on first use
+        "import torch._dynamo.utils as real\n"
+        "assert hasattr(real, 'counters'), 'a later import gets the real module'\n"
+        "assert import_xrv() is xrv\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
