@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -27,9 +26,6 @@ if TYPE_CHECKING:
     from node.scu import Peer
 
 log = logging.getLogger("node.cli")
-
-_M_ARENA_MAX = -8  # glibc mallopt parameter
-
 
 _CONTEXT_FIELDS = ("calling_ae", "sop_instance_uid", "job_id", "sr_uid")
 
@@ -115,22 +111,6 @@ def _write_status(spool: Spool, info: ModelInfo, port: int, metrics_port: int | 
     spool.write_atomic(json.dumps(status).encode(), spool.root / STATUS_FILE)
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas (default 8 per core), unless the environment does.
-
-    Each SCP/worker thread otherwise gets an arena of its own that keeps freed image
-    buffers: ~30-40 MB of resident memory for nothing. Must run before threads start.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    if libc.mallopt(_M_ARENA_MAX, arenas) != 1:
-        log.debug("mallopt(M_ARENA_MAX, %d) was refused", arenas)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.dicomio import read_uids
     from node.metrics import Metrics
@@ -140,7 +120,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
     cfg = _config(args, overrides)
-    _limit_malloc_arenas()
     classifier = load_classifier(cfg.model)
     log.info("model %s, weights sha256 %s", classifier.info.name, classifier.info.weights_sha256)
     spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync, min_free_mb=cfg.spool.min_free_mb)

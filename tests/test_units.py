@@ -172,28 +172,6 @@ def test_huge_dimensions_are_not_decoded():
     assert "exceeds" in skip_reason(read_dataset(NIH), FilterConfig(max_pixels=1024 * 1023))
 
 
-class _FakeLibc:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append((param, value))
-        return 1
-
-
-def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
-    from node import cli
-
-    libc = _FakeLibc()
-    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: libc)
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    cli._limit_malloc_arenas()
-    assert libc.calls == [(-8, 2)]  # M_ARENA_MAX
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    cli._limit_malloc_arenas()
-    assert libc.calls == [(-8, 2)]  # glibc reads the variable itself: left alone
-
-
 def test_scp_contexts_copy_cheaply_and_independently():
     """pynetdicom deep-copies the supported contexts per association: CheapCopyContext's copy
     must not share the mutable transfer syntax list (nor the negotiation results)."""
