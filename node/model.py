@@ -181,6 +181,7 @@ class Classifier:
 
 def _build_untrained(cfg: ModelConfig) -> Any:
     import torch
+
     xrv = import_xrv()
 
     threshs = xrv.models.model_urls[cfg.weights]["op_threshs"]
@@ -190,6 +191,7 @@ def _build_untrained(cfg: ModelConfig) -> Any:
 def load_classifier(cfg: ModelConfig) -> Classifier:
     """Load the model as configured, or raise :class:`ModelError` with what to do."""
     import torch
+
     xrv = import_xrv()
 
     if cfg.threads:
