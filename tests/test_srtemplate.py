@@ -120,3 +120,25 @@ def test_untrained_models_and_other_clocks_agree():
     got = comparable(enc.encode(src, findings, now).data)
     assert got == comparable(reference(src, findings, info(False), now))
     assert "UNTRAINED" in got["0008103E"]["Value"][0]
+
+
+def test_reused_headers_are_encoded_as_pydicoms_writer_would(encoder):
+    """The header writer takes the elements a reused header shares with its cached one from
+    bytes encoded once: the result must be pydicom's encoding, byte for byte."""
+    from node.report import identify
+    from node.srtemplate import _header_key, _reuse_header
+
+    findings = to_findings(SCORES, info())
+    checked = 0
+    for i, name in enumerate(["Doe^Jane", "Müller^Jürgen", "山田^太郎", "Doe^John", ""]):
+        src = read_dataset(NIH, stop_before_pixels=True)
+        src.PatientName, src.SOPInstanceUID = name, f"1.2.826.0.1.3680043.8.498.7.{i}"
+        encoder.encode(src, findings, NOW)  # the header of this kind is cached
+        ident = identify(src, encoder.model, encoder.ctx)
+        header, writer = encoder._headers[_header_key(ident.clean)]
+        for now in (NOW, datetime(2031, 12, 31, 23, 59, 59)):
+            reused = _reuse_header(header, ident, now)
+            assert writer.write(reused) == encode_dataset(reused)
+            checked += 1
+    assert checked == 10
+    assert writer._bytes  # the shared elements were taken from the writer's own bytes
