@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from node import __version__
+from node.allocator import keep_freed_memory
 from node.errors import ConfigError, NodeError
 from node.spool import Spool
 
@@ -120,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
     cfg = _config(args, overrides)
+    keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     log.info("model %s, weights sha256 %s", classifier.info.name, classifier.info.weights_sha256)
     spool = Spool(cfg.spool.directory, fsync=cfg.spool.fsync, min_free_mb=cfg.spool.min_free_mb)
@@ -180,6 +182,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from node.worker import report_context
 
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
+    keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     reports = ReportEncoder(classifier.info, report_context(cfg))
     records: list[dict[str, Any]] = []

@@ -172,6 +172,33 @@ def test_huge_dimensions_are_not_decoded():
     assert "exceeds" in skip_reason(read_dataset(NIH), FilterConfig(max_pixels=1024 * 1023))
 
 
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_malloc_keeps_freed_memory_for_the_batch_unless_the_environment_says(monkeypatch):
+    from node import allocator
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert allocator.keep_freed_memory(4)
+    assert allocator.keep_freed_memory(8)
+    mib = 2**20  # M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD -1: both, always together
+    assert libc.calls == [(-3, 32 * mib), (-1, 128 * mib), (-3, 32 * mib), (-1, 256 * mib)]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert not allocator.keep_freed_memory(4)  # glibc reads its variables itself
+    assert len(libc.calls) == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        allocator.keep_freed_memory(0)
+
+
 def test_scp_contexts_copy_cheaply_and_independently():
     """pynetdicom deep-copies the supported contexts per association: CheapCopyContext's copy
     must not share the mutable transfer syntax list (nor the negotiation results)."""
