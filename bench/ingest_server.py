@@ -10,13 +10,15 @@ import sys
 import threading
 from pathlib import Path
 
-from node.config import ScpConfig
+from node.allocator import keep_freed_memory
+from node.config import ModelConfig, ScpConfig
 from node.scp import start_server
 from node.spool import Spool
 
 
 def main() -> None:
     port, spool_dir, fsync = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+    keep_freed_memory(ModelConfig().batch_size)  # the process settings serve has
     spool = Spool(spool_dir, fsync=fsync)
     server = start_server(ScpConfig(port=port, allowed_calling_aets=("STORESCU",)), spool)
     stop = threading.Event()
