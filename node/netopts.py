@@ -3,8 +3,9 @@
 Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per association
 from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
 tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
-in ``select`` instead of napping and polling), an event-driven acceptor reactor, and a
-switch for pynetdicom's per-message logging handlers.
+in ``select`` instead of napping and polling), an event-driven acceptor reactor, C-STORE
+responses encoded directly (``node.cstore``), and a switch for pynetdicom's per-message
+logging handlers.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import socket
 import ssl
 import threading
 import weakref
+from collections.abc import Callable
 from functools import partial
 from types import MethodType
 from typing import Any, cast
 
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
+
+from node.cstore import p_data, store_response
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,40 @@ def set_nodelay(event: Event) -> None:
             _make_event_driven(dul, wrapper)
     if event.assoc.is_acceptor:
         event.assoc._run_reactor = MethodType(acceptor_reactor, event.assoc)  # type: ignore[method-assign]
+        dimse = event.assoc.dimse
+        dimse.send_msg = partial(send_msg, dimse, dimse.send_msg)  # type: ignore[method-assign]
+
+
+def send_msg(
+    dimse: DIMSEServiceProvider,
+    pynetdicoms: Callable[[DimsePrimitiveType, int], None],
+    primitive: DimsePrimitiveType,
+    context_id: int,
+) -> None:
+    """``DIMSEServiceProvider.send_msg`` with plain C-STORE responses encoded directly
+    (:mod:`node.cstore`, byte for byte pynetdicom's encoding); everything else, and every
+    message while an EVT_DIMSE_SENT handler watches, goes pynetdicom's way."""
+    rsp = primitive
+    if (
+        type(rsp) is not C_STORE
+        or rsp.MessageIDBeingRespondedTo is None
+        or rsp.ErrorComment is not None
+        or rsp.OffendingElement is not None
+        or rsp.AffectedSOPClassUID is None
+        or rsp.AffectedSOPInstanceUID is None
+        or not isinstance(rsp.Status, int)
+        or dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+    ):
+        pynetdicoms(primitive, context_id)
+        return
+    command = store_response(
+        rsp.MessageIDBeingRespondedTo,
+        str(rsp.AffectedSOPClassUID),
+        str(rsp.AffectedSOPInstanceUID),
+        rsp.Status,
+    )
+    for pdata in p_data(context_id, command, None, dimse.maximum_pdu_size):
+        dimse.dul.send_pdu(pdata)
 
 
 class Waker:

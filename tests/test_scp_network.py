@@ -311,3 +311,39 @@ def test_an_idle_association_does_not_poll(scp):
         time.sleep(0.5)
         dul._is_transport_event = check
     assert 1 <= len(turns) <= 25, len(turns)  # ~10 at one turn per 50 ms
+
+
+def test_c_store_messages_are_encoded_directly_unless_someone_watches(tmp_path, monkeypatch):
+    """The SCP's responses and send_raw's requests come from node.cstore; with an
+    EVT_DIMSE_SENT handler bound, pynetdicom encodes them (and the handler sees them)."""
+    import node.netopts
+    import node.scu
+    from node.scu import Peer, associate, reactor_paused, send_raw
+    from node.wire import split_part10
+
+    made: list[str] = []
+    for module, name in ((node.netopts, "store_response"), (node.scu, "store_request")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: made.append(_n) or _r(*a))
+    spool = Spool(tmp_path / "spool", fsync=False)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool)
+    peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE", calling_ae_title="TESTSCU")
+    data = NIH.read_bytes()
+    sop_class, sop_uid, syntax, start = split_part10(data)
+    try:
+        with associate(peer, [(sop_class, [syntax])]) as assoc, reactor_paused(assoc):
+            status = send_raw(assoc, sop_class, sop_uid, syntax, data[start:], 1, resume=False)
+            assert status.Status == StoreStatus.SUCCESS
+        assert made == ["store_request", "store_response"]
+        seen: list[str] = []
+        server.bind(evt.EVT_DIMSE_SENT, lambda e: seen.append(type(e.message).__name__))
+        with associate(peer, [(sop_class, [syntax])]) as assoc:
+            assoc.bind(evt.EVT_DIMSE_SENT, lambda e: seen.append(type(e.message).__name__))
+            status = send_raw(assoc, sop_class, sop_uid, syntax, data[start:], 2)
+            assert status.Status == StoreStatus.SUCCESS
+        assert made == ["store_request", "store_response"]  # not called again
+        assert seen == ["C_STORE_RQ", "C_STORE_RSP"]
+        assert [j.sop_instance_uid for j in spool.jobs()] == [sop_uid, sop_uid]
+    finally:
+        server.shutdown()
+        spool.close()

@@ -1,0 +1,96 @@
+"""C-STORE messages encoded directly: command sets and P-DATA fragments (pure).
+
+pynetdicom encodes each command set through a pydicom Dataset (~0.2-0.4 ms, 13 % of the
+SCP's time per received image) and builds the P-DATA primitives after it. A C-STORE
+request or response without optional elements is six elements of fixed shape; these
+functions give byte for byte what pynetdicom's ``DIMSEMessage.encode_msg`` gives (the unit
+tests compare them), for the SCU (``node.scu.send_raw``) and the SCP's responses
+(``node.netopts``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from pynetdicom.pdu_primitives import P_DATA
+
+STORE_RQ = 0x0001  # Command Field
+STORE_RSP = 0x8001
+DATASET_PRESENT = 0x0001  # Command Data Set Type, as pynetdicom sends it
+NO_DATASET = 0x0101
+MEDIUM = 0x0002  # Priority
+PDU_HEADER = 6  # a PDV item's length (4) and context ID (1), and the message header (1)
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    """One command element, Implicit VR Little Endian."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _command(elements: list[bytes]) -> bytes:
+    body = b"".join(elements)
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def store_request(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The command set of a C-STORE-RQ with a data set, medium priority."""
+    return _command(
+        [
+            _element(0x00000002, _uid(sop_class)),
+            _element(0x00000100, _us(STORE_RQ)),
+            _element(0x00000110, _us(message_id)),
+            _element(0x00000700, _us(MEDIUM)),
+            _element(0x00000800, _us(DATASET_PRESENT)),
+            _element(0x00001000, _uid(sop_instance)),
+        ]
+    )
+
+
+def store_response(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    """The command set of a C-STORE-RSP without Error Comment or Offending Element."""
+    return _command(
+        [
+            _element(0x00000002, _uid(sop_class)),
+            _element(0x00000100, _us(STORE_RSP)),
+            _element(0x00000120, _us(message_id)),
+            _element(0x00000800, _us(NO_DATASET)),
+            _element(0x00000900, _us(status)),
+            _element(0x00001000, _uid(sop_instance)),
+        ]
+    )
+
+
+def p_data(
+    context_id: int, command: bytes, dataset: bytes | None, max_pdu: int
+) -> Iterator[P_DATA]:
+    """The message as P-DATA primitives, one PDV each: the command's fragments, then the
+    data set's; ``max_pdu`` is the peer's maximum PDU length (0: unlimited)."""
+    yield from _fragments(context_id, command, max_pdu, b"\x01", b"\x03")
+    if dataset:
+        yield from _fragments(context_id, dataset, max_pdu, b"\x00", b"\x02")
+
+
+def _fragments(
+    context_id: int, data: bytes, max_pdu: int, more: bytes, last: bytes
+) -> Iterator[P_DATA]:
+    if 0 < max_pdu <= PDU_HEADER:
+        raise ValueError(f"maximum PDU length {max_pdu} leaves no room for data")
+    step = max_pdu - PDU_HEADER if max_pdu else len(data)
+    with memoryview(data) as view:  # one copy per fragment: the header byte's concatenation
+        for start in range(0, len(data), step):
+            end = start + step
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append(
+                (context_id, (last if end >= len(data) else more) + view[start:end])
+            )
+            yield pdata
