@@ -220,3 +220,26 @@ def test_scp_contexts_copy_cheaply_and_independently():
     clones[0].result = 0
     assert "1.2.840.10008.1.2.4.80" not in contexts[0].transfer_syntax
     assert contexts[0].result is None
+
+
+def test_zips_are_told_by_name_magic_or_directory_and_dicom_files_are_not_searched(
+    tmp_path, monkeypatch
+):
+    import zipfile
+
+    from helpers import NIH
+
+    from node import archive
+
+    named = tmp_path / "a.zip"
+    named.write_bytes(b"damaged")
+    plain = tmp_path / "archive.bin"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("x.dcm", NIH.read_bytes())
+    prefixed = tmp_path / "self-extracting.bin"  # a zip after other bytes: found by its end
+    prefixed.write_bytes(b"#!stub\n" * 30 + plain.read_bytes())
+    assert [archive._is_zip(p) for p in (named, plain, prefixed, NIH)] == [True] * 3 + [False]
+    searched: list[object] = []
+    monkeypatch.setattr(archive.zipfile, "is_zipfile", lambda p: searched.append(p) or False)
+    assert not archive._is_zip(NIH)
+    assert searched == []  # a Part 10 file: no scan of its last 64 KiB
