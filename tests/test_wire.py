@@ -131,3 +131,94 @@ def test_exact_reader_does_not_allocate_what_a_pdu_header_merely_claims():
         finally:
             tracemalloc.stop()
     assert peak < 4 * 2**20
+
+
+class _FakeDul:
+    """What node.netopts.read_pdu_data uses of a DULServiceProvider, over a socket pair
+    that holds ``data`` and then closes."""
+
+    def __init__(self, data: bytes, watched: bool = False) -> None:
+        import queue
+        from types import SimpleNamespace
+
+        ours, peer = socket.socketpair()
+
+        def send() -> None:
+            with peer:
+                peer.sendall(data)
+
+        self._sender = threading.Thread(target=send)
+        self._sender.start()
+        self._sock = ours
+        self.socket = SimpleNamespace(recv=partial(read_exact, ours))
+        self.event_queue: queue.Queue[str] = queue.Queue()
+        self._recv_pdu: queue.Queue[object] = queue.Queue()
+        self.assoc = SimpleNamespace(get_handlers=lambda event: ["h"] if watched else [])
+        self.decoded: list[bytes] = []
+
+    def _decode_pdu(self, bytestream: bytearray):  # pynetdicom's way, minus its events
+        from pynetdicom.dul import _PDU_TYPES
+
+        self.decoded.append(bytes(bytestream))
+        cls, event = _PDU_TYPES[bytes(bytestream[:1])]
+        pdu = cls()
+        pdu.decode(bytes(bytestream))
+        return pdu, event
+
+    def events(self) -> list[str]:
+        self._sock.close()
+        self._sender.join()
+        return list(self.event_queue.queue)
+
+
+def _p_data_pdu(size: int) -> bytes:
+    from pynetdicom.pdu import P_DATA_TF
+
+    from node.cstore import p_data, store_request
+
+    pdus = []
+    for primitive in p_data(5, store_request(3, "1.2.3", "1.2.3.4"), bytes(size) + b"x", 0):
+        pdus.append(P_DATA_TF())
+        pdus[-1].from_primitive(primitive)
+    pdus[0].presentation_data_value_items += pdus[1].presentation_data_value_items
+    return pdus[0].encode()  # one PDU, two PDVs: the command and the data set
+
+
+def test_p_data_pdus_decode_over_views_as_pynetdicom_decodes_them():
+    from pynetdicom.pdu import P_DATA_TF
+
+    from node.netopts import read_pdu_data
+
+    raw = _p_data_pdu(300_000)
+    dul = _FakeDul(raw)
+    read_pdu_data(dul)
+    assert dul.events() == ["Evt10"] and dul.decoded == []  # not pynetdicom's decoder
+    ours = dul._recv_pdu.get().to_primitive().presentation_data_value_list
+    reference = P_DATA_TF()
+    reference.decode(raw)
+    want = reference.to_primitive().presentation_data_value_list
+    assert [(c, bytes(d)) for c, d in ours] == want
+    assert len(want) == 2 and len(want[1][1]) == 300_002
+    assert all(isinstance(d, memoryview) for _, d in ours)  # views, not copies
+
+    watched = _FakeDul(raw, watched=True)  # a handler wants the PDU: pynetdicom decodes
+    read_pdu_data(watched)
+    assert watched.events() == ["Evt10"] and watched.decoded == [raw]
+
+
+@pytest.mark.parametrize(
+    ("damage", "event"),
+    [
+        (lambda raw: raw[:4], "Evt17"),  # closed inside the PDU header
+        (lambda raw: raw[:-1], "Evt17"),  # closed inside the PDU
+        (lambda raw: b"\x09" + raw[1:], "Evt19"),  # unknown PDU type
+        (lambda raw: raw[:6] + b"\xff\xff\xff\xff" + raw[10:], "Evt19"),  # PDV too long
+    ],
+)
+def test_damaged_pdus_end_as_in_pynetdicom(damage, event):
+    from node.netopts import read_pdu_data
+
+    dul = _FakeDul(damage(_p_data_pdu(1000)))
+    read_pdu_data(dul)
+    assert dul.events() == [event]
+    assert dul._recv_pdu.empty()
