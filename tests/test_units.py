@@ -191,7 +191,7 @@ def test_malloc_keeps_freed_memory_for_the_batch_unless_the_environment_says(mon
     assert allocator.keep_freed_memory(4)
     assert allocator.keep_freed_memory(8)
     mib = 2**20  # M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD -1: both, always together
-    assert libc.calls == [(-3, 32 * mib), (-1, 128 * mib), (-3, 32 * mib), (-1, 256 * mib)]
+    assert libc.calls == [(-3, 32 * mib), (-1, 64 * mib), (-3, 32 * mib), (-1, 128 * mib)]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert not allocator.keep_freed_memory(4)  # glibc reads its variables itself
     assert len(libc.calls) == 4
