@@ -37,36 +37,40 @@ def _us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-def _command(elements: list[bytes]) -> bytes:
-    body = b"".join(elements)
+def _store_command(sop_class: str, sop_instance: str, *fields: tuple[int, int]) -> bytes:
+    """A C-STORE command set: the SOP Class UID, ``fields`` (tag, US value) in tag order,
+    the SOP Instance UID, all behind their group length."""
+    body = b"".join(
+        [
+            _element(0x00000002, _uid(sop_class)),
+            *(_element(tag, _us(value)) for tag, value in fields),
+            _element(0x00001000, _uid(sop_instance)),
+        ]
+    )
     return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 def store_request(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """The command set of a C-STORE-RQ with a data set, medium priority."""
-    return _command(
-        [
-            _element(0x00000002, _uid(sop_class)),
-            _element(0x00000100, _us(STORE_RQ)),
-            _element(0x00000110, _us(message_id)),
-            _element(0x00000700, _us(MEDIUM)),
-            _element(0x00000800, _us(DATASET_PRESENT)),
-            _element(0x00001000, _uid(sop_instance)),
-        ]
+    return _store_command(
+        sop_class,
+        sop_instance,
+        (0x00000100, STORE_RQ),  # Command Field
+        (0x00000110, message_id),
+        (0x00000700, MEDIUM),  # Priority
+        (0x00000800, DATASET_PRESENT),  # Command Data Set Type
     )
 
 
 def store_response(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
     """The command set of a C-STORE-RSP without Error Comment or Offending Element."""
-    return _command(
-        [
-            _element(0x00000002, _uid(sop_class)),
-            _element(0x00000100, _us(STORE_RSP)),
-            _element(0x00000120, _us(message_id)),
-            _element(0x00000800, _us(NO_DATASET)),
-            _element(0x00000900, _us(status)),
-            _element(0x00001000, _uid(sop_instance)),
-        ]
+    return _store_command(
+        sop_class,
+        sop_instance,
+        (0x00000100, STORE_RSP),
+        (0x00000120, message_id),  # Message ID Being Responded To
+        (0x00000800, NO_DATASET),
+        (0x00000900, status),
     )
 
 
