@@ -4,8 +4,7 @@ pynetdicom encodes each command set through a pydicom Dataset (~0.2-0.4 ms, 13 %
 SCP's time per received image) and builds the P-DATA primitives after it. A C-STORE
 request or response without optional elements is six elements of fixed shape; these
 functions give byte for byte what pynetdicom's ``DIMSEMessage.encode_msg`` gives (the unit
-tests compare them), for the SCU (``node.scu.send_raw``) and the SCP's responses
-(``node.netopts``).
+tests compare them), for ``node.netopts.send_msg``.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ STORE_RQ = 0x0001  # Command Field
 STORE_RSP = 0x8001
 DATASET_PRESENT = 0x0001  # Command Data Set Type, as pynetdicom sends it
 NO_DATASET = 0x0101
-MEDIUM = 0x0002  # Priority
 PDU_HEADER = 6  # a PDV item's length (4) and context ID (1), and the message header (1)
 
 
@@ -50,14 +48,14 @@ def _store_command(sop_class: str, sop_instance: str, *fields: tuple[int, int]) 
     return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
-def store_request(message_id: int, sop_class: str, sop_instance: str) -> bytes:
-    """The command set of a C-STORE-RQ with a data set, medium priority."""
+def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int) -> bytes:
+    """The command set of a C-STORE-RQ with a data set and no Move Originator."""
     return _store_command(
         sop_class,
         sop_instance,
         (0x00000100, STORE_RQ),  # Command Field
         (0x00000110, message_id),
-        (0x00000700, MEDIUM),  # Priority
+        (0x00000700, priority),  # 0 medium, 1 high, 2 low
         (0x00000800, DATASET_PRESENT),  # Command Data Set Type
     )
 

@@ -4,8 +4,8 @@ Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per asso
 from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
 tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
 in ``select`` instead of napping and polling), an event-driven acceptor reactor, C-STORE
-responses encoded directly (``node.cstore``), and a switch for pynetdicom's per-message
-logging handlers.
+requests and responses encoded directly (``node.cstore``), and a switch for pynetdicom's
+per-message logging handlers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from functools import partial
+from io import BytesIO
 from types import MethodType
 from typing import Any, cast
 
@@ -32,7 +33,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket
 
-from node.cstore import p_data, store_response
+from node.cstore import p_data, store_request, store_response
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ to send; it then makes its timer and stop checks."""
 
 def set_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
-    the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies;
-    for an acceptor, also its own reactor and the direct C-STORE responses.
+    the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
+    encode C-STORE messages directly; for an acceptor, also its own reactor.
 
     DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
     delayed ACK stalls every message by ~40 ms.
@@ -62,8 +63,8 @@ def set_nodelay(event: Event) -> None:
             _make_event_driven(dul, wrapper)
     if event.assoc.is_acceptor:
         event.assoc._run_reactor = MethodType(acceptor_reactor, event.assoc)  # type: ignore[method-assign]
-        dimse = event.assoc.dimse
-        dimse.send_msg = partial(send_msg, dimse, dimse.send_msg)  # type: ignore[method-assign]
+    dimse = event.assoc.dimse
+    dimse.send_msg = partial(send_msg, dimse, dimse.send_msg)  # type: ignore[method-assign]
 
 
 def send_msg(
@@ -72,30 +73,40 @@ def send_msg(
     primitive: DimsePrimitiveType,
     context_id: int,
 ) -> None:
-    """``DIMSEServiceProvider.send_msg`` with plain C-STORE responses encoded directly
-    (:mod:`node.cstore`, byte for byte pynetdicom's encoding); everything else, and every
-    message while an EVT_DIMSE_SENT handler watches, goes pynetdicom's way."""
-    rsp = primitive
-    if (
-        type(rsp) is not C_STORE
-        or rsp.MessageIDBeingRespondedTo is None
-        or rsp.ErrorComment is not None
-        or rsp.OffendingElement is not None
-        or rsp.AffectedSOPClassUID is None
-        or rsp.AffectedSOPInstanceUID is None
-        or not isinstance(rsp.Status, int)
-        or dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-    ):
+    """``DIMSEServiceProvider.send_msg`` with plain C-STORE requests and responses encoded
+    directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding); everything else,
+    and every message while an EVT_DIMSE_SENT handler watches, goes pynetdicom's way."""
+    encoded = None if dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT) else _c_store(primitive)
+    if encoded is None:
         pynetdicoms(primitive, context_id)
         return
-    command = store_response(
-        rsp.MessageIDBeingRespondedTo,
-        str(rsp.AffectedSOPClassUID),
-        str(rsp.AffectedSOPInstanceUID),
-        rsp.Status,
-    )
-    for pdata in p_data(context_id, command, None, dimse.maximum_pdu_size):
+    command, dataset = encoded
+    for pdata in p_data(context_id, command, dataset, dimse.maximum_pdu_size):
         dimse.dul.send_pdu(pdata)
+
+
+def _c_store(msg: DimsePrimitiveType) -> tuple[bytes, bytes | None] | None:
+    """The command set and data set of a C-STORE request or response without optional
+    elements, or None for any other message."""
+    if type(msg) is not C_STORE or None in (msg.AffectedSOPClassUID, msg.AffectedSOPInstanceUID):
+        return None
+    sop_class, sop_uid = str(msg.AffectedSOPClassUID), str(msg.AffectedSOPInstanceUID)
+    if msg.MessageIDBeingRespondedTo is not None:  # a response
+        if msg.ErrorComment is not None or msg.OffendingElement is not None:
+            return None
+        if not isinstance(msg.Status, int):
+            return None
+        return store_response(msg.MessageIDBeingRespondedTo, sop_class, sop_uid, msg.Status), None
+    if (
+        msg.MessageID is None
+        or msg.Priority is None
+        or msg.MoveOriginatorApplicationEntityTitle is not None
+        or msg.MoveOriginatorMessageID is not None
+        or not isinstance(msg.DataSet, BytesIO)  # e.g. pynetdicom's send-from-file mode
+    ):
+        return None
+    command = store_request(msg.MessageID, sop_class, sop_uid, msg.Priority)
+    return command, msg.DataSet.getvalue()
 
 
 class Waker:

@@ -14,11 +14,10 @@ from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from node.cstore import p_data, store_request
 from node.errors import SendError
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
@@ -157,16 +156,6 @@ def _pause_reactor(assoc: Association) -> None:
         time.sleep(0.0001)
 
 
-def _request(msg_id: int, sop_class: str, sop_uid: str, payload: bytes) -> C_STORE:
-    req = C_STORE()
-    req.MessageID = msg_id
-    req.Priority = 2
-    req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_uid
-    req.DataSet = BytesIO(payload)
-    return req
-
-
 def send_raw(
     assoc: Association,
     sop_class: str,
@@ -187,15 +176,15 @@ def send_raw(
     :func:`reactor_paused`, which must then enclose the calls).
     """
     context = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
-    context_id = cast(int, context.context_id)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_uid
+    req.DataSet = BytesIO(payload)
     _pause_reactor(assoc)
     try:
-        if assoc.get_handlers(evt.EVT_DIMSE_SENT):  # someone watches messages: pynetdicom's way
-            assoc.dimse.send_msg(_request(msg_id, sop_class, sop_uid, payload), context_id)
-        else:  # the same P-DATA, encoded directly (node.cstore)
-            command = store_request(msg_id, sop_class, sop_uid)
-            for pdata in p_data(context_id, command, payload, assoc.dimse.maximum_pdu_size):
-                assoc.dul.send_pdu(pdata)
+        assoc.dimse.send_msg(req, cast(int, context.context_id))  # see netopts.send_msg
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         if resume:

@@ -33,7 +33,7 @@ def test_store_request_as_pynetdicom_encodes_it(max_pdu, size, sop_class, sop_ui
     req.MessageID, req.Priority = 7, 2
     req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_uid
     req.DataSet = BytesIO(dataset)
-    ours = _ours(store_request(7, sop_class, sop_uid), dataset, 3, max_pdu)
+    ours = _ours(store_request(7, sop_class, sop_uid, 2), dataset, 3, max_pdu)
     assert ours == _pynetdicom(req, 3, max_pdu)
     assert len(ours) > 1 or max_pdu == 0  # command and data set travel apart
 
@@ -53,4 +53,4 @@ def test_store_response_as_pynetdicom_encodes_it(status, message_id, max_pdu):
 
 def test_a_pdu_too_small_for_any_data_is_refused():
     with pytest.raises(ValueError, match="no room"):
-        list(p_data(1, store_request(1, CT, "1.2.3"), b"x", 6))
+        list(p_data(1, store_request(1, CT, "1.2.3", 2), b"x", 6))

@@ -322,7 +322,7 @@ def test_c_store_messages_are_encoded_directly_unless_someone_watches(tmp_path, 
     from node.wire import split_part10
 
     made: list[str] = []
-    for module, name in ((node.netopts, "store_response"), (node.scu, "store_request")):
+    for module, name in ((node.netopts, "store_response"), (node.netopts, "store_request")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: made.append(_n) or _r(*a))
     spool = Spool(tmp_path / "spool", fsync=False)

@@ -177,7 +177,7 @@ def _p_data_pdu(size: int) -> bytes:
     from node.cstore import p_data, store_request
 
     pdus = []
-    for primitive in p_data(5, store_request(3, "1.2.3", "1.2.3.4"), bytes(size) + b"x", 0):
+    for primitive in p_data(5, store_request(3, "1.2.3", "1.2.3.4", 0), bytes(size) + b"x", 0):
         pdus.append(P_DATA_TF())
         pdus[-1].from_primitive(primitive)
     pdus[0].presentation_data_value_items += pdus[1].presentation_data_value_items
