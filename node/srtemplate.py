@@ -58,7 +58,7 @@ from node.report import (
     identify,
     tracking_text,
 )
-from node.wire import encoded_element
+from node.wire import PREAMBLE, encoded_element
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _HeaderWriter:
         charset = ds.get("SpecificCharacterSet", default_encoding)
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
-        fp.write(b"\0" * 128 + b"DICM")
+        fp.write(PREAMBLE)
         write_file_meta_info(fp, ds.file_meta, enforce_standard=False)
         for tag in sorted(ds.keys()):
             if tag.element == 0 and tag.group > 6:
@@ -130,7 +130,8 @@ class _HeaderWriter:
         return done
 
 
-def _element_bytes(elem: DataElement, charset: Any) -> bytes:
+def _element_bytes(elem: DataElement, charset: Any = None) -> bytes:
+    """One element (and what it holds) in Explicit VR Little Endian, by pydicom's writer."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, elem, charset)
@@ -163,10 +164,7 @@ def _encode_undefined(elem: DataElement) -> bytes:
     """A copy of the sequence ``elem`` encoded with undefined lengths throughout."""
     elem = copy.deepcopy(elem)
     _undefined_lengths(elem)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem)
-    return fp.getvalue()
+    return _element_bytes(elem)
 
 
 def _find_once(blob: bytes, needle: bytes, what: str) -> int:
