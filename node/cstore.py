@@ -1,16 +1,18 @@
-"""C-STORE messages encoded directly: command sets and P-DATA fragments (pure).
+"""C-STORE messages encoded and decoded directly: command sets and P-DATA fragments (pure).
 
 pynetdicom encodes each command set through a pydicom Dataset (~0.2-0.4 ms, 13 % of the
 SCP's time per received image) and builds the P-DATA primitives after it. A C-STORE
 request or response without optional elements is six elements of fixed shape; these
 functions give byte for byte what pynetdicom's ``DIMSEMessage.encode_msg`` gives (the unit
-tests compare them), for ``node.netopts.send_msg``.
+tests compare them), for ``node.netopts.send_msg``. :func:`parse_store_request` reads such
+a request back, for ``node.receive``.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -96,3 +98,60 @@ def _fragments(
                 (context_id, (last if end >= len(data) else more) + view[start:end])
             )
             yield pdata
+
+
+class StoreRequest(NamedTuple):
+    message_id: int
+    priority: int
+    sop_class: str
+    sop_instance: str
+
+
+_REQUEST_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+"""Group 0000 elements of a C-STORE-RQ without Move Originator: group length, Affected
+SOP Class UID, Command Field, Message ID, Priority, Command Data Set Type, Affected SOP
+Instance UID."""
+_UID_CHARS = frozenset(b"0123456789.")
+
+
+def parse_store_request(command: bytes | bytearray | memoryview) -> StoreRequest | None:
+    """The fields of an encoded C-STORE-RQ command set that announces a data set and has
+    no Move Originator, or None for anything else: another command, a request without a
+    data set, optional or unknown elements, a UID that is not digits and dots (after
+    pydicom's removal of trailing NULs and spaces) or longer than 64, a wrong length,
+    truncated bytes. What gives None is left to pynetdicom's decoder, which knows (and
+    reports) every other case."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if end - offset < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        offset += 8
+        if group or element in elements or element not in _REQUEST_ELEMENTS:
+            return None
+        if length > end - offset:
+            return None
+        elements[element] = bytes(command[offset : offset + length])
+        offset += length
+    if len(elements) != len(_REQUEST_ELEMENTS) or len(elements[0x0000]) != 4:
+        return None
+    try:
+        field, message_id, priority, dataset = (
+            struct.unpack("<H", elements[tag])[0] for tag in (0x0100, 0x0110, 0x0700, 0x0800)
+        )
+    except struct.error:  # not 2 bytes long
+        return None
+    if field != STORE_RQ or dataset == NO_DATASET:
+        return None
+    sop_class, sop_instance = (_plain_uid(elements[tag]) for tag in (0x0002, 0x1000))
+    if sop_class is None or sop_instance is None:
+        return None
+    return StoreRequest(message_id, priority, sop_class, sop_instance)
+
+
+def _plain_uid(value: bytes) -> str | None:
+    uid = value.rstrip(b"\0 ")
+    if not uid or len(uid) > 64 or not _UID_CHARS.issuperset(uid):
+        return None
+    return uid.decode("ascii")

@@ -4,8 +4,9 @@ Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per asso
 from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
 tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
 in ``select`` instead of napping and polling), an event-driven acceptor reactor, C-STORE
-requests and responses encoded directly (``node.cstore``), and a switch for pynetdicom's
-per-message logging handlers.
+requests and responses encoded directly (``node.cstore``), received C-STORE requests
+assembled directly (``node.receive``), and a switch for pynetdicom's per-message logging
+handlers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket
 
 from node.cstore import p_data, store_request, store_response
+from node.receive import StoreAssembler, dispatch_p_data
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ to send; it then makes its timer and stop checks."""
 def set_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
     the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
-    encode C-STORE messages directly; for an acceptor, also its own reactor.
+    assemble received C-STORE requests and encode C-STORE messages directly; for an
+    acceptor, also its own reactor.
 
     DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
     delayed ACK stalls every message by ~40 ms.
@@ -224,43 +227,77 @@ def _make_event_driven(dul: DULServiceProvider, wrapper: AssociationSocket) -> N
     dul.kill_dul = kill_and_wake  # type: ignore[method-assign]
     dul.stop_dul = partial(_stop_dul, dul, waker)  # type: ignore[method-assign]
     dul._run_loop_delay = 0.0  # its naps: ``ready`` now blocks instead
-    dul._read_pdu_data = partial(read_pdu_data, dul)  # type: ignore[method-assign]
+    dimse = dul.assoc.dimse
+    assembler = StoreAssembler(dimse, dimse.receive_primitive)
+    dimse.receive_primitive = assembler.receive_primitive  # type: ignore[method-assign]
+    dul._read_pdu_data = partial(read_pdu_data, dul, assembler)  # type: ignore[method-assign]
 
 
-def read_pdu_data(dul: DULServiceProvider) -> None:
+def read_pdu_data(dul: DULServiceProvider, assembler: StoreAssembler | None = None) -> None:
     """``DULServiceProvider._read_pdu_data`` of pynetdicom 3.0 with P-DATA-TF PDUs decoded
-    over a memoryview of the received buffer.
+    over a memoryview of the received buffer, and handed straight to ``assembler``
+    (:func:`node.receive.dispatch_p_data`) where the state machine would only pass them on.
 
     pynetdicom copies every received fragment five times before the DIMSE layer stores it
     (``bytestream +=``, ``bytes()`` for EVT_DATA_RECV, the PDU's and the PDV's slices,
     ``data[1:]``): with their decoding, a third of the SCP's GIL time per 1 MB image. Here
-    the PDV items are views into the one buffer the PDU was read into. Same events, same order, same
-    endings (Evt17 when the connection fails, Evt19 for what cannot be decoded); other PDU
-    types, and every PDU while an EVT_DATA_RECV or EVT_PDU_RECV handler watches, go through
-    pynetdicom's own decoder.
+    the PDV items are views into the one buffer the PDU was read into. Same events, same
+    order, same endings (Evt17 when the connection fails, Evt19 for what cannot be
+    decoded); other PDU types, and every PDU while an EVT_DATA_RECV or EVT_PDU_RECV handler
+    watches, go through pynetdicom's own decoder.
+
+    While the assembler is inside a message and the next PDU has already arrived, that
+    one is read too: a reactor turn per PDU (its timer, queue and stop checks) would cost
+    more than the PDU's own handling. The turn comes when the message is complete or the
+    socket has nothing waiting.
     """
+    while True:
+        pdu = _read_pdu(dul)
+        if pdu is None:
+            return
+        pdu_type, head, body = pdu
+        p_data_unwatched = pdu_type == P_DATA_TF_TYPE and not _watched(dul.assoc)
+        if p_data_unwatched and assembler and dispatch_p_data(dul, assembler, memoryview(body)):
+            if assembler.in_message and _arrived(dul):
+                continue
+            return
+        _decode_and_queue(dul, pdu_type, head, body, p_data_unwatched)
+        return
+
+
+def _read_pdu(dul: DULServiceProvider) -> tuple[int, bytearray, bytearray] | None:
+    """(type, header, body) of the next PDU; None when it could not be read, after
+    queueing the event that ends the association (Evt17 or Evt19)."""
     sock = cast(AssociationSocket, dul.socket)
     try:
         head = sock.recv(6)
         if len(head) < 6:
             dul.event_queue.put("Evt17")  # closed before a whole PDU header arrived
-            return
+            return None
         pdu_type, _, length = struct.unpack(">BBL", head)
         if pdu_type not in _PDU_TYPES:
             log.error("unknown PDU type received 0x%02X", pdu_type)
             dul.event_queue.put("Evt19")
-            return
+            return None
         body = sock.recv(length)
     except (OSError, TimeoutError) as exc:
         log.error("connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
-        return
+        return None
     if len(body) != length:
         log.error("received PDU is shorter than its header says (%d of %d)", len(body), length)
         dul.event_queue.put("Evt17")
-        return
+        return None
+    return pdu_type, head, body
+
+
+def _decode_and_queue(
+    dul: DULServiceProvider, pdu_type: int, head: bytearray, body: bytearray, views: bool
+) -> None:
+    """Decode a PDU (P-DATA-TF over views of ``body`` where ``views``) and queue it and
+    its event for the state machine."""
     try:
-        if pdu_type == P_DATA_TF_TYPE and not _watched(dul.assoc):
+        if views:
             pdu: Any = P_DATA_TF()
             pdu.presentation_data_value_items = pdu._wrap_generate_items(memoryview(body))
             event = "Evt10"
@@ -272,6 +309,20 @@ def read_pdu_data(dul: DULServiceProvider) -> None:
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _arrived(dul: DULServiceProvider) -> bool:
+    """Whether more bytes wait on the association's socket (without blocking)."""
+    sock = getattr(dul.socket, "socket", None)
+    if sock is None or dul._kill_thread:
+        return False
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False  # the reactor's own check reports it
+    return bool(readable)
 
 
 _PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT
