@@ -20,6 +20,7 @@ STORE_RQ = 0x0001  # Command Field
 STORE_RSP = 0x8001
 DATASET_PRESENT = 0x0001  # Command Data Set Type, as pynetdicom sends it
 NO_DATASET = 0x0101
+LAST_COMMAND = b"\x03"  # message control header: the command's last fragment
 PDU_HEADER = 6  # a PDV item's length (4) and context ID (1), and the message header (1)
 
 
@@ -79,7 +80,7 @@ def p_data(
 ) -> Iterator[P_DATA]:
     """The message as P-DATA primitives, one PDV each: the command's fragments, then the
     data set's; ``max_pdu`` is the peer's maximum PDU length (0: unlimited)."""
-    yield from _fragments(context_id, command, max_pdu, b"\x01", b"\x03")
+    yield from _fragments(context_id, command, max_pdu, b"\x01", LAST_COMMAND)
     if dataset:
         yield from _fragments(context_id, dataset, max_pdu, b"\x00", b"\x02")
 

@@ -3,7 +3,7 @@
 Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per association
 from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
 tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
-in ``select`` instead of napping and polling), an event-driven acceptor reactor, C-STORE
+in ``select`` instead of napping and polling), an event-driven association reactor, C-STORE
 requests and responses encoded directly (``node.cstore``), received C-STORE requests
 assembled directly (``node.receive``), and a switch for pynetdicom's per-message logging
 handlers.
@@ -34,8 +34,9 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket
 
-from node.cstore import p_data, store_request, store_response
+from node.cstore import LAST_COMMAND, PDU_HEADER, p_data, store_request, store_response
 from node.receive import StoreAssembler, dispatch_p_data
+from node.sendnow import guard, p_data_tf, send_now
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,14 @@ to send; it then makes its timer and stop checks."""
 def set_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
     the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
-    assemble received C-STORE requests and encode C-STORE messages directly; for an
-    acceptor, also its own reactor.
+    assemble received C-STORE requests, encode C-STORE messages directly and send
+    one-PDU responses from the answering thread; and the association's own reactor.
 
     DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
     delayed ACK stalls every message by ~40 ms.
     """
     dul = event.assoc.dul
+    lock = None
     wrapper = getattr(dul, "socket", None)
     sock = getattr(wrapper, "socket", None)
     if isinstance(sock, socket.socket):
@@ -64,26 +66,33 @@ def set_nodelay(event: Event) -> None:
             log.debug("cannot set TCP_NODELAY: %s", exc)
         if type(wrapper) is AssociationSocket:
             _make_event_driven(dul, wrapper)
-    if event.assoc.is_acceptor:
-        event.assoc._run_reactor = MethodType(acceptor_reactor, event.assoc)  # type: ignore[method-assign]
+            lock = guard(dul)
+    event.assoc._run_reactor = MethodType(association_reactor, event.assoc)  # type: ignore[method-assign]
     dimse = event.assoc.dimse
-    dimse.send_msg = partial(send_msg, dimse, dimse.send_msg)  # type: ignore[method-assign]
+    dimse.send_msg = partial(send_msg, dimse, dimse.send_msg, lock)  # type: ignore[method-assign]
 
 
 def send_msg(
     dimse: DIMSEServiceProvider,
     pynetdicoms: Callable[[DimsePrimitiveType, int], None],
+    lock: threading.RLock | None,
     primitive: DimsePrimitiveType,
     context_id: int,
 ) -> None:
     """``DIMSEServiceProvider.send_msg`` with plain C-STORE requests and responses encoded
-    directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding); everything else,
-    and every message while an EVT_DIMSE_SENT handler watches, goes pynetdicom's way."""
+    directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding), and a response
+    that fits one PDU sent by this thread (:func:`node.sendnow.send_now`, given the DUL's
+    ``lock``); everything else, and every message while an EVT_DIMSE_SENT handler
+    watches, goes pynetdicom's way."""
     encoded = None if dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT) else _c_store(primitive)
     if encoded is None:
         pynetdicoms(primitive, context_id)
         return
     command, dataset = encoded
+    max_pdu = dimse.maximum_pdu_size
+    if lock is not None and dataset is None and not 0 < max_pdu < len(command) + PDU_HEADER:
+        if send_now(dimse.dul, lock, p_data_tf(context_id, LAST_COMMAND + command)):
+            return
     for pdata in p_data(context_id, command, dataset, dimse.maximum_pdu_size):
         dimse.dul.send_pdu(pdata)
 
@@ -390,29 +399,39 @@ def read_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
     return buf
 
 
-ACCEPTOR_WAIT = 0.001
-"""Longest wait for a DIMSE message before the acceptor's reactor makes its other checks."""
+REACTOR_WAIT = 0.001
+"""Longest wait for a DIMSE message before the association's reactor makes its other
+checks."""
 
 
-def acceptor_reactor(assoc: Association) -> None:
-    """``Association._run_reactor`` of pynetdicom 3.0 for an acceptor, made event-driven.
+def association_reactor(assoc: Association) -> None:
+    """``Association._run_reactor`` of pynetdicom 3.0, event-driven and safe to pause.
 
     pynetdicom's loop naps 1 ms, then looks for a decoded DIMSE message: every C-STORE
     waited 0.5 ms on average before its handler ran. This loop blocks on the message queue
-    for up to :data:`ACCEPTOR_WAIT` instead, so a request is served as soon as its last
+    for up to :data:`REACTOR_WAIT` instead, so a request is served as soon as its last
     fragment is decoded; the pause handshake, release, abort, dead-DUL and network-timeout
     handling are pynetdicom's, in the same order (the node keeps pynetdicom's default
     ``network_timeout_response``, A-ABORT, so its A-RELEASE variant is not carried over).
+
+    Pausing (``send_c_store``, :func:`node.scu.send_raw`, ``release``) clears
+    ``_reactor_checkpoint`` and waits for ``_is_paused``; pynetdicom's loop could pass its
+    checkpoint just before the clear, still show ``_is_paused``, and then take the
+    response meant for the pausing thread off the queue. Here the loop looks at the
+    checkpoint again after it has shown itself running, and takes nothing once a pause
+    was asked for.
     """
     assoc._is_paused = False
     while not assoc._kill:
         assoc._is_paused = True
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
-        try:
-            context_id, msg = assoc.dimse.msg_queue.get(timeout=ACCEPTOR_WAIT)
-        except queue.Empty:
-            context_id, msg = None, None
+        context_id, msg = None, None
+        if assoc._reactor_checkpoint.is_set():  # no pause asked for meanwhile
+            try:
+                context_id, msg = assoc.dimse.msg_queue.get(timeout=REACTOR_WAIT)
+            except queue.Empty:
+                pass
         if msg:
             assoc._serve_request(msg, cast(int, context_id))
         if _association_ended(assoc):

@@ -149,9 +149,9 @@ def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):
     assert list(spool.reports.iterdir()) == []
 
 
-def test_acceptor_reactor_serves_releases_survives_aborts_and_times_out(tmp_path):
-    """node.netopts.acceptor_reactor replaces pynetdicom's loop: same endings."""
-    from node.netopts import acceptor_reactor
+def test_association_reactor_serves_releases_survives_aborts_and_times_out(tmp_path):
+    """node.netopts.association_reactor replaces pynetdicom's loop: same endings."""
+    from node.netopts import association_reactor
 
     spool = Spool(tmp_path / "spool", fsync=False)
     cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
@@ -163,7 +163,7 @@ def test_acceptor_reactor_serves_releases_survives_aborts_and_times_out(tmp_path
     try:
         assoc = _assoc(port, SecondaryCaptureImageStorage)
         [acceptor] = server.active_associations
-        assert acceptor._run_reactor.__func__ is acceptor_reactor
+        assert acceptor._run_reactor.__func__ is association_reactor
         for _ in range(3):  # several messages on one association
             ds = pydicom.dcmread(NIH)
             ds.SOPInstanceUID = generate_uid()
@@ -257,7 +257,7 @@ def test_event_driven_reactors_wake_on_every_send_arrival_and_stop(tmp_path, mon
     import time
 
     import node.netopts
-    from node.netopts import EventDrivenSocket
+    from node.netopts import EventDrivenSocket, association_reactor
     from node.scu import VERIFICATION, Peer, associate
 
     monkeypatch.setattr(node.netopts, "IDLE_WAIT", 10.0)
@@ -277,6 +277,7 @@ def test_event_driven_reactors_wake_on_every_send_arrival_and_stop(tmp_path, mon
             assert dul._run_loop_delay == 0
             [acceptor] = server.active_associations
             assert isinstance(acceptor.dul.socket, EventDrivenSocket)
+            assert assoc._run_reactor.__func__ is association_reactor  # the requestor's too
             for _ in range(10):
                 assert assoc.send_c_echo().Status == 0x0000
                 assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
@@ -347,3 +348,39 @@ def test_c_store_messages_are_encoded_directly_unless_someone_watches(tmp_path, 
     finally:
         server.shutdown()
         spool.close()
+
+
+def test_the_reactor_takes_no_message_once_a_pause_was_asked_for():
+    """The pause race of pynetdicom's loop: the reactor passes its checkpoint, the sending
+    thread clears it, still sees ``_is_paused`` and sends; the reactor must then leave the
+    response on the queue for it (pynetdicom's loop took it: "unexpected C-STORE")."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from node.netopts import association_reactor
+
+    class Checkpoint(threading.Event):
+        def wait(self, timeout=None):
+            passed = super().wait(timeout)
+            assoc._kill = True  # one turn
+            self.clear()  # the sending thread asks for a pause right after the pass
+            assert assoc._is_paused  # ... and sees the reactor shown as paused
+            assoc.dimse.msg_queue.put((1, "its response"))  # the response arrives
+            return passed
+
+    served: list[object] = []
+    assoc = SimpleNamespace(
+        _kill=False,
+        _is_paused=False,
+        _reactor_checkpoint=Checkpoint(),
+        dimse=SimpleNamespace(msg_queue=queue.Queue()),
+        _serve_request=lambda msg, cx: served.append(msg),
+        is_established=False,
+        acse=SimpleNamespace(is_aborted=lambda: False),
+        dul=SimpleNamespace(is_alive=lambda: True, idle_timer_expired=lambda: False),
+    )
+    assoc._reactor_checkpoint.set()
+    association_reactor(assoc)
+    assert served == []
+    assert assoc.dimse.msg_queue.get_nowait() == (1, "its response")

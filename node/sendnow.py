@@ -1,0 +1,71 @@
+"""One-PDU DIMSE messages written to the socket by the thread that sends them (pynetdicom
+3.0, pinned <4).
+
+pynetdicom hands every outgoing P-DATA to its DUL thread: the sending thread (for an SCP,
+the acceptor thread that ran the C-STORE handler) puts the primitive on the DUL's send
+queue and wakes the reactor, which turns its state machine (Sta6 + Evt9: DT-1, back to
+Sta6), encodes the PDU and sends it - ~0.4 ms and two thread switches per answered image.
+A message that fits one PDU, sent in Sta6, changes no state. So :func:`send_now` writes it
+at once, holding the lock (:func:`guard`) that the DUL thread then holds for every state
+machine action and every send; where anything else is queued, or anybody watches PDUs,
+data or transitions, or the socket is TLS (one TLS connection must not read and write
+from two threads at once), it does nothing and pynetdicom's way is taken.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import evt
+
+if TYPE_CHECKING:
+    from pynetdicom.dul import DULServiceProvider
+
+_WATCHERS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+
+
+def guard(dul: DULServiceProvider) -> threading.RLock:
+    """Make the DUL thread hold a new lock for each state machine action and each send
+    on the association's socket; returns the lock, for :func:`send_now`."""
+    lock = threading.RLock()
+    machine, wrapper = dul.state_machine, dul.socket
+    do_action, send = machine.do_action, wrapper.send  # type: ignore[union-attr]
+
+    def locked_action(event: str) -> None:
+        with lock:
+            do_action(event)
+
+    def locked_send(data: Any) -> None:
+        with lock:
+            send(data)
+
+    machine.do_action = locked_action  # type: ignore[method-assign]
+    wrapper.send = locked_send  # type: ignore[method-assign,union-attr]
+    return lock
+
+
+def send_now(dul: DULServiceProvider, lock: threading.RLock, pdu: bytes) -> bool:
+    """Send an encoded P-DATA-TF PDU now, from this thread, as the DUL thread would in
+    Sta6; False (nothing sent) where pynetdicom must send it (see the module docstring)."""
+    wrapper = dul.socket
+    if wrapper is None or isinstance(wrapper.socket, ssl.SSLSocket):
+        return False
+    if any(dul.assoc.get_handlers(event) for event in _WATCHERS):
+        return False
+    with lock:
+        if dul.state_machine.current_state != "Sta6":
+            return False
+        if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+            return False
+        wrapper.send(pdu)  # as DT-1 sends (a failure queues Evt17 for the reactor)
+    return True
+
+
+def p_data_tf(context_id: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU of one PDV item: ``fragment`` is its message control header byte
+    and data (PS3.8 9.3.5)."""
+    item = struct.pack(">IB", len(fragment) + 1, context_id) + fragment
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
