@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # with either; on a GPU host the same wheels use CUDA).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-fast lint demo bench certs clean
+.PHONY: setup peers test test-fast lint demo bench certs clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: setup
+peers:
+	scripts/install-peers.sh
+
+test: setup peers
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -24,6 +24,7 @@ from bench.common import (
     machine,
     make_images,
     orthanc,
+    settle,
     table,
     timed,
     wait_for,
@@ -175,6 +176,7 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
         rates[name] = n / _storescu_time(port, images, *(["--max-pdu", "131072"] if extra else []))
         scp.terminate()
         scp.wait()
+        settle(out)
     for fsync in (True, False):
         port = free_port()
         spool = Path(tempfile.mkdtemp(dir=work))
@@ -188,6 +190,7 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
         rates[name] = n / _storescu_time(port, images, "--max-pdu", "131072")
         node.terminate()
         node.wait()
+        settle(spool)
     return rates
 
 

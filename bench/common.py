@@ -114,6 +114,15 @@ class Orthanc:
         self.proc.wait(30)
 
 
+def settle(*outputs: Path) -> None:
+    """Remove a measured run's output and write back the page cache, outside any timing,
+    so that the next client does not pay for this one's 200 MB of dirty pages (with the
+    outputs left in place, storescp fell from 632 to 141 img/s over four rounds)."""
+    for path in outputs:
+        shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
 @contextmanager
 def orthanc(workdir: Path, **kw: Any) -> Iterator[Orthanc]:
     shutil.rmtree(workdir, ignore_errors=True)
@@ -122,6 +131,7 @@ def orthanc(workdir: Path, **kw: Any) -> Iterator[Orthanc]:
         yield o
     finally:
         o.stop()
+        settle(workdir)
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install the real DICOM peers the tests use (Orthanc, dcmtk, dicom3tools, gdcm) with apt,
+# only those missing; as root, or through sudo.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need=()
+[ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v gdcmconv >/dev/null || need+=(libgdcm-tools)  # the transcode tests' JPEG-LS/J2K
+[ ${#need[@]} -gt 0 ] || exit 0
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+echo "installing ${need[*]} with apt-get" >&2
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
