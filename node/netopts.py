@@ -36,7 +36,7 @@ from pynetdicom.transport import AssociationSocket
 
 from node.cstore import LAST_COMMAND, PDU_HEADER, p_data, store_request, store_response
 from node.receive import StoreAssembler, dispatch_p_data
-from node.sendnow import guard, p_data_tf, send_now
+from node.sendnow import SendGuard, guard, p_data_tf, send_now
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def set_nodelay(event: Event) -> None:
     delayed ACK stalls every message by ~40 ms.
     """
     dul = event.assoc.dul
-    lock = None
+    sent = None
     wrapper = getattr(dul, "socket", None)
     sock = getattr(wrapper, "socket", None)
     if isinstance(sock, socket.socket):
@@ -66,23 +66,23 @@ def set_nodelay(event: Event) -> None:
             log.debug("cannot set TCP_NODELAY: %s", exc)
         if type(wrapper) is AssociationSocket:
             _make_event_driven(dul, wrapper)
-            lock = guard(dul)
+            sent = guard(dul)
     event.assoc._run_reactor = MethodType(association_reactor, event.assoc)  # type: ignore[method-assign]
     dimse = event.assoc.dimse
-    dimse.send_msg = partial(send_msg, dimse, dimse.send_msg, lock)  # type: ignore[method-assign]
+    dimse.send_msg = partial(send_msg, dimse, dimse.send_msg, sent)  # type: ignore[method-assign]
 
 
 def send_msg(
     dimse: DIMSEServiceProvider,
     pynetdicoms: Callable[[DimsePrimitiveType, int], None],
-    lock: threading.RLock | None,
+    sent: SendGuard | None,
     primitive: DimsePrimitiveType,
     context_id: int,
 ) -> None:
     """``DIMSEServiceProvider.send_msg`` with plain C-STORE requests and responses encoded
     directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding), and a response
     that fits one PDU sent by this thread (:func:`node.sendnow.send_now`, given the DUL's
-    ``lock``); everything else, and every message while an EVT_DIMSE_SENT handler
+    guard ``sent``); everything else, and every message while an EVT_DIMSE_SENT handler
     watches, goes pynetdicom's way."""
     encoded = None if dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT) else _c_store(primitive)
     if encoded is None:
@@ -90,8 +90,8 @@ def send_msg(
         return
     command, dataset = encoded
     max_pdu = dimse.maximum_pdu_size
-    if lock is not None and dataset is None and not 0 < max_pdu < len(command) + PDU_HEADER:
-        if send_now(dimse.dul, lock, p_data_tf(context_id, LAST_COMMAND + command)):
+    if sent is not None and dataset is None and not 0 < max_pdu < len(command) + PDU_HEADER:
+        if send_now(dimse.dul, sent, p_data_tf(context_id, LAST_COMMAND + command)):
             return
     for pdata in p_data(context_id, command, dataset, dimse.maximum_pdu_size):
         dimse.dul.send_pdu(pdata)
@@ -256,22 +256,29 @@ def read_pdu_data(dul: DULServiceProvider, assembler: StoreAssembler | None = No
     watches, go through pynetdicom's own decoder.
 
     While the assembler is inside a message and the next PDU has already arrived, that
-    one is read too: a reactor turn per PDU (its timer, queue and stop checks) would cost
-    more than the PDU's own handling. The turn comes when the message is complete or the
-    socket has nothing waiting.
+    one is read too, up to :data:`PDUS_PER_TURN`: a reactor turn per PDU (its timer, queue
+    and stop checks) would cost more than the PDU's own handling. The idle timer restarts
+    at every PDU, as pynetdicom's reactor restarts it (a long message must not time out
+    while it streams in), and the turn comes when the message is complete, the socket has
+    nothing waiting, something waits to be sent or the reactor is being stopped.
     """
-    while True:
+    for _ in range(PDUS_PER_TURN):
         pdu = _read_pdu(dul)
         if pdu is None:
             return
         pdu_type, head, body = pdu
         p_data_unwatched = pdu_type == P_DATA_TF_TYPE and not _watched(dul.assoc)
         if p_data_unwatched and assembler and dispatch_p_data(dul, assembler, memoryview(body)):
-            if assembler.in_message and _arrived(dul):
+            dul._idle_timer.restart()
+            if assembler.in_message and not dul.to_provider_queue.queue and _arrived(dul):
                 continue
             return
         _decode_and_queue(dul, pdu_type, head, body, p_data_unwatched)
         return
+
+
+PDUS_PER_TURN = 64
+"""PDUs of one message read in one reactor turn at most (8 MiB at 128 KiB PDUs)."""
 
 
 def _read_pdu(dul: DULServiceProvider) -> tuple[int, bytearray, bytearray] | None:

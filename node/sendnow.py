@@ -7,9 +7,10 @@ queue and wakes the reactor, which turns its state machine (Sta6 + Evt9: DT-1, b
 Sta6), encodes the PDU and sends it - ~0.4 ms and two thread switches per answered image.
 A message that fits one PDU, sent in Sta6, changes no state. So :func:`send_now` writes it
 at once, holding the lock (:func:`guard`) that the DUL thread then holds for every state
-machine action and every send; where anything else is queued, or anybody watches PDUs,
-data or transitions, or the socket is TLS (one TLS connection must not read and write
-from two threads at once), it does nothing and pynetdicom's way is taken.
+machine action and every send; where anything else is queued, an A-ABORT went out, the
+reactor is stopping, anybody watches PDUs, data or transitions (or binds a handler that
+runs inside a state machine action), or the socket is TLS (one TLS connection must not
+read and write from two threads at once), it does nothing and pynetdicom's way is taken.
 """
 
 from __future__ import annotations
@@ -24,43 +25,67 @@ from pynetdicom import evt
 if TYPE_CHECKING:
     from pynetdicom.dul import DULServiceProvider
 
-_WATCHERS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+_WATCHERS = (
+    evt.EVT_PDU_SENT,  # see what is sent
+    evt.EVT_DATA_SENT,
+    evt.EVT_FSM_TRANSITION,
+    evt.EVT_DIMSE_RECV,  # run inside state machine actions, so under the lock: a handler
+    evt.EVT_CONN_CLOSE,  # that waited for the answering thread would deadlock with it
+)
+A_ABORT_PDU = 0x07
 
 
-def guard(dul: DULServiceProvider) -> threading.RLock:
-    """Make the DUL thread hold a new lock for each state machine action and each send
-    on the association's socket; returns the lock, for :func:`send_now`."""
-    lock = threading.RLock()
+class SendGuard:
+    """The lock the DUL thread holds for each state machine action and each send, and
+    whether an A-ABORT went out (pynetdicom's reactor sends one outside its state machine
+    when an action fails, leaving the state as it was)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.aborted = False
+
+
+def guard(dul: DULServiceProvider) -> SendGuard:
+    """Make the DUL thread hold a new :class:`SendGuard`'s lock for each state machine
+    action and each send on the association's socket; returns it, for :func:`send_now`."""
+    sent = SendGuard()
     machine, wrapper = dul.state_machine, dul.socket
     do_action, send = machine.do_action, wrapper.send  # type: ignore[union-attr]
 
     def locked_action(event: str) -> None:
-        with lock:
+        with sent.lock:
             do_action(event)
 
     def locked_send(data: Any) -> None:
-        with lock:
+        with sent.lock:
+            if data[:1] == bytes([A_ABORT_PDU]):
+                sent.aborted = True
             send(data)
 
     machine.do_action = locked_action  # type: ignore[method-assign]
     wrapper.send = locked_send  # type: ignore[method-assign,union-attr]
-    return lock
+    return sent
 
 
-def send_now(dul: DULServiceProvider, lock: threading.RLock, pdu: bytes) -> bool:
+def send_now(dul: DULServiceProvider, sent: SendGuard, pdu: bytes) -> bool:
     """Send an encoded P-DATA-TF PDU now, from this thread, as the DUL thread would in
-    Sta6; False (nothing sent) where pynetdicom must send it (see the module docstring)."""
+    Sta6; False (nothing sent) where pynetdicom must send it (see the module docstring),
+    and after an A-ABORT or once the reactor is being stopped."""
     wrapper = dul.socket
     if wrapper is None or isinstance(wrapper.socket, ssl.SSLSocket):
         return False
     if any(dul.assoc.get_handlers(event) for event in _WATCHERS):
         return False
-    with lock:
-        if dul.state_machine.current_state != "Sta6":
+    with sent.lock:
+        if sent.aborted or dul._kill_thread or dul.state_machine.current_state != "Sta6":
             return False
         if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
             return False
         wrapper.send(pdu)  # as DT-1 sends (a failure queues Evt17 for the reactor)
+    if not dul.event_queue.empty():  # the send failed: wake the reactor to see it
+        waker = getattr(wrapper, "waker", None)
+        if waker is not None:
+            waker.wake()
     return True
 
 

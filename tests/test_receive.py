@@ -196,3 +196,62 @@ def test_store_request_encoding_round_trips_through_the_assembler():
     )
     (ours,) = _summary(dimse)
     assert (ours["MessageID"], ours["Priority"], ours["data"]) == (4, 2, b"xyz")
+
+
+def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_path):
+    """Network: the reader takes several PDUs of one message per reactor turn, and must
+    restart the idle timer at each, as pynetdicom does: a C-STORE whose PDUs arrive back
+    to back for 2 s must not be aborted by a 1 s network timeout."""
+    import struct
+    import time
+
+    import pydicom
+    from helpers import NIH
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dsutils import encode
+
+    from node.config import ScpConfig
+    from node.scp import StoreStatus, start_server
+    from node.spool import Spool
+
+    def pdu(context_id: int, header: bytes, fragment: bytes) -> bytes:
+        item = struct.pack(">IB", len(fragment) + 2, context_id) + header + fragment
+        return struct.pack(">BBI", 4, 0, len(item)) + item
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
+    server = start_server(cfg, spool)
+    ds = pydicom.dcmread(NIH)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.SOPClassUID, [ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
+    try:
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        assoc._reactor_checkpoint.clear()  # we read the response ourselves
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        payload = encode(ds, True, True)
+        command = store_request(1, str(ds.SOPClassUID), str(ds.SOPInstanceUID), 2)
+        stream = pdu(context_id, b"\x03", command)
+        step = 16384
+        for i in range(0, len(payload), step):
+            last = i + step >= len(payload)
+            stream += pdu(context_id, b"\x02" if last else b"\x00", payload[i : i + step])
+        sock, start = assoc.dul.socket.socket, time.monotonic()
+        pieces = range(0, len(stream), 4000)
+        for i in pieces:  # ~2 s in all, continuously: PDU boundaries arrive mid-piece
+            sock.sendall(stream[i : i + 4000])
+            time.sleep(max(0.0, start + 2.0 * (i + 4000) / len(stream) - time.monotonic()))
+        assert time.monotonic() - start > 1.5 * cfg.network_timeout
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None and rsp.Status == StoreStatus.SUCCESS
+        assert not assoc.is_aborted
+        assert [j.sop_instance_uid for j in spool.jobs()] == [ds.SOPInstanceUID]
+    finally:
+        assoc._reactor_checkpoint.set()
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+        spool.close()

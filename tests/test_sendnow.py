@@ -23,7 +23,7 @@ from node.config import ScpConfig
 from node.cstore import store_response
 from node.scp import StoreStatus, start_server
 from node.scu import Peer, associate
-from node.sendnow import guard, p_data_tf, send_now
+from node.sendnow import SendGuard, guard, p_data_tf, send_now
 from node.spool import Spool
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -45,6 +45,7 @@ def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
         socket=SimpleNamespace(socket=sock or socket.socket(), send=sent.append),
         sent=sent,
         state_machine=SimpleNamespace(current_state=state, do_action=lambda e: None),
+        _kill_thread=False,
         to_provider_queue=queue.Queue(),
         event_queue=queue.Queue(),
         assoc=SimpleNamespace(get_handlers=lambda e: [(print, None)] if e is watched else []),
@@ -53,7 +54,7 @@ def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
 
 def test_sent_at_once_in_sta6_with_nothing_queued_or_watched():
     dul = _dul()
-    assert send_now(dul, threading.RLock(), b"pdu")
+    assert send_now(dul, SendGuard(), b"pdu")
     assert dul.sent == [b"pdu"]
     dul.socket.socket.close()
 
@@ -65,17 +66,35 @@ def test_sent_at_once_in_sta6_with_nothing_queued_or_watched():
         lambda d: d.to_provider_queue.put("earlier primitive"),
         lambda d: d.event_queue.put("Evt10"),
         lambda d: setattr(d, "socket", None),
+        lambda d: setattr(d, "_kill_thread", True),  # the reactor is being stopped
         *(
             lambda d, e=event: setattr(d.assoc, "get_handlers", lambda x: [1] if x is e else [])
-            for event in (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+            for event in (
+                evt.EVT_PDU_SENT,
+                evt.EVT_DATA_SENT,
+                evt.EVT_FSM_TRANSITION,
+                evt.EVT_DIMSE_RECV,
+                evt.EVT_CONN_CLOSE,
+            )
         ),
     ],
-    ids=["state", "send-queued", "event-queued", "no-socket", "pdu", "data", "fsm"],
+    ids=[
+        "state",
+        "send-queued",
+        "event-queued",
+        "no-socket",
+        "stopping",
+        "pdu",
+        "data",
+        "fsm",
+        "dimse-recv",
+        "conn-close",
+    ],
 )
 def test_left_to_pynetdicom_otherwise(change):
     dul = _dul()
     change(dul)
-    assert not send_now(dul, threading.RLock(), b"pdu")
+    assert not send_now(dul, SendGuard(), b"pdu")
     assert dul.sent == []
 
 
@@ -84,7 +103,7 @@ def test_left_to_pynetdicom_over_tls():
     context.check_hostname = False
     tls = context.wrap_socket(socket.socket(), do_handshake_on_connect=False)
     dul = _dul(tls)
-    assert not send_now(dul, threading.RLock(), b"pdu")
+    assert not send_now(dul, SendGuard(), b"pdu")
     assert dul.sent == []
     tls.close()
 
@@ -92,13 +111,35 @@ def test_left_to_pynetdicom_over_tls():
 def test_the_dul_thread_holds_the_lock_for_every_action_and_send():
     dul = _dul()
     held: list[bool] = []
-    dul.state_machine.do_action = lambda event: held.append(lock._is_owned())
-    dul.socket.send = lambda data: held.append(lock._is_owned())
-    lock = guard(dul)
+    dul.state_machine.do_action = lambda event: held.append(sent.lock._is_owned())
+    dul.socket.send = lambda data: held.append(sent.lock._is_owned())
+    sent = guard(dul)
     dul.state_machine.do_action("Evt9")
     dul.socket.send(b"pdu")
     assert held == [True, True]
-    assert not lock._is_owned()
+    assert not sent.lock._is_owned()
+    dul.socket.socket.close()
+
+
+def test_nothing_after_an_a_abort_sent_outside_the_state_machine():
+    """pynetdicom's reactor answers a failed action with an A-ABORT written straight to
+    the socket, in Sta6; a response must not follow it."""
+    dul = _dul()
+    sent = guard(dul)
+    assert send_now(dul, sent, b"\x04 first")
+    dul.socket.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")  # the reactor's A-ABORT
+    assert not send_now(dul, sent, b"\x04 second")
+    assert [p[:1] for p in dul.sent] == [b"\x04", b"\x07"]
+    dul.socket.socket.close()
+
+
+def test_a_failed_send_wakes_the_reactor():
+    dul = _dul()
+    woken: list[bool] = []
+    dul.socket.waker = SimpleNamespace(wake=lambda: woken.append(True))
+    assert send_now(dul, SendGuard(), b"pdu") and woken == []
+    dul.socket.send = lambda data: dul.event_queue.put("Evt17")  # as AssociationSocket.send
+    assert send_now(dul, SendGuard(), b"pdu") and woken == [True]
     dul.socket.socket.close()
 
 

@@ -222,3 +222,55 @@ def test_damaged_pdus_end_as_in_pynetdicom(damage, event):
     read_pdu_data(dul)
     assert dul.events() == [event]
     assert dul._recv_pdu.empty()
+
+
+def _store_pdus(n_data: int) -> bytes:
+    """A C-STORE request as 1 + ``n_data`` P-DATA-TF PDUs, back to back."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    from node.cstore import p_data, store_request
+
+    command = store_request(3, "1.2.3", "1.2.3.4", 0)
+    primitives = p_data(5, command, bytes(100 * n_data), 106)  # 100 data bytes per PDU
+    out = b""
+    for primitive in primitives:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += pdu.encode()
+    return out
+
+
+@pytest.mark.parametrize("queued_send", [False, True])
+def test_the_reader_takes_a_message_in_one_turn_unless_something_waits_to_be_sent(queued_send):
+    """read_pdu_data reads the PDUs of one message that have arrived in one reactor turn,
+    restarting the idle timer at each (as pynetdicom's reactor does per PDU); with a send
+    queued it gives the reactor its turn after one PDU."""
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    from node.netopts import read_pdu_data
+    from node.receive import StoreAssembler
+
+    dul = _FakeDul(_store_pdus(5))
+    dul.socket.socket = dul._sock
+    dul.state_machine = SimpleNamespace(current_state="Sta6")
+    dul.to_provider_queue = queue.Queue()
+    dul._kill_thread = False
+    restarts: list[int] = []
+    dul._idle_timer = SimpleNamespace(restart=lambda: restarts.append(1))
+    if queued_send:
+        dul.to_provider_queue.put("a response")
+    dimse = DIMSEServiceProvider(SimpleNamespace(get_handlers=lambda e: [], dul=dul))
+    assembler = StoreAssembler(dimse, lambda p: pytest.fail("handed to pynetdicom"))
+    time.sleep(0.2)  # all of it has arrived
+    read_pdu_data(dul, assembler)
+    if queued_send:
+        assert restarts == [1] and assembler.in_message
+        return
+    assert len(restarts) == 6 and not assembler.in_message  # the command and 5 data PDUs
+    context_id, request = dimse.msg_queue.get_nowait()
+    assert (context_id, request.AffectedSOPInstanceUID) == (5, "1.2.3.4")
+    assert dul.events() == []
