@@ -20,7 +20,8 @@ STORE_RQ = 0x0001  # Command Field
 STORE_RSP = 0x8001
 DATASET_PRESENT = 0x0001  # Command Data Set Type, as pynetdicom sends it
 NO_DATASET = 0x0101
-LAST_COMMAND = b"\x03"  # message control header: the command's last fragment
+COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
+LAST_COMMAND = bytes([COMMAND | LAST])  # the header of a command's last fragment
 PDU_HEADER = 6  # a PDV item's length (4) and context ID (1), and the message header (1)
 
 

@@ -93,7 +93,7 @@ def send_msg(
     if sent is not None and dataset is None and not 0 < max_pdu < len(command) + PDU_HEADER:
         if send_now(dimse.dul, sent, p_data_tf(context_id, LAST_COMMAND + command)):
             return
-    for pdata in p_data(context_id, command, dataset, dimse.maximum_pdu_size):
+    for pdata in p_data(context_id, command, dataset, max_pdu):
         dimse.dul.send_pdu(pdata)
 
 

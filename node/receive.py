@@ -27,7 +27,7 @@ from pynetdicom import _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.cstore import parse_store_request
+from node.cstore import COMMAND, LAST, parse_store_request
 
 if TYPE_CHECKING:
     from pynetdicom.dimse import DIMSEServiceProvider
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 PDV = tuple[int, bytes | memoryview]
 """A presentation data value: (presentation context ID, message header byte + fragment)."""
-
-COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 
 
 class StoreAssembler:

@@ -202,7 +202,6 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
     """Network: the reader takes several PDUs of one message per reactor turn, and must
     restart the idle timer at each, as pynetdicom does: a C-STORE whose PDUs arrive back
     to back for 2 s must not be aborted by a 1 s network timeout."""
-    import struct
     import time
 
     import pydicom
@@ -213,11 +212,8 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
 
     from node.config import ScpConfig
     from node.scp import StoreStatus, start_server
+    from node.sendnow import p_data_tf
     from node.spool import Spool
-
-    def pdu(context_id: int, header: bytes, fragment: bytes) -> bytes:
-        item = struct.pack(">IB", len(fragment) + 2, context_id) + header + fragment
-        return struct.pack(">BBI", 4, 0, len(item)) + item
 
     spool = Spool(tmp_path / "spool", fsync=False)
     cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
@@ -234,11 +230,11 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
             time.sleep(0.001)
         payload = encode(ds, True, True)
         command = store_request(1, str(ds.SOPClassUID), str(ds.SOPInstanceUID), 2)
-        stream = pdu(context_id, b"\x03", command)
+        stream = p_data_tf(context_id, b"\x03" + command)
         step = 16384
         for i in range(0, len(payload), step):
             last = i + step >= len(payload)
-            stream += pdu(context_id, b"\x02" if last else b"\x00", payload[i : i + step])
+            stream += p_data_tf(context_id, (b"\x02" if last else b"\x00") + payload[i : i + step])
         sock, start = assoc.dul.socket.socket, time.monotonic()
         pieces = range(0, len(stream), 4000)
         for i in pieces:  # ~2 s in all, continuously: PDU boundaries arrive mid-piece

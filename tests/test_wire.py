@@ -9,6 +9,7 @@ import threading
 import zlib
 from functools import partial
 from io import BytesIO
+from typing import Any
 
 import pydicom
 import pytest
@@ -171,15 +172,21 @@ class _FakeDul:
         return list(self.event_queue.queue)
 
 
-def _p_data_pdu(size: int) -> bytes:
+def _store_request_pdus(data: bytes, max_pdu: int) -> list[Any]:
+    """A C-STORE request with ``data`` as pynetdicom's P_DATA_TF PDUs, one PDV each."""
     from pynetdicom.pdu import P_DATA_TF
 
     from node.cstore import p_data, store_request
 
     pdus = []
-    for primitive in p_data(5, store_request(3, "1.2.3", "1.2.3.4", 0), bytes(size) + b"x", 0):
+    for primitive in p_data(5, store_request(3, "1.2.3", "1.2.3.4", 0), data, max_pdu):
         pdus.append(P_DATA_TF())
         pdus[-1].from_primitive(primitive)
+    return pdus
+
+
+def _p_data_pdu(size: int) -> bytes:
+    pdus = _store_request_pdus(bytes(size) + b"x", 0)
     pdus[0].presentation_data_value_items += pdus[1].presentation_data_value_items
     return pdus[0].encode()  # one PDU, two PDVs: the command and the data set
 
@@ -226,18 +233,8 @@ def test_damaged_pdus_end_as_in_pynetdicom(damage, event):
 
 def _store_pdus(n_data: int) -> bytes:
     """A C-STORE request as 1 + ``n_data`` P-DATA-TF PDUs, back to back."""
-    from pynetdicom.pdu import P_DATA_TF
-
-    from node.cstore import p_data, store_request
-
-    command = store_request(3, "1.2.3", "1.2.3.4", 0)
-    primitives = p_data(5, command, bytes(100 * n_data), 106)  # 100 data bytes per PDU
-    out = b""
-    for primitive in primitives:
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        out += pdu.encode()
-    return out
+    pdus = _store_request_pdus(bytes(100 * n_data), 106)  # 100 data bytes per PDU
+    return b"".join(pdu.encode() for pdu in pdus)
 
 
 @pytest.mark.parametrize("queued_send", [False, True])
