@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -91,13 +91,26 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
         tls_args=tls_args,
     )
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        raise SendError(f"association to {peer.ae_title}@{peer.host}:{peer.port} {reason}")
+        raise SendError(f"association to {peer.ae_title}@{peer.host}:{peer.port} {_why(assoc)}")
     try:
         yield assoc
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _why(assoc: Association) -> str:
+    """Why an association was not established, in words."""
+    if assoc.is_rejected:
+        return "rejected"
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        classes = sorted({UID(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+        named = ", ".join(f"{uid} ({uid.name})" if uid.name != uid else uid for uid in classes)
+        return (
+            f"rejected every proposed presentation context (SOP classes {named}: the peer "
+            "does not accept them or their transfer syntaxes)"
+        )
+    return "aborted or unreachable"
 
 
 def store_datasets(peer: Peer, datasets: Iterable[Dataset]) -> int:

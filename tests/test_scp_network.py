@@ -216,6 +216,78 @@ def test_push_keeps_one_association_across_chunks(tmp_path, monkeypatch):
     spool.close()
 
 
+def test_push_command_skips_pixel_libraries_and_still_converts_syntaxes(tmp_path):
+    """``cxr-node push`` starts without numpy, Pillow and the JPEG plugins (node.imports),
+    and a file the peer takes only in another uncompressed syntax is still converted by
+    pydicom and pynetdicom, values intact."""
+    import subprocess
+    import sys
+
+    received: list[tuple[str, pydicom.Dataset]] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append((event.context.transfer_syntax, event.dataset))
+        return int(StoreStatus.SUCCESS)
+
+    ds = pydicom.dcmread(NIH)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "explicit.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    code = (
+        "import sys; from node.cli import main; rc = main(sys.argv[1:]); "
+        "print('loaded:', *(m for m in ('numpy', 'PIL', 'pylibjpeg') if m in sys.modules)); "
+        "sys.exit(rc)"
+    )
+    port = str(server.server_address[1])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "push", str(path), "--port", port, "--aet", "PEER"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sent 1, warnings 0, failed 0" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "loaded:"
+    [(syntax, got)] = received
+    assert syntax == ImplicitVRLittleEndian
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert got.PixelData == ds.PixelData
+
+
+def test_push_names_the_classes_a_peer_refuses_and_does_not_retry(tmp_path):
+    import node.push
+    from node.scu import Peer
+
+    attempts: list[int] = []
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_REQUESTED, lambda _e: attempts.append(1))],
+    )
+    try:
+        peer = Peer("127.0.0.1", server.server_address[1], "PEER")
+        summary = node.push.push([NIH], peer, associations=1, progress_stream=None)
+    finally:
+        server.shutdown()
+    assert (summary.sent, summary.failed) == (0, 1)
+    assert (
+        "rejected every proposed presentation context "
+        "(SOP classes 1.2.840.10008.5.1.4.1.1.7 (Secondary Capture Image Storage)"
+        in summary.describe()
+    )
+    assert len(attempts) == 1
+
+
 def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
     """A bug in sending one chunk fails that chunk only; the push still ends."""
     import node.push

@@ -243,3 +243,23 @@ def test_zips_are_told_by_name_magic_or_directory_and_dicom_files_are_not_search
     monkeypatch.setattr(archive.zipfile, "is_zipfile", lambda p: searched.append(p) or False)
     assert not archive._is_zip(NIH)
     assert searched == []  # a Part 10 file: no scan of its last 64 KiB
+
+
+def test_hidden_modules_are_unimportable_inside_and_importable_after():
+    import sys
+
+    from node.imports import hidden
+
+    name = "colorsys"  # a stdlib module nothing in the test process has imported
+    sys.modules.pop(name, None)
+    with hidden((name, "json")):
+        with pytest.raises(ImportError):
+            __import__(name)
+        import json  # already imported before the block: untouched
+
+        assert json.dumps([1]) == "[1]"
+    assert name not in sys.modules
+    assert __import__(name).rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="top-level"):
+        with hidden(("os.path",)):
+            pass
