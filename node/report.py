@@ -32,6 +32,7 @@ from node.uids import derive_uid, is_valid_uid, sr_instance_uid, sr_series_uid
 log = logging.getLogger(__name__)
 
 SR_SERIES_NUMBER = 9901
+UTF8 = "ISO_IR 192"
 SR_SERIES_DESCRIPTION = "AI CXR findings (torchxrayvision), not for diagnosis"
 
 # Attributes of the source that the SR copies (Patient, General Study, Patient Study).
@@ -84,6 +85,15 @@ class ReportContext:
     manufacturer: str = "cxr-node"
     institution_name: str | None = None
     software_version: str = __version__
+
+
+def sr_charset(clean: Dataset, ctx: ReportContext) -> str | None:
+    """The SR's Specific Character Set: UTF-8 where a copied or configured text is not
+    ASCII (pydicom has decoded the source's values from its own character set, and UTF-8
+    holds them all), else none, the default repertoire that every PACS reads."""
+    texts = [str(clean.get(k) or "") for k in FROM_SOURCE]
+    texts += [ctx.manufacturer, ctx.institution_name or ""]
+    return None if all(text.isascii() for text in texts) else UTF8
 
 
 def _valid(keyword: str, value: object) -> bool:
@@ -240,6 +250,7 @@ def document(
             instance_number=1,
             manufacturer=ctx.manufacturer,
             institution_name=ctx.institution_name,
+            specific_character_set=sr_charset(ident.clean, ctx),
             is_complete=False,
             is_final=False,
             is_verified=False,

@@ -34,7 +34,7 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -55,6 +55,7 @@ from node.report import (
     content_tree,
     document,
     identify,
+    sr_charset,
     tracking_text,
 )
 from node.wire import PREAMBLE, encoded_element
@@ -154,7 +155,7 @@ class _HeaderTemplate:
     def __init__(self, cached: Dataset) -> None:
         if any(" or " in elem.VR for elem in cached.iterall()):
             raise ReportError("SR header has ambiguous VRs")
-        charset = cached.get("SpecificCharacterSet", default_encoding)
+        charset = _encodings(cached)
         self.charset = charset
         self.copied = tuple(k for k in FROM_SOURCE if k in cached)
         clock = tuple(clock_attributes(_SENTINEL_NOW))
@@ -217,11 +218,16 @@ def _undefined_lengths(elem: DataElement) -> None:
                 _undefined_lengths(child)
 
 
-def _encode_undefined(elem: DataElement) -> bytes:
+def _encodings(ds: Dataset) -> list[str]:
+    """The Python codecs of ``ds``'s Specific Character Set, as pydicom's writer takes them."""
+    return list(convert_encodings(ds.get("SpecificCharacterSet") or default_encoding))
+
+
+def _encode_undefined(elem: DataElement, encodings: list[str]) -> bytes:
     """A copy of the sequence ``elem`` encoded with undefined lengths throughout."""
     elem = copy.deepcopy(elem)
     _undefined_lengths(elem)
-    return _element_bytes(elem)
+    return _element_bytes(elem, encodings)
 
 
 def _find_once(blob: bytes, needle: bytes, what: str) -> int:
@@ -319,11 +325,11 @@ class _ContentTemplate:
 
     @staticmethod
     def _content_bytes(sr: Dataset) -> bytes:
-        return _encode_undefined(sr[_CONTENT_SEQUENCE])
+        return _encode_undefined(sr[_CONTENT_SEQUENCE], _encodings(sr))
 
     @staticmethod
     def _code_bytes(sr: Dataset, code_value: str) -> bytes:
-        return _encode_undefined(_code_items(sr, code_value)[0])
+        return _encode_undefined(_code_items(sr, code_value)[0], _encodings(sr))
 
     @staticmethod
     def _segments(blob: bytes, slots: Sequence[_Slot]) -> tuple[bytes, ...]:
@@ -413,7 +419,7 @@ class ReportEncoder:
     def _header_bytes(self, ident: Identity, now: datetime) -> bytes:
         """The encoded document header: highdicom's for the first source of its kind,
         then reused with this image's values."""
-        key = _header_key(ident.clean)
+        key = _header_key(ident.clean, self.ctx)
         if self._headers.get(key) is not None:
             return self._headers[key].write(ident, now)  # type: ignore[union-attr]
         header = document(ident, self._stub, self.model, self.ctx, now)
@@ -453,9 +459,11 @@ class ReportEncoder:
         return True
 
 
-def _header_key(clean: Dataset) -> tuple[str, ...]:
-    """What decides the header's shape: the source's SOP class and which values it has."""
-    return (str(clean.SOPClassUID), *(k for k in FROM_SOURCE if clean.get(k) not in (None, "")))
+def _header_key(clean: Dataset, ctx: ReportContext) -> tuple[str, ...]:
+    """What decides the header's shape: the source's SOP class, the SR's character set
+    and which values the source has."""
+    present = (k for k in FROM_SOURCE if clean.get(k) not in (None, ""))
+    return (str(clean.SOPClassUID), sr_charset(clean, ctx) or "", *present)
 
 
 def _element(keyword: str, value: object) -> DataElement:

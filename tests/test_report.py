@@ -74,6 +74,37 @@ def test_sr_round_trip_holds_every_finding(path):
     assert all(is_valid_uid(str(e.value)) for e in sr.iterall() if e.VR == "UI" and e.value)
 
 
+@pytest.mark.parametrize(
+    ("charset", "name", "institution", "expected"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen", None, "ISO_IR 192"),
+        ("ISO_IR 192", "山田^太郎", None, "ISO_IR 192"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", None, "ISO_IR 192"),
+        ("ISO_IR 100", "Doe^Jane", None, None),
+        (None, "Doe^Jane", "Hôpital Saint-Éloi", "ISO_IR 192"),
+    ],
+)
+def test_names_in_any_character_set_survive_in_utf8(charset, name, institution, expected):
+    """The source's values as pydicom decoded them from its own character set; the SR is
+    UTF-8 where any copied or configured text needs it (it read "M?ller" before)."""
+    src = read_dataset(NIH)
+    if charset is not None:
+        src.SpecificCharacterSet = charset
+    src.PatientName = name
+    src = read_dataset(roundtrip_bytes(src))  # encoded in the source's own character set
+    ctx = ReportContext(CTX.uid_root, CTX.device_name, institution_name=institution)
+    sr = roundtrip(build_sr(src, to_findings(SCORES, info()), info(), ctx, NOW))
+    assert sr.get("SpecificCharacterSet") == expected
+    assert str(sr.PatientName) == name
+    assert sr.get("InstitutionName") == institution
+
+
+def roundtrip_bytes(ds: pydicom.Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
     src = read_dataset(NIH)
     assert src.PatientAge == "81"  # invalid AS value in the shared file

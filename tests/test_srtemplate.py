@@ -136,12 +136,13 @@ def test_reused_headers_agree_with_highdicoms_across_scripts_and_clocks(encoder)
         src.PatientName, src.SOPInstanceUID = name, f"1.2.826.0.1.3680043.8.498.7.{i}"
         encoder.encode(src, findings, NOW)  # the header of this kind is cached
         ident = identify(src, encoder.model, encoder.ctx)
-        assert isinstance(encoder._headers[_header_key(ident.clean)], _HeaderTemplate)
+        key = _header_key(ident.clean, encoder.ctx)
+        assert isinstance(encoder._headers[key], _HeaderTemplate)
         for now in (NOW, datetime(2031, 12, 31, 23, 59, 59)):
             fast = encoder.encode(src, findings, now).data
             assert comparable(fast) == comparable(reference(src, findings, now=now))
             sr = roundtrip(read_dataset(fast))
-            assert sr.ContentTime == now.strftime("%H%M%S")
+            assert str(sr.PatientName) == name and sr.ContentTime == now.strftime("%H%M%S")
             stamps = {i.ContributionDateTime for i in sr.ContributingEquipmentSequence}
             assert stamps == {now.strftime("%Y%m%d%H%M%S")}
             checked += 1
