@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from node import __version__
-from node.allocator import keep_freed_memory
+from node.allocator import keep_freed_memory, release_start_up_garbage
 from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics.serve(cfg.metrics.bind_address, cfg.metrics.port) if (cfg.metrics.enabled) else None
     )
     worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics)
+    release_start_up_garbage()
     stop = _stop_on_signals()
     server = start_server(cfg.scp, spool, metrics, cfg.tls)
     port = int(server.server_address[1])
