@@ -11,9 +11,9 @@ makes it worse: glibc then stops adapting the other (measured: 3-8x the faults, 
 slower).
 
 The start-up (imports, loading the model, the SR encoder's self-check) leaves ~50 MB free
-in the main thread's heap that the serving threads, which allocate from arenas of their
-own, never reuse: ``serve`` hands it back once before it starts serving (peak with a
-1,000-image backlog 946-961 -> 904-927 MB, 4 alternating runs each).
+in the main thread's heap, which the serving threads, allocating mostly from arenas of
+their own, do not reuse: ``serve`` hands it back once before it starts serving (peak with
+a 1,000-image backlog 946-961 -> 904-927 MB, 4 alternating runs each).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def keep_freed_memory(batch_size: int) -> bool:
 def release_start_up_garbage() -> bool:
     """Collect the start-up's garbage and hand glibc's free pages back to the kernel
     (``malloc_trim(0)``), once, before serving: imports and the SR self-check leave ~50 MB
-    free in the main heap that the serving threads, with their own arenas, never reuse.
+    free in the main heap that the serving threads, with their own arenas, mostly do not reuse.
     Returns whether glibc was asked."""
     gc.collect()
     if not sys.platform.startswith("linux"):
