@@ -31,5 +31,10 @@ class SendError(NodeError):
     """A DICOM association or C-STORE to a remote peer failed."""
 
 
+class ContextsRefused(SendError):
+    """The peer accepted the association request but none of its presentation contexts:
+    it does not take those SOP classes (or their transfer syntaxes); others may go."""
+
+
 class ArchiveError(NodeError):
     """An input path (file, folder or zip archive) could not be read."""

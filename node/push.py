@@ -12,6 +12,7 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,15 +21,16 @@ from pathlib import Path
 from typing import TextIO
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 
 from node.archive import MAX_MEMBER_BYTES, Item, iter_items
 from node.dicomio import Encoded, split_encoded
-from node.errors import PreprocessError, SendError
+from node.errors import ContextsRefused, PreprocessError, SendError
 from node.scu import SUCCESS, Peer, associate, check_status, reactor_paused, send_raw
-from node.wire import split_part10
+from node.wire import file_meta_bytes, split_part10
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,10 @@ def _send_batch(link: _Link, batch: list[Prepared], summary: Summary, progress: 
         try:
             _send_pending(link, pending, summary, progress)
             return
+        except ContextsRefused as exc:  # these classes only: later chunks may still go
+            link.close()
+            summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
+            return
         except SendError as exc:
             link.close()
             if "rejected" in str(exc) or attempt == ASSOCIATION_RETRIES:
@@ -227,10 +233,18 @@ def _store(assoc: Association, p: Prepared, msg_id: int) -> Dataset:
             resume=False,
         )
     except ValueError:
-        ds = pydicom.dcmread(BytesIO(e.dataset), force=True)
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = UID(e.transfer_syntax)
+        return _store_converted(assoc, e)
+
+
+def _store_converted(assoc: Association, e: Encoded) -> Dataset:
+    """The object decoded and handed to pynetdicom, which converts it to an accepted
+    uncompressed syntax (deflated too); raises ``ValueError`` naming why it cannot."""
+    part10 = file_meta_bytes(e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax) + e.dataset
+    try:
+        ds = pydicom.dcmread(BytesIO(part10))
         return assoc.send_c_store(ds)
+    except (InvalidDicomError, AttributeError, TypeError, EOFError, zlib.error) as exc:
+        raise ValueError(f"cannot convert it to a syntax the peer accepts: {exc}") from exc
 
 
 def _record(p: Prepared, status: Dataset | None, summary: Summary) -> None:

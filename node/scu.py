@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from node.errors import SendError
+from node.errors import ContextsRefused, SendError
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,11 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
         tls_args=tls_args,
     )
     if not assoc.is_established:
-        raise SendError(f"association to {peer.ae_title}@{peer.host}:{peer.port} {_why(assoc)}")
+        where = f"association to {peer.ae_title}@{peer.host}:{peer.port}"
+        if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
+            raise ContextsRefused(f"{where}: {_refused(assoc)}")
+        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        raise SendError(f"{where} {reason}")
     try:
         yield assoc
     finally:
@@ -99,18 +103,14 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
             assoc.release()
 
 
-def _why(assoc: Association) -> str:
-    """Why an association was not established, in words."""
-    if assoc.is_rejected:
-        return "rejected"
-    if assoc.rejected_contexts and not assoc.accepted_contexts:
-        classes = sorted({UID(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
-        named = ", ".join(f"{uid} ({uid.name})" if uid.name != uid else uid for uid in classes)
-        return (
-            f"rejected every proposed presentation context (SOP classes {named}: the peer "
-            "does not accept them or their transfer syntaxes)"
-        )
-    return "aborted or unreachable"
+def _refused(assoc: Association) -> str:
+    """The SOP classes of an association whose every presentation context was refused."""
+    classes = sorted({UID(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+    named = ", ".join(f"{uid} ({uid.name})" if uid.name != uid else uid for uid in classes)
+    return (
+        f"the peer refused every proposed presentation context (SOP classes {named}: "
+        "it does not accept them or their transfer syntaxes)"
+    )
 
 
 def store_datasets(peer: Peer, datasets: Iterable[Dataset]) -> int:

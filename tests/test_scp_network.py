@@ -262,30 +262,102 @@ def test_push_command_skips_pixel_libraries_and_still_converts_syntaxes(tmp_path
     assert got.PixelData == ds.PixelData
 
 
-def test_push_names_the_classes_a_peer_refuses_and_does_not_retry(tmp_path):
+def test_push_names_the_classes_a_peer_refuses_and_sends_the_others(tmp_path, monkeypatch):
+    """A chunk whose every context the peer refuses fails alone, without retries; the
+    next chunk, of a class the peer takes, still goes."""
     import node.push
     from node.scu import Peer
 
+    files = tmp_path / "files"
+    files.mkdir()
+    ds = pydicom.dcmread(NIH)  # Secondary Capture: refused
+    ds.save_as(files / "a.dcm", enforce_file_format=True)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(files / "b.dcm", enforce_file_format=True)
+    monkeypatch.setattr(node.push, "CHUNK_FILES", 1)
     attempts: list[int] = []
+    stored: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return int(StoreStatus.SUCCESS)
+
     ae = AE(ae_title="PEER")
-    ae.add_supported_context(CTImageStorage)
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     server = ae.start_server(
         ("127.0.0.1", 0),
         block=False,
-        evt_handlers=[(evt.EVT_REQUESTED, lambda _e: attempts.append(1))],
+        evt_handlers=[
+            (evt.EVT_REQUESTED, lambda _e: attempts.append(1)),
+            (evt.EVT_C_STORE, on_store),
+        ],
     )
     try:
         peer = Peer("127.0.0.1", server.server_address[1], "PEER")
-        summary = node.push.push([NIH], peer, associations=1, progress_stream=None)
+        summary = node.push.push([files], peer, associations=1, progress_stream=None)
     finally:
         server.shutdown()
-    assert (summary.sent, summary.failed) == (0, 1)
+    assert (summary.sent, summary.failed) == (1, 1), summary.describe()
+    assert stored == [ds.SOPInstanceUID]
     assert (
-        "rejected every proposed presentation context "
+        "refused every proposed presentation context "
         "(SOP classes 1.2.840.10008.5.1.4.1.1.7 (Secondary Capture Image Storage)"
         in summary.describe()
     )
-    assert len(attempts) == 1
+    assert len(attempts) == 2  # one per chunk: the refused one was not retried
+
+
+def test_push_inflates_a_deflated_file_for_a_peer_that_takes_it_uncompressed(tmp_path):
+    """The fallback decodes the object (File Meta in front, so deflate is undone) and
+    lets pynetdicom convert it; one file that cannot go fails alone, never its chunk."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+
+    import node.push
+    from node.scu import Peer
+
+    files = tmp_path / "files"
+    files.mkdir()
+    ds = pydicom.dcmread(NIH)
+    uids = {}
+    for name, syntax in (
+        ("a", ExplicitVRLittleEndian),
+        ("b", DeflatedExplicitVRLittleEndian),
+        ("c", ExplicitVRBigEndian),  # pynetdicom does not convert big endian: fails alone
+        ("d", ExplicitVRLittleEndian),
+    ):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = syntax
+        big = syntax == ExplicitVRBigEndian
+        pydicom.dcmwrite(
+            files / f"{name}.dcm",
+            ds,
+            implicit_vr=False,
+            little_endian=not big,
+            enforce_file_format=not big,
+            force_encoding=big,  # pydicom's save_as refuses to write big endian
+        )
+        uids[name] = ds.SOPInstanceUID
+    received: dict[str, pydicom.Dataset] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received[event.request.AffectedSOPInstanceUID] = event.dataset
+        return int(StoreStatus.SUCCESS)
+
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        peer = Peer("127.0.0.1", server.server_address[1], "PEER")
+        summary = node.push.push([files], peer, associations=1, progress_stream=None)
+    finally:
+        server.shutdown()
+    assert (summary.sent, summary.failed) == (3, 1), summary.describe()
+    assert "c.dcm" in summary.describe()
+    assert set(received) == {uids["a"], uids["b"], uids["d"]}
+    assert received[uids["b"]].PixelData == ds.PixelData
 
 
 def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
