@@ -13,6 +13,7 @@ from datetime import datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
@@ -91,9 +92,17 @@ def sr_charset(clean: Dataset, ctx: ReportContext) -> str | None:
     """The SR's Specific Character Set: UTF-8 where a copied or configured text is not
     ASCII (pydicom has decoded the source's values from its own character set, and UTF-8
     holds them all), else none, the default repertoire that every PACS reads."""
-    texts = [str(clean.get(k) or "") for k in FROM_SOURCE]
+    texts = [str(v) for k in FROM_SOURCE for v in _values(clean.get(k))]
     texts += [ctx.manufacturer, ctx.institution_name or ""]
     return None if all(text.isascii() for text in texts) else UTF8
+
+
+def _values(value: object) -> list[object]:
+    """Each value of a single- or multi-valued element (``str`` of a MultiValue would
+    escape some characters, e.g. U+3000, as ASCII)."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue) else [value]
 
 
 def _valid(keyword: str, value: object) -> bool:
@@ -279,6 +288,11 @@ def build_sr(
     return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
 
 
+def datetime_value(now: datetime) -> str:
+    """``now`` as the SR's DT values (each contribution's date-time) give it."""
+    return now.strftime("%Y%m%d%H%M%S")
+
+
 def clock_attributes(now: datetime) -> dict[str, str]:
     """The SR's dates and times, all of them ``now``."""
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -298,6 +312,8 @@ def _stamp(
     """Set the clock-dependent and descriptive attributes highdicom leaves to us."""
     for keyword, value in clock_attributes(now).items():
         setattr(sr, keyword, value)
+    for item in sr.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = datetime_value(now)  # highdicom's is its own clock's
     suffix = "" if model.trained else " [UNTRAINED]"
     sr.SeriesDescription = f"{SR_SERIES_DESCRIPTION}{suffix}"
     sr.SoftwareVersions = [

@@ -53,6 +53,7 @@ from node.report import (
     build_sr,
     clock_attributes,
     content_tree,
+    datetime_value,
     document,
     identify,
     sr_charset,
@@ -182,7 +183,7 @@ class _HeaderTemplate:
             )
         values[_EVIDENCE] = _sequence(_EVIDENCE, [_evidence(clean)])
         if self.contributions:
-            when = {_CONTRIBUTED: encoded_element(_CONTRIBUTED, "DT", _datetime(now).encode())}
+            when = {_CONTRIBUTED: encoded_element(_CONTRIBUTED, "DT", datetime_value(now).encode())}
             values[_EQUIPMENT] = _sequence(_EQUIPMENT, [_join(c, when) for c in self.contributions])
         group_length = encoded_element(0x00020000, "UL", struct.pack("<L", len(meta)))
         return PREAMBLE + group_length + meta + _join(self.body, values)
@@ -479,15 +480,10 @@ def _evidence(clean: Dataset) -> bytes:
     return _sequence(_REF_SERIES, [series]) + _ui(_STUDY, str(clean.StudyInstanceUID))
 
 
-def _datetime(now: datetime) -> str:
-    return now.strftime("%Y%m%d%H%M%S")
-
-
 def comparable(data: bytes) -> dict[str, Any]:
-    """An SR's content as a JSON dict, without highdicom's own contribution timestamp."""
+    """An SR's content and File Meta as one JSON dict: equal for equal documents however
+    they were encoded (defined or undefined lengths)."""
     ds = pydicom.dcmread(BytesIO(data))
-    for item in ds.get("ContributingEquipmentSequence", []):
-        item.pop("ContributionDateTime", None)
     out: dict[str, Any] = ds.to_json_dict()
     out["file_meta"] = ds.file_meta.to_json_dict()
     return out

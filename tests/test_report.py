@@ -64,6 +64,8 @@ def test_sr_round_trip_holds_every_finding(path):
     assert sr.SeriesInstanceUID != src.SeriesInstanceUID
     assert sr.CompletionFlag == "PARTIAL" and sr.VerificationFlag == "UNVERIFIED"
     assert (sr.ContentDate, sr.ContentTime) == ("20261125", "103000")
+    stamps = {item.ContributionDateTime for item in sr.ContributingEquipmentSequence}
+    assert stamps == {"20261125103000"}  # the clock passed in, not highdicom's own
     got_nums, got_codes = nums(sr), codes(sr)
     for f in findings:
         meaning = pathology_code(f.pathology).meaning
@@ -97,6 +99,19 @@ def test_names_in_any_character_set_survive_in_utf8(charset, name, institution, 
     assert sr.get("SpecificCharacterSet") == expected
     assert str(sr.PatientName) == name
     assert sr.get("InstitutionName") == institution
+
+
+def test_a_multi_valued_non_ascii_value_makes_the_sr_utf8():
+    from node.report import sr_charset
+
+    src = read_dataset(NIH)
+    src.SpecificCharacterSet = "ISO_IR 192"
+    assert sr_charset(sanitized_source(src)[0], CTX) is None
+    src.AccessionNumber = ["X", "A\u3000B"]  # an ideographic space: str() of the
+    clean = sanitized_source(src)[0]  # MultiValue writes it as an ASCII escape
+    assert sr_charset(clean, CTX) == "ISO_IR 192"
+    sr = roundtrip(build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW))
+    assert list(sr.AccessionNumber) == ["X", "A\u3000B"]
 
 
 def roundtrip_bytes(ds: pydicom.Dataset) -> bytes:
