@@ -81,25 +81,50 @@ def p_data(
 ) -> Iterator[P_DATA]:
     """The message as P-DATA primitives, one PDV each: the command's fragments, then the
     data set's; ``max_pdu`` is the peer's maximum PDU length (0: unlimited)."""
-    yield from _fragments(context_id, command, max_pdu, b"\x01", LAST_COMMAND)
-    if dataset:
-        yield from _fragments(context_id, dataset, max_pdu, b"\x00", b"\x02")
+    for data, more, last in _parts(command, dataset):
+        with memoryview(data) as view:  # one copy per fragment: the header's concatenation
+            for start, end, final in _spans(len(data), max_pdu):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append(
+                    (context_id, (last if final else more) + view[start:end])
+                )
+                yield pdata
 
 
-def _fragments(
-    context_id: int, data: bytes, max_pdu: int, more: bytes, last: bytes
-) -> Iterator[P_DATA]:
+def encoded_p_data(
+    context_id: int, command: bytes, dataset: bytes | None, max_pdu: int, chunk: int = 1 << 20
+) -> Iterator[bytes]:
+    """The P-DATA-TF PDUs that :func:`p_data`'s primitives encode to, byte for byte,
+    joined into pieces of about ``chunk`` bytes (one socket write each)."""
+    pieces: list[bytes | memoryview] = []
+    size = 0
+    for data, more, last in _parts(command, dataset):
+        view = memoryview(data)
+        for start, end, final in _spans(len(data), max_pdu):
+            n = end - start  # PDU length: PDV item length (4) + its value (context, header, data)
+            pieces.append(struct.pack(">BBIIB", 0x04, 0, n + 6, n + 2, context_id))
+            pieces += [last if final else more, view[start:end]]
+            size += n + 12
+            if size >= chunk:
+                yield b"".join(pieces)
+                pieces, size = [], 0
+    if pieces:
+        yield b"".join(pieces)
+
+
+def _parts(command: bytes, dataset: bytes | None) -> list[tuple[bytes, bytes, bytes]]:
+    """(data, header of a fragment that is not the last, header of the last fragment)."""
+    parts = [(command, b"\x01", LAST_COMMAND)]
+    return [*parts, (dataset, b"\x00", b"\x02")] if dataset else parts
+
+
+def _spans(size: int, max_pdu: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, whether last) of each fragment of ``size`` bytes that fits a PDU."""
     if 0 < max_pdu <= PDU_HEADER:
         raise ValueError(f"maximum PDU length {max_pdu} leaves no room for data")
-    step = max_pdu - PDU_HEADER if max_pdu else len(data)
-    with memoryview(data) as view:  # one copy per fragment: the header byte's concatenation
-        for start in range(0, len(data), step):
-            end = start + step
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append(
-                (context_id, (last if end >= len(data) else more) + view[start:end])
-            )
-            yield pdata
+    step = max_pdu - PDU_HEADER if max_pdu else size
+    for start in range(0, size, step):
+        yield start, min(start + step, size), start + step >= size
 
 
 class StoreRequest(NamedTuple):

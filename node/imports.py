@@ -14,7 +14,17 @@ import sys
 from collections.abc import Iterator
 
 # what pydicom imports only if it can, and the push tool never uses
-PUSH_NEVER_USES = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "requests", "tqdm")
+PUSH_NEVER_USES = (
+    "numpy",
+    "PIL",
+    "pylibjpeg",
+    "openjpeg",
+    "libjpeg",
+    "rle",
+    "jpeg_ls",
+    "requests",
+    "tqdm",
+)
 
 
 @contextlib.contextmanager

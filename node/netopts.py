@@ -34,9 +34,9 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket
 
-from node.cstore import LAST_COMMAND, PDU_HEADER, p_data, store_request, store_response
+from node.cstore import encoded_p_data, p_data, store_request, store_response
 from node.receive import StoreAssembler, dispatch_p_data
-from node.sendnow import SendGuard, guard, p_data_tf, send_now
+from node.sendnow import SendGuard, guard, may_send_now, send_now
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def set_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
     the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
     assemble received C-STORE requests, encode C-STORE messages directly and send
-    one-PDU responses from the answering thread; and the association's own reactor.
+    C-STORE messages whole from the sending thread; and the association's own reactor.
 
     DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
     delayed ACK stalls every message by ~40 ms.
@@ -80,18 +80,19 @@ def send_msg(
     context_id: int,
 ) -> None:
     """``DIMSEServiceProvider.send_msg`` with plain C-STORE requests and responses encoded
-    directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding), and a response
-    that fits one PDU sent by this thread (:func:`node.sendnow.send_now`, given the DUL's
-    guard ``sent``); everything else, and every message while an EVT_DIMSE_SENT handler
-    watches, goes pynetdicom's way."""
+    directly (:mod:`node.cstore`, byte for byte pynetdicom's encoding) and written whole
+    by this thread (:func:`node.sendnow.send_now`, given the DUL's guard ``sent``);
+    everything else, and every message while an EVT_DIMSE_SENT handler watches, goes
+    pynetdicom's way."""
     encoded = None if dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT) else _c_store(primitive)
     if encoded is None:
         pynetdicoms(primitive, context_id)
         return
     command, dataset = encoded
     max_pdu = dimse.maximum_pdu_size
-    if sent is not None and dataset is None and not 0 < max_pdu < len(command) + PDU_HEADER:
-        if send_now(dimse.dul, sent, p_data_tf(context_id, LAST_COMMAND + command)):
+    if sent is not None and may_send_now(dimse.dul):
+        pdus = encoded_p_data(context_id, command, dataset, max_pdu)
+        if send_now(dimse.dul, sent, pdus):
             return
     for pdata in p_data(context_id, command, dataset, max_pdu):
         dimse.dul.send_pdu(pdata)

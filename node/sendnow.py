@@ -1,24 +1,26 @@
-"""One-PDU DIMSE messages written to the socket by the thread that sends them (pynetdicom
-3.0, pinned <4).
+"""DIMSE messages written to the socket by the thread that sends them (pynetdicom 3.0,
+pinned <4).
 
-pynetdicom hands every outgoing P-DATA to its DUL thread: the sending thread (for an SCP,
-the acceptor thread that ran the C-STORE handler) puts the primitive on the DUL's send
-queue and wakes the reactor, which turns its state machine (Sta6 + Evt9: DT-1, back to
-Sta6), encodes the PDU and sends it - ~0.4 ms and two thread switches per answered image.
-A message that fits one PDU, sent in Sta6, changes no state. So :func:`send_now` writes it
-at once, holding the lock (:func:`guard`) that the DUL thread then holds for every state
-machine action and every send; where anything else is queued, an A-ABORT went out, the
-reactor is stopping, anybody watches PDUs, data or transitions (or binds a handler that
-runs inside a state machine action), or the socket is TLS (one TLS connection must not
-read and write from two threads at once), it does nothing and pynetdicom's way is taken.
+pynetdicom hands every outgoing P-DATA to its DUL thread: the sending thread (the
+acceptor thread that ran a C-STORE handler, or a C-STORE client's thread) puts each PDU's
+primitive on the DUL's send queue and wakes the reactor, which turns its state machine
+once per PDU (Sta6 + Evt9: DT-1, back to Sta6), encodes the PDU and sends it: ~0.4 ms
+and two thread switches per answered image, and for a 1 MB request 64 turns and 64
+socket writes into a peer with 16 KB PDUs. P-DATA sent in Sta6 changes no state. So
+:func:`send_now` writes the whole message at once, in pieces of ~1 MB, holding the lock
+(:func:`guard`) that the DUL thread then holds for every state machine action and every
+send; where anything else is queued, an A-ABORT went out, the reactor is stopping,
+anybody watches PDUs, data or transitions (or binds a handler that runs inside a state
+machine action), or the socket is TLS (one TLS connection must not read and write from
+two threads at once), it does nothing and pynetdicom's way is taken.
 """
 
 from __future__ import annotations
 
 import ssl
-import struct
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import evt
 
@@ -67,30 +69,35 @@ def guard(dul: DULServiceProvider) -> SendGuard:
     return sent
 
 
-def send_now(dul: DULServiceProvider, sent: SendGuard, pdu: bytes) -> bool:
-    """Send an encoded P-DATA-TF PDU now, from this thread, as the DUL thread would in
-    Sta6; False (nothing sent) where pynetdicom must send it (see the module docstring),
-    and after an A-ABORT or once the reactor is being stopped."""
+def may_send_now(dul: DULServiceProvider) -> bool:
+    """Whether :func:`send_now` could take this association's messages at all (not over
+    TLS, not while anybody watches): checked before a message is encoded for it."""
     wrapper = dul.socket
     if wrapper is None or isinstance(wrapper.socket, ssl.SSLSocket):
         return False
-    if any(dul.assoc.get_handlers(event) for event in _WATCHERS):
+    return not any(dul.assoc.get_handlers(event) for event in _WATCHERS)
+
+
+def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) -> bool:
+    """Send a message's encoded P-DATA-TF PDUs now, from this thread, as the DUL thread
+    would in Sta6; False (nothing sent) where pynetdicom must send it (see the module
+    docstring), and after an A-ABORT or once the reactor is being stopped."""
+    wrapper = dul.socket
+    if wrapper is None or not may_send_now(dul):
         return False
     with sent.lock:
         if sent.aborted or dul._kill_thread or dul.state_machine.current_state != "Sta6":
             return False
         if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
             return False
-        wrapper.send(pdu)  # as DT-1 sends (a failure queues Evt17 for the reactor)
-    if not dul.event_queue.empty():  # the send failed: wake the reactor to see it
+        for piece in pdus:
+            # as DT-1 sends (a failure queues Evt17); a view, so that a partial send's
+            # remainder is not copied
+            wrapper.send(cast(bytes, memoryview(piece)))
+            if not dul.event_queue.empty():
+                break
+    if not dul.event_queue.empty():  # a send failed: wake the reactor to see it
         waker = getattr(wrapper, "waker", None)
         if waker is not None:
             waker.wake()
     return True
-
-
-def p_data_tf(context_id: int, fragment: bytes) -> bytes:
-    """A P-DATA-TF PDU of one PDV item: ``fragment`` is its message control header byte
-    and data (PS3.8 9.3.5)."""
-    item = struct.pack(">IB", len(fragment) + 1, context_id) + fragment
-    return struct.pack(">BBI", 0x04, 0, len(item)) + item

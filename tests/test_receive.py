@@ -15,7 +15,7 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.cstore import store_request, store_response
+from node.cstore import encoded_p_data, store_request, store_response
 from node.receive import StoreAssembler, parse_pdvs
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -212,7 +212,6 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
 
     from node.config import ScpConfig
     from node.scp import StoreStatus, start_server
-    from node.sendnow import p_data_tf
     from node.spool import Spool
 
     spool = Spool(tmp_path / "spool", fsync=False)
@@ -230,11 +229,7 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
             time.sleep(0.001)
         payload = encode(ds, True, True)
         command = store_request(1, str(ds.SOPClassUID), str(ds.SOPInstanceUID), 2)
-        stream = p_data_tf(context_id, b"\x03" + command)
-        step = 16384
-        for i in range(0, len(payload), step):
-            last = i + step >= len(payload)
-            stream += p_data_tf(context_id, (b"\x02" if last else b"\x00") + payload[i : i + step])
+        stream = b"".join(encoded_p_data(context_id, command, payload, 16384 + 6))
         sock, start = assoc.dul.socket.socket, time.monotonic()
         pieces = range(0, len(stream), 4000)
         for i in pieces:  # ~2 s in all, continuously: PDU boundaries arrive mid-piece

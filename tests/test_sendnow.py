@@ -16,27 +16,28 @@ from helpers import NIH
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 
 import node.netopts
 from node.config import ScpConfig
-from node.cstore import store_response
+from node.cstore import encoded_p_data, p_data, store_request
 from node.scp import StoreStatus, start_server
 from node.scu import Peer, associate
-from node.sendnow import SendGuard, guard, p_data_tf, send_now
+from node.sendnow import SendGuard, guard, send_now
 from node.spool import Spool
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
-@pytest.mark.parametrize("context_id", [1, 127, 255])
-@pytest.mark.parametrize(
-    "fragment", [b"\x03" + store_response(7, DX, "1.2.3", 0), b"\x02", b"\x00" + bytes(999)]
-)
-def test_a_p_data_tf_pdu_is_encoded_as_pynetdicom_encodes_it(context_id, fragment):
-    primitive = P_DATA()
-    primitive.presentation_data_value_list.append((context_id, fragment))
-    assert p_data_tf(context_id, fragment) == P_DATA_TF(primitive).encode()
+@pytest.mark.parametrize("context_id", [1, 255])
+@pytest.mark.parametrize("dataset", [None, b"", b"x" * 7, bytes(range(256)) * 4099])
+@pytest.mark.parametrize("max_pdu", [0, 7, 16384, 16390, 1 << 20])
+def test_encoded_p_data_is_what_pynetdicom_encodes(context_id, dataset, max_pdu):
+    command = store_request(7, DX, "1.2.3.4", 2)
+    primitives = p_data(context_id, command, dataset, max_pdu)
+    expected = b"".join(P_DATA_TF(primitive).encode() for primitive in primitives)
+    pieces = list(encoded_p_data(context_id, command, dataset, max_pdu, chunk=65536))
+    assert b"".join(pieces) == expected
+    assert all(len(piece) < 65536 + max(max_pdu, len(dataset or b"")) + 12 for piece in pieces)
 
 
 def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
@@ -54,7 +55,7 @@ def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
 
 def test_sent_at_once_in_sta6_with_nothing_queued_or_watched():
     dul = _dul()
-    assert send_now(dul, SendGuard(), b"pdu")
+    assert send_now(dul, SendGuard(), [b"pdu"])
     assert dul.sent == [b"pdu"]
     dul.socket.socket.close()
 
@@ -94,7 +95,7 @@ def test_sent_at_once_in_sta6_with_nothing_queued_or_watched():
 def test_left_to_pynetdicom_otherwise(change):
     dul = _dul()
     change(dul)
-    assert not send_now(dul, SendGuard(), b"pdu")
+    assert not send_now(dul, SendGuard(), [b"pdu"])
     assert dul.sent == []
 
 
@@ -103,7 +104,7 @@ def test_left_to_pynetdicom_over_tls():
     context.check_hostname = False
     tls = context.wrap_socket(socket.socket(), do_handshake_on_connect=False)
     dul = _dul(tls)
-    assert not send_now(dul, SendGuard(), b"pdu")
+    assert not send_now(dul, SendGuard(), [b"pdu"])
     assert dul.sent == []
     tls.close()
 
@@ -126,9 +127,9 @@ def test_nothing_after_an_a_abort_sent_outside_the_state_machine():
     the socket, in Sta6; a response must not follow it."""
     dul = _dul()
     sent = guard(dul)
-    assert send_now(dul, sent, b"\x04 first")
+    assert send_now(dul, sent, [b"\x04 first"])
     dul.socket.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")  # the reactor's A-ABORT
-    assert not send_now(dul, sent, b"\x04 second")
+    assert not send_now(dul, sent, [b"\x04 second"])
     assert [p[:1] for p in dul.sent] == [b"\x04", b"\x07"]
     dul.socket.socket.close()
 
@@ -137,42 +138,51 @@ def test_a_failed_send_wakes_the_reactor():
     dul = _dul()
     woken: list[bool] = []
     dul.socket.waker = SimpleNamespace(wake=lambda: woken.append(True))
-    assert send_now(dul, SendGuard(), b"pdu") and woken == []
+    assert send_now(dul, SendGuard(), [b"pdu"]) and woken == []
     dul.socket.send = lambda data: dul.event_queue.put("Evt17")  # as AssociationSocket.send
-    assert send_now(dul, SendGuard(), b"pdu") and woken == [True]
+    assert send_now(dul, SendGuard(), [b"pdu"]) and woken == [True]
     dul.socket.socket.close()
 
 
-def test_the_scp_answers_from_its_acceptor_thread_unless_pdus_are_watched(tmp_path, monkeypatch):
-    """Over a real association: each C-STORE response is sent by send_now (in the thread
-    that ran the handler); with an EVT_PDU_SENT handler bound, pynetdicom's DUL thread
-    sends it and the handler sees it."""
-    results: list[tuple[bool, str]] = []
+def test_requests_and_responses_go_from_their_own_threads_unless_pdus_are_watched(
+    tmp_path, monkeypatch
+):
+    """Over a real association with 16 KB PDUs: each C-STORE request (~1 MB, 65 PDUs)
+    is written by send_now from the requesting thread, in pieces, and each response from
+    the thread that ran the handler; the images arrive intact. With an EVT_PDU_SENT
+    handler bound on a side, pynetdicom's DUL thread sends there and the handler sees it."""
+    results: list[tuple[bool, str, int]] = []
 
-    def recorded(*args: Any) -> bool:
-        results.append((send_now(*args), threading.current_thread().name))
+    def recorded(dul: Any, sent: Any, pdus: Any) -> bool:
+        pieces = list(pdus)
+        results.append((send_now(dul, sent, pieces), threading.current_thread().name, len(pieces)))
         return results[-1][0]
 
     monkeypatch.setattr(node.netopts, "send_now", recorded)
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool)
+    cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), max_pdu=16384)
+    server = start_server(cfg, spool)
     peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE", calling_ae_title="TESTSCU")
     ds = pydicom.dcmread(NIH)
+    me = threading.current_thread().name
     try:
         with associate(peer, [(ds.SOPClassUID, [ImplicitVRLittleEndian])]) as assoc:
             for _ in range(3):
                 assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
             [acceptor] = server.active_associations
-        assert [sent for sent, _ in results] == [True] * 3
-        assert {name for _, name in results} == {acceptor.name}
+        assert sorted(results) == [(True, acceptor.name, 1)] * 3 + [(True, me, 2)] * 3
+        for job in spool.jobs():
+            assert pydicom.dcmread(job.image).PixelData == ds.PixelData
         pdus: list[str] = []
         server.bind(evt.EVT_PDU_SENT, lambda e: pdus.append(type(e.pdu).__name__))
         results.clear()
         with associate(peer, [(ds.SOPClassUID, [ImplicitVRLittleEndian])]) as assoc:
             assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
-        assert [sent for sent, _ in results] == [False]
-        assert "P_DATA_TF" in pdus
-        assert len(spool.jobs()) == 4
+            assoc.bind(evt.EVT_PDU_SENT, lambda e: pdus.append("requestor"))
+            assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+        assert [(sent, name) for sent, name, _ in results] == [(True, me)]  # then not asked
+        assert "P_DATA_TF" in pdus and pdus.count("requestor") >= 65
+        assert len(spool.jobs()) == 5
     finally:
         server.shutdown()
         spool.close()
