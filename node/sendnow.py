@@ -20,7 +20,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
 
@@ -86,17 +86,22 @@ def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) ->
     if wrapper is None or not may_send_now(dul):
         return False
     with sent.lock:
-        if sent.aborted or dul._kill_thread or dul.state_machine.current_state != "Sta6":
+        sock = wrapper.socket  # closed only by state machine actions: under the lock
+        if sock is None or sent.aborted or dul._kill_thread:
+            return False
+        if dul.state_machine.current_state != "Sta6":
             return False
         if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
             return False
-        for piece in pdus:
-            # as DT-1 sends (a failure queues Evt17); a view, so that a partial send's
-            # remainder is not copied
-            wrapper.send(cast(bytes, memoryview(piece)))
-            if not dul.event_queue.empty():
-                break
-    if not dul.event_queue.empty():  # a send failed: wake the reactor to see it
+        try:
+            for piece in pdus:
+                sock.sendall(piece)
+        except OSError:  # what AssociationSocket.send does when its write fails
+            dul.event_queue.put("Evt17")
+            failed = True
+        else:
+            failed = False
+    if failed:  # wake the reactor to see it
         waker = getattr(wrapper, "waker", None)
         if waker is not None:
             waker.wake()

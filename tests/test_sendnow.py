@@ -40,11 +40,26 @@ def test_encoded_p_data_is_what_pynetdicom_encodes(context_id, dataset, max_pdu)
     assert all(len(piece) < 65536 + max(max_pdu, len(dataset or b"")) + 12 for piece in pieces)
 
 
+class _Socket(socket.socket):
+    """A socket that keeps what is written to it, or fails to write when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.broken = False
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if self.broken:
+            raise ConnectionResetError("peer gone")
+        self.written.append(bytes(data))
+
+
 def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
-    sent: list[bytes] = []
+    sock = sock or _Socket()
+    written = sock.written if isinstance(sock, _Socket) else []
     return SimpleNamespace(
-        socket=SimpleNamespace(socket=sock or socket.socket(), send=sent.append),
-        sent=sent,
+        socket=SimpleNamespace(socket=sock, send=lambda data: written.append(bytes(data))),
+        sent=written,
         state_machine=SimpleNamespace(current_state=state, do_action=lambda e: None),
         _kill_thread=False,
         to_provider_queue=queue.Queue(),
@@ -134,13 +149,31 @@ def test_nothing_after_an_a_abort_sent_outside_the_state_machine():
     dul.socket.socket.close()
 
 
-def test_a_failed_send_wakes_the_reactor():
+def test_a_failed_send_stops_the_message_and_wakes_the_reactor():
     dul = _dul()
     woken: list[bool] = []
     dul.socket.waker = SimpleNamespace(wake=lambda: woken.append(True))
     assert send_now(dul, SendGuard(), [b"pdu"]) and woken == []
-    dul.socket.send = lambda data: dul.event_queue.put("Evt17")  # as AssociationSocket.send
-    assert send_now(dul, SendGuard(), [b"pdu"]) and woken == [True]
+    dul.socket.socket.broken = True
+    pieces = iter([b"one", b"two"])
+    assert send_now(dul, SendGuard(), pieces) and woken == [True]
+    assert dul.event_queue.get_nowait() == "Evt17"  # as AssociationSocket.send queues it
+    assert list(pieces) == [b"two"]  # nothing written after the failed piece
+    dul.socket.socket.close()
+
+
+def test_events_the_dul_thread_queues_meanwhile_do_not_cut_a_message_short():
+    """The DUL thread keeps reading while a message is written (a peer's A-RELEASE-RQ is
+    queued as Evt12): every piece is still written, as pynetdicom would in Sta6."""
+    dul = _dul()
+
+    def pieces() -> Any:
+        yield b"one"
+        dul.event_queue.put("Evt12")
+        yield b"two"
+
+    assert send_now(dul, SendGuard(), pieces())
+    assert dul.sent == [b"one", b"two"]
     dul.socket.socket.close()
 
 
