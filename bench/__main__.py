@@ -31,7 +31,7 @@ from bench.common import (
 )
 
 PY = sys.executable
-ROUNDS = 3  # push and ingest: rounds of all clients in turn; ratios are per-round medians
+ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
 
 
 def bench_push(images: list[Path], work: Path) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """Imports a command can do without: optional libraries kept out of a short-lived process.
 
-pydicom imports numpy, Pillow, the pylibjpeg plugins, requests and tqdm when they are
-installed (pixel handlers and decoders, its test-data downloader) but works without them,
-as documented. ``cxr-node push`` never
-touches pixel data, and those imports were ~0.2 s of its ~0.55 s start-up on this
-project's 2-core machine, time in which the receiving PACS idles.
+pydicom imports numpy, Pillow, the pylibjpeg plugins, pyjpegls, requests and tqdm when
+they are installed (pixel handlers and decoders, its test-data downloader) but works
+without them, as documented. ``cxr-node push`` never touches pixel data, and those
+imports were ~0.2 s of its ~0.5 s start-up on this project's 2-core machine, time in
+which the receiving PACS idles.
 """
 
 from __future__ import annotations
