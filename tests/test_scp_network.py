@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -186,11 +187,42 @@ def test_association_reactor_serves_releases_survives_aborts_and_times_out(tmp_p
         spool.close()
 
 
+def _storage_peer(
+    contexts: list[tuple[str, list[str]]],
+    received: dict[str, tuple[str, pydicom.Dataset]],
+    *handlers: Any,
+) -> Any:
+    """A pynetdicom Storage SCP "PEER" taking ``contexts`` (SOP class, transfer syntaxes),
+    that keeps each data set it receives, with its syntax, by SOP Instance UID."""
+
+    def on_store(event: evt.Event) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        received[uid] = (event.context.transfer_syntax, event.dataset)
+        return int(StoreStatus.SUCCESS)
+
+    ae = AE(ae_title="PEER")
+    for sop_class, syntaxes in contexts:
+        ae.add_supported_context(sop_class, syntaxes)
+    handlers = ((evt.EVT_C_STORE, on_store), *handlers)
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=list(handlers))
+
+
+def _push_then_stop(server: Any, paths: list[Path], aet: str, **options: Any) -> Any:
+    """``node.push.push`` to ``server`` (no progress display), then the server shut down."""
+    import node.push
+    from node.scu import Peer
+
+    try:
+        peer = Peer("127.0.0.1", server.server_address[1], aet)
+        return node.push.push(paths, peer, progress_stream=None, **options)
+    finally:
+        server.shutdown()
+
+
 def test_push_keeps_one_association_across_chunks(tmp_path, monkeypatch):
     """Chunks whose contexts the open association already has reuse it; the reactor stays
     paused while the worker sends, and every file is acknowledged."""
     import node.push
-    from node.scu import Peer
 
     spool = Spool(tmp_path / "spool", fsync=False)
     server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",)), spool)
@@ -205,11 +237,7 @@ def test_push_keeps_one_association_across_chunks(tmp_path, monkeypatch):
         uids.append(ds.SOPInstanceUID)
         ds.save_as(files / f"{i}.dcm", enforce_file_format=True)
     monkeypatch.setattr(node.push, "CHUNK_FILES", 2)
-    try:
-        peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE")
-        summary = node.push.push([files], peer, associations=1, progress_stream=None)
-    finally:
-        server.shutdown()
+    summary = _push_then_stop(server, [files], "CXR_NODE", associations=1)
     assert (summary.sent, summary.failed) == (5, 0), summary.describe()
     assert len(accepted) == 1
     assert sorted(j.sop_instance_uid for j in spool.jobs()) == sorted(uids)
@@ -223,21 +251,12 @@ def test_push_command_skips_pixel_libraries_and_still_converts_syntaxes(tmp_path
     import subprocess
     import sys
 
-    received: list[tuple[str, pydicom.Dataset]] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append((event.context.transfer_syntax, event.dataset))
-        return int(StoreStatus.SUCCESS)
-
     ds = pydicom.dcmread(NIH)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = tmp_path / "explicit.dcm"
     ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
+    received: dict[str, tuple[str, pydicom.Dataset]] = {}
+    server = _storage_peer([(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])], received)
     code = (
         "import sys; from node.cli import main; rc = main(sys.argv[1:]); "
         "print('loaded:', *(m for m in ('numpy', 'PIL', 'pylibjpeg') if m in sys.modules)); "
@@ -256,7 +275,7 @@ def test_push_command_skips_pixel_libraries_and_still_converts_syntaxes(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sent 1, warnings 0, failed 0" in proc.stdout
     assert proc.stdout.splitlines()[-1] == "loaded:"
-    [(syntax, got)] = received
+    [(syntax, got)] = received.values()
     assert syntax == ImplicitVRLittleEndian
     assert got.SOPInstanceUID == ds.SOPInstanceUID
     assert got.PixelData == ds.PixelData
@@ -266,7 +285,6 @@ def test_push_names_the_classes_a_peer_refuses_and_sends_the_others(tmp_path, mo
     """A chunk whose every context the peer refuses fails alone, without retries; the
     next chunk, of a class the peer takes, still goes."""
     import node.push
-    from node.scu import Peer
 
     files = tmp_path / "files"
     files.mkdir()
@@ -277,29 +295,15 @@ def test_push_names_the_classes_a_peer_refuses_and_sends_the_others(tmp_path, mo
     ds.save_as(files / "b.dcm", enforce_file_format=True)
     monkeypatch.setattr(node.push, "CHUNK_FILES", 1)
     attempts: list[int] = []
-    stored: list[str] = []
-
-    def on_store(event: evt.Event) -> int:
-        stored.append(event.request.AffectedSOPInstanceUID)
-        return int(StoreStatus.SUCCESS)
-
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[
-            (evt.EVT_REQUESTED, lambda _e: attempts.append(1)),
-            (evt.EVT_C_STORE, on_store),
-        ],
+    received: dict[str, tuple[str, pydicom.Dataset]] = {}
+    server = _storage_peer(
+        [(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+        received,
+        (evt.EVT_REQUESTED, lambda _e: attempts.append(1)),
     )
-    try:
-        peer = Peer("127.0.0.1", server.server_address[1], "PEER")
-        summary = node.push.push([files], peer, associations=1, progress_stream=None)
-    finally:
-        server.shutdown()
+    summary = _push_then_stop(server, [files], "PEER", associations=1)
     assert (summary.sent, summary.failed) == (1, 1), summary.describe()
-    assert stored == [ds.SOPInstanceUID]
+    assert list(received) == [ds.SOPInstanceUID]
     assert (
         "refused every proposed presentation context "
         "(SOP classes 1.2.840.10008.5.1.4.1.1.7 (Secondary Capture Image Storage)"
@@ -312,9 +316,6 @@ def test_push_inflates_a_deflated_file_for_a_peer_that_takes_it_uncompressed(tmp
     """The fallback decodes the object (File Meta in front, so deflate is undone) and
     lets pynetdicom convert it; one file that cannot go fails alone, never its chunk."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
-
-    import node.push
-    from node.scu import Peer
 
     files = tmp_path / "files"
     files.mkdir()
@@ -338,32 +339,18 @@ def test_push_inflates_a_deflated_file_for_a_peer_that_takes_it_uncompressed(tmp
             force_encoding=big,  # pydicom's save_as refuses to write big endian
         )
         uids[name] = ds.SOPInstanceUID
-    received: dict[str, pydicom.Dataset] = {}
-
-    def on_store(event: evt.Event) -> int:
-        received[event.request.AffectedSOPInstanceUID] = event.dataset
-        return int(StoreStatus.SUCCESS)
-
-    ae = AE(ae_title="PEER")
-    ae.add_supported_context(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    try:
-        peer = Peer("127.0.0.1", server.server_address[1], "PEER")
-        summary = node.push.push([files], peer, associations=1, progress_stream=None)
-    finally:
-        server.shutdown()
+    received: dict[str, tuple[str, pydicom.Dataset]] = {}
+    server = _storage_peer([(SecondaryCaptureImageStorage, [ImplicitVRLittleEndian])], received)
+    summary = _push_then_stop(server, [files], "PEER", associations=1)
     assert (summary.sent, summary.failed) == (3, 1), summary.describe()
     assert "c.dcm" in summary.describe()
     assert set(received) == {uids["a"], uids["b"], uids["d"]}
-    assert received[uids["b"]].PixelData == ds.PixelData
+    assert received[uids["b"]][1].PixelData == ds.PixelData
 
 
 def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
     """A bug in sending one chunk fails that chunk only; the push still ends."""
     import node.push
-    from node.scu import Peer
 
     calls: list[int] = []
     real = node.push._send_batch
@@ -384,12 +371,8 @@ def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
         ds.save_as(files / f"{i}.dcm", enforce_file_format=True)
     monkeypatch.setattr(node.push, "CHUNK_FILES", 1)
     monkeypatch.setattr(node.push, "_send_batch", flaky)
-    try:
-        peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE")
-        summary = node.push.push([files], peer, progress_stream=None)
-    finally:
-        server.shutdown()
-        spool.close()
+    summary = _push_then_stop(server, [files], "CXR_NODE")
+    spool.close()
     assert (summary.sent, summary.failed) == (2, 1)
     assert "boom" in summary.describe()
 
