@@ -164,17 +164,20 @@ def test_a_failed_send_stops_the_message_and_wakes_the_reactor():
 
 def test_events_the_dul_thread_queues_meanwhile_do_not_cut_a_message_short():
     """The DUL thread keeps reading while a message is written (a peer's A-RELEASE-RQ is
-    queued as Evt12): every piece is still written, as pynetdicom would in Sta6."""
+    queued as Evt12 during the first piece): every piece is still written, as pynetdicom
+    would in Sta6."""
     dul = _dul()
+    sock = dul.socket.socket
+    write = sock.sendall
 
-    def pieces() -> Any:
-        yield b"one"
+    def write_while_the_peer_releases(data: Any, flags: int = 0) -> None:
+        write(data)
         dul.event_queue.put("Evt12")
-        yield b"two"
 
-    assert send_now(dul, SendGuard(), pieces())
+    sock.sendall = dul.socket.send = write_while_the_peer_releases
+    assert send_now(dul, SendGuard(), [b"one", b"two"])
     assert dul.sent == [b"one", b"two"]
-    dul.socket.socket.close()
+    sock.close()
 
 
 def test_requests_and_responses_go_from_their_own_threads_unless_pdus_are_watched(
