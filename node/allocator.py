@@ -39,11 +39,8 @@ def keep_freed_memory(batch_size: int) -> bool:
     platforms or C libraries)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if any(name in os.environ for name in _ENVIRONMENT) or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
+    libc = None if any(name in os.environ for name in _ENVIRONMENT) else _glibc()
+    if libc is None:
         return False
     applied: bool = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     trim = TRIM_PER_IMAGE * max(2, batch_size)
@@ -59,11 +56,18 @@ def release_start_up_garbage() -> bool:
     free in the main heap that the serving threads, with their own arenas, mostly do not reuse.
     Returns whether glibc was asked."""
     gc.collect()
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None on other platforms and C libraries (e.g. musl): nothing to tune."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
