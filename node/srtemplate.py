@@ -59,7 +59,7 @@ from node.report import (
     sr_charset,
     tracking_text,
 )
-from node.wire import PREAMBLE, encoded_element
+from node.wire import encoded_element, file_meta_group
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,7 @@ class _HeaderTemplate:
         if self.contributions:
             when = {_CONTRIBUTED: encoded_element(_CONTRIBUTED, "DT", datetime_value(now).encode())}
             values[_EQUIPMENT] = _sequence(_EQUIPMENT, [_join(c, when) for c in self.contributions])
-        group_length = encoded_element(0x00020000, "UL", struct.pack("<L", len(meta)))
-        return PREAMBLE + group_length + meta + _join(self.body, values)
+        return file_meta_group(meta) + _join(self.body, values)
 
 
 def _element_bytes(elem: DataElement, charset: Any = None) -> bytes:
@@ -271,9 +270,9 @@ class _ContentTemplate:
             raise ReportError("SR template: present and absent documents differ elsewhere")
         tracking = identify(self._sentinel_source(), model, ctx).tracking_uid
         needles: list[tuple[bytes, str, int]] = [
-            (encoded_element(_REF_CLASS, "UI", _SENTINEL_SOP_CLASS.encode()), "class", 0),
-            (encoded_element(_REF_INSTANCE, "UI", _SENTINEL_SOP_INSTANCE.encode()), "inst", 0),
-            (encoded_element(_UID_VALUE, "UI", tracking.encode()), "tracking_uid", 0),
+            (_ui(_REF_CLASS, _SENTINEL_SOP_CLASS), "class", 0),
+            (_ui(_REF_INSTANCE, _SENTINEL_SOP_INSTANCE), "inst", 0),
+            (_ui(_UID_VALUE, tracking), "tracking_uid", 0),
             (
                 encoded_element(_TEXT_VALUE, "UT", tracking_text(_SENTINEL_SOP_INSTANCE).encode()),
                 "tracking_text",
@@ -345,9 +344,9 @@ class _ContentTemplate:
         """The content tree's bytes for one image."""
         src = ident.clean
         values = {
-            "class": encoded_element(_REF_CLASS, "UI", str(src.SOPClassUID).encode()),
-            "inst": encoded_element(_REF_INSTANCE, "UI", str(src.SOPInstanceUID).encode()),
-            "tracking_uid": encoded_element(_UID_VALUE, "UI", ident.tracking_uid.encode()),
+            "class": _ui(_REF_CLASS, str(src.SOPClassUID)),
+            "inst": _ui(_REF_INSTANCE, str(src.SOPInstanceUID)),
+            "tracking_uid": _ui(_UID_VALUE, ident.tracking_uid),
             "tracking_text": encoded_element(
                 _TEXT_VALUE, "UT", tracking_text(src.SOPInstanceUID).encode()
             ),

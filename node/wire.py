@@ -52,6 +52,12 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> 
             encoded_element(0x00020013, "SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
         )
     )
+    return file_meta_group(body)
+
+
+def file_meta_group(body: bytes) -> bytes:
+    """Preamble, ``DICM`` and a File Meta group of the encoded elements ``body``, behind
+    their group length."""
     return PREAMBLE + encoded_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
 
 
