@@ -36,7 +36,7 @@ from pynetdicom.transport import AssociationSocket
 
 from node.cstore import encoded_p_data, p_data, store_request, store_response
 from node.receive import StoreAssembler, dispatch_p_data
-from node.sendnow import SendGuard, guard, may_send_now, send_now
+from node.sendnow import SendGuard, guard, send_now
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ def send_msg(
         return
     command, dataset = encoded
     max_pdu = dimse.maximum_pdu_size
-    if sent is not None and may_send_now(dimse.dul):
-        pdus = encoded_p_data(context_id, command, dataset, max_pdu)
-        if send_now(dimse.dul, sent, pdus):
+    if sent is not None:  # the PDUs are encoded only as send_now writes them
+        if send_now(dimse.dul, sent, encoded_p_data(context_id, command, dataset, max_pdu)):
             return
     for pdata in p_data(context_id, command, dataset, max_pdu):
         dimse.dul.send_pdu(pdata)

@@ -69,9 +69,9 @@ def guard(dul: DULServiceProvider) -> SendGuard:
     return sent
 
 
-def may_send_now(dul: DULServiceProvider) -> bool:
+def _may_send_now(dul: DULServiceProvider) -> bool:
     """Whether :func:`send_now` could take this association's messages at all (not over
-    TLS, not while anybody watches): checked before a message is encoded for it."""
+    TLS, not while anybody watches)."""
     wrapper = dul.socket
     if wrapper is None or isinstance(wrapper.socket, ssl.SSLSocket):
         return False
@@ -83,7 +83,7 @@ def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) ->
     would in Sta6; False (nothing sent) where pynetdicom must send it (see the module
     docstring), and after an A-ABORT or once the reactor is being stopped."""
     wrapper = dul.socket
-    if wrapper is None or not may_send_now(dul):
+    if wrapper is None or not _may_send_now(dul):
         return False
     with sent.lock:
         sock = wrapper.socket  # closed only by state machine actions: under the lock

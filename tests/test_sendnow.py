@@ -216,7 +216,9 @@ def test_requests_and_responses_go_from_their_own_threads_unless_pdus_are_watche
             assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
             assoc.bind(evt.EVT_PDU_SENT, lambda e: pdus.append("requestor"))
             assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
-        assert [(sent, name) for sent, name, _ in results] == [(True, me)]  # then not asked
+        requests = [sent for sent, name, _ in results if name == me]
+        responses = [sent for sent, name, _ in results if name != me]
+        assert requests == [True, False] and responses == [False, False]  # watched: refused
         assert "P_DATA_TF" in pdus and pdus.count("requestor") >= 65
         assert len(spool.jobs()) == 5
     finally:
