@@ -34,6 +34,11 @@ PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
 
 
+def _storescu_to_orthanc(port: int, files: list[Path]) -> list[str]:
+    """dcmtk's storescu command line sending ``files`` to the bench's Orthanc."""
+    return ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)]
+
+
 def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
     """cxr-node push vs storescu vs REST (POST /instances) into a fresh Orthanc each."""
     import requests
@@ -43,7 +48,7 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
 
     def storescu(o: Any) -> None:
         subprocess.run(
-            ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), *map(str, images)],
+            _storescu_to_orthanc(o.dicom, images),
             env=NODELAY,
             check=True,
             capture_output=True,
@@ -54,7 +59,7 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
         quarters = [images[i::4] for i in range(4)]
         procs = [
             subprocess.Popen(
-                ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), *map(str, part)],
+                _storescu_to_orthanc(o.dicom, part),
                 env=NODELAY,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -346,7 +351,7 @@ def bench_e2e(images: list[Path], work: Path, singles: int = 50) -> dict[str, An
             for p in images[:singles]:
                 before = o.count()
                 subprocess.run(
-                    ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), str(p)],
+                    _storescu_to_orthanc(o.dicom, [p]),
                     env=NODELAY,
                     check=True,
                     capture_output=True,
@@ -359,7 +364,7 @@ def bench_e2e(images: list[Path], work: Path, singles: int = 50) -> dict[str, An
             before = o.count()
             t0 = time.perf_counter()
             subprocess.run(
-                ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(o.dicom), *map(str, burst)],
+                _storescu_to_orthanc(o.dicom, burst),
                 env=NODELAY,
                 check=True,
                 capture_output=True,
