@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-NIH = ROOT.parent / "shared" / "data" / "nih_cxr_dx.dcm"
+NIH = ROOT / "tests" / "data" / "nih_cxr_dx.dcm"
 ORTHANC = "/usr/sbin/Orthanc"
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 WEIGHTS_NAME = (

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("CXR_DEMO_DIR", ROOT / "var" / "demo"))
-IMAGE = ROOT.parent / "shared" / "data" / "nih_cxr_dx.dcm"
+IMAGE = ROOT / "tests" / "data" / "nih_cxr_dx.dcm"
 ORTHANC = Path("/usr/sbin/Orthanc")
 
 # loopback peers only: never through an HTTP(S)_PROXY from the environment

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def shared_files() -> dict[str, Path]:
     for p in (NIH, ACRNEMA):
-        assert p.is_file(), f"shared test data missing: {p}"
+        assert p.is_file(), f"sample data missing from the repository: {p}"
     return {"nih": NIH, "acrnema": ACRNEMA}
 
 

@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "tests" / "data"  # kept in the repository: a fresh clone runs on its own
+CORPUS = ROOT.parent / "shared" / "corpus"  # optional real-world tier
 NIH = SHARED / "nih_cxr_dx.dcm"
 ACRNEMA = SHARED / "cr_chest_mono1_10bit_acrnema.dcm"
 WEIGHTS_NAME = (
