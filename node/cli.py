@@ -123,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.metrics import Metrics
     from node.model import load_classifier
     from node.scp import start_server
+    from node.watchdog import HangWatchdog, report_last_hang
     from node.worker import Worker
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
@@ -133,12 +134,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool = _spool(cfg, min_free_mb=cfg.spool.min_free_mb)
     if recovered := spool.recover(read_uids):
         log.warning("recovered %d spooled file(s) without a job record", recovered)
+    for job_id in report_last_hang(spool.root):
+        limit = cfg.worker.image_timeout
+        spool.postpone(job_id, f"exceeded worker.image_timeout ({limit:g} s per image)", 0.0)
+    watchdog = HangWatchdog(spool.root, cfg.worker.image_timeout)
     metrics = Metrics()
     metrics.watch_jobs(spool.counts)
     metrics_port = (
         metrics.serve(cfg.metrics.bind_address, cfg.metrics.port) if (cfg.metrics.enabled) else None
     )
-    worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics)
+    worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics, watchdog=watchdog)
     release_start_up_garbage()
     stop = _stop_on_signals()
     server = start_server(cfg.scp, spool, metrics, cfg.tls)
@@ -146,19 +151,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _write_status(spool, classifier.info, port, metrics_port)
     if args.ready_file:
         args.ready_file.write_text(str(port))
+    threading.excepthook = _log_thread_death
     thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
     thread.start()
     try:
         while not stop.wait(0.5):
-            if not thread.is_alive():
-                raise NodeError("the worker thread died; see the log above")
+            if not thread.is_alive():  # a bug: exit, so that a supervisor restarts the node
+                raise NodeError("the worker thread died; exiting (see the log above)")
     finally:
         server.shutdown()  # stop accepting; in-flight associations are aborted, not acked
         stop.set()
         thread.join(timeout=cfg.worker.shutdown_timeout)
+        watchdog.close()
         spool.close()
     log.info("stopped")
     return 0
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """A thread that dies logs one line (type and message), its traceback at DEBUG."""
+    name = args.thread.name if args.thread is not None else "?"
+    log.critical("thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value)
+    if args.exc_value is not None:
+        log.debug("thread %s traceback", name, exc_info=args.exc_value)
 
 
 # -- echo --------------------------------------------------------------------------------

@@ -141,6 +141,12 @@ class WorkerConfig(_Section):
     backoff_base: float = Field(default=2.0, gt=0)
     backoff_max: float = Field(default=300.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
+    max_crash_attempts: int = Field(
+        default=3, ge=1, description="starts on a job that never finish, then quarantine"
+    )
+    image_timeout: float = Field(
+        default=120.0, gt=0, description="seconds per image of a batch before the node exits"
+    )
 
 
 class ReportConfig(_Section):

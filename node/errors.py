@@ -38,3 +38,9 @@ class ContextsRefused(SendError):
 
 class ArchiveError(NodeError):
     """An input path (file, folder or zip archive) could not be read."""
+
+
+def unexpected(stage: type[NodeError], where: str, exc: BaseException) -> NodeError:
+    """The per-job boundary's error for an exception nobody raised on purpose: the stage's
+    class, naming the stage, the exception's type and its message."""
+    return stage(f"{where}: {type(exc).__name__}: {exc}")

@@ -1,11 +1,13 @@
 """Image datasets in, findings and SRs out: preprocess -> batch inference -> report.
 
 Shared by the node's worker and the offline ``classify`` command. Errors are returned per
-image, so one bad image never stops a batch.
+image, so one bad image never stops a batch: whatever one image raises (pydicom, the
+decoders, numpy, highdicom or our code) becomes that image's error, naming the stage.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,10 +17,12 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import NodeError
+from node.errors import ModelError, NodeError, PreprocessError, ReportError, unexpected
 from node.model import Classifier, Finding, to_findings
 from node.preprocess import Preprocessed, preprocess
 from node.srtemplate import EncodedSR, ReportEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,14 +36,47 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _prepare(datasets: Sequence[Dataset]) -> list[Preprocessed | NodeError]:
-    out: list[Preprocessed | NodeError] = []
-    for ds in datasets:
-        try:
-            out.append(preprocess(ds))
-        except NodeError as exc:
-            out.append(exc)
-    return out
+def _uid(ds: Dataset) -> str:
+    try:
+        return str(ds.get("SOPInstanceUID", "<no SOP Instance UID>"))
+    except Exception:  # a malformed element: the UID is only for the message
+        return "<unreadable SOP Instance UID>"
+
+
+def _prepare_one(ds: Dataset) -> Preprocessed | NodeError:
+    try:
+        return preprocess(ds)
+    except NodeError as exc:
+        return exc
+    except Exception as exc:  # the per-image boundary: this image fails, the batch goes on
+        log.debug("preprocessing %s raised", _uid(ds), exc_info=True)
+        return unexpected(PreprocessError, f"{_uid(ds)}: preprocessing failed", exc)
+
+
+def _predict(classifier: Classifier, ok: list[Preprocessed]) -> list[np.ndarray | NodeError]:
+    """Scores per image; if the batch fails, each image alone, so only the culprit fails."""
+    if not ok:
+        return []
+    try:
+        return list(classifier.predict(np.stack([p.array for p in ok])))
+    except Exception as exc:
+        if len(ok) == 1:
+            log.debug("inference raised", exc_info=True)
+            return [unexpected(ModelError, "inference failed", exc)]
+        log.warning("batch inference failed (%s); retrying image by image", type(exc).__name__)
+        return [_predict(classifier, [p])[0] for p in ok]
+
+
+def _encode(
+    reports: ReportEncoder, ds: Dataset, findings: tuple[Finding, ...], now: datetime
+) -> EncodedSR | NodeError:
+    try:
+        return reports.encode(ds, findings, now)
+    except NodeError as exc:
+        return exc
+    except Exception as exc:  # the per-image boundary
+        log.debug("building the SR of %s raised", _uid(ds), exc_info=True)
+        return unexpected(ReportError, f"{_uid(ds)}: building the SR failed", exc)
 
 
 def analyze(
@@ -50,28 +87,29 @@ def analyze(
 ) -> list[Outcome | NodeError]:
     """Classify a batch and build one SR per image; failures come back as errors."""
     t0 = time.perf_counter()
-    prepared = _prepare(datasets)
+    prepared = [_prepare_one(ds) for ds in datasets]
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
-    scores = classifier.predict(np.stack([p.array for p in ok])) if ok else np.empty((0, 0))
+    scores = iter(_predict(classifier, ok))
     t2 = time.perf_counter()
     per_image = {
         "preprocess_s": (t1 - t0) / len(datasets),
         "inference_s": (t2 - t1) / max(1, len(ok)),
     }
     results: list[Outcome | NodeError] = []
-    row = 0
     for ds, prep in zip(datasets, prepared, strict=True):
         if isinstance(prep, NodeError):
             results.append(prep)
             continue
-        findings = to_findings(scores[row], classifier.info)
-        row += 1
+        row = next(scores)
+        if isinstance(row, NodeError):
+            results.append(row)
+            continue
+        findings = to_findings(row, classifier.info)
         t3 = time.perf_counter()
-        try:
-            sr = reports.encode(ds, findings, now)
-        except NodeError as exc:
-            results.append(exc)
+        sr = _encode(reports, ds, findings, now)
+        if isinstance(sr, NodeError):
+            results.append(sr)
             continue
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t3}
         results.append(Outcome(ds, findings, sr, prep.steps, timings))

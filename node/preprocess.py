@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import pixel_array
 
 from node.errors import PreprocessError
@@ -76,6 +76,8 @@ def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
     """Decode Pixel Data, raising :class:`PreprocessError` with the reason when impossible."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PreprocessError(f"{_uid(ds)}: the dataset has no Pixel Data")
+    if "PixelData" in ds and not ds.PixelData:
+        raise PreprocessError(f"{_uid(ds)}: the Pixel Data element is empty")
     try:
         return _unmasked(ds)
     except (
@@ -84,6 +86,10 @@ def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
         ValueError,
         AttributeError,
         KeyError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        struct.error,
     ) as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
@@ -138,13 +144,95 @@ def _stored_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, 2.0**bits - 1
 
 
-def _has_modality_lut(ds: Dataset) -> bool:
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return "ModalityLUTSequence" in ds or slope != 1.0 or intercept != 0.0
+@dataclass(frozen=True)
+class ModalityLut:
+    """The Modality LUT of an image: a rescale (slope, intercept), a table, or neither.
+
+    A table is applied here rather than by pydicom's ``apply_modality_lut``, which indexes
+    with the input's dtype (floats raise), builds ``uint<bits>`` dtypes that do not exist
+    for 10 or 12-bit entries, and reads 8-bit entries as 16-bit words.
+    """
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    table: npt.NDArray[np.float64] | None = None
+    first_mapped: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.table is not None or self.slope != 1.0 or self.intercept != 0.0
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            index = np.asarray(values, dtype=np.int64) - self.first_mapped
+            np.clip(index, 0, len(self.table) - 1, out=index)
+            return self.table[index]
+        if self.slope == 1.0 and self.intercept == 0.0:
+            return values
+        return np.asarray(values, dtype=np.float64) * self.slope + self.intercept
+
+    def range(self, lo: float, hi: float) -> tuple[float, float]:
+        """The lowest and highest output for inputs in [lo, hi]."""
+        if self.table is not None:
+            return float(self.table.min()), float(self.table.max())
+        ends = self.apply(np.array([lo, hi], dtype=np.float64))
+        return float(ends.min()), float(ends.max())
 
 
-def _value_range(ds: Dataset, data: np.ndarray, steps: list[str]) -> tuple[float, float]:
+def _lut_entries(ds: Dataset, item: Dataset, count: int, bits: int) -> npt.NDArray[np.float64]:
+    data = item.get("LUTData")
+    raw = data if isinstance(data, bytes | bytearray) else None
+    if raw is not None:  # OW: 16-bit words, or 8-bit entries packed two to a word
+        if bits <= 8 and len(raw) in (count, count + 1):
+            entries: np.ndarray = np.frombuffer(raw[:count], dtype=np.uint8)
+        else:
+            big = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") == (
+                "1.2.840.10008.1.2.2"
+            )
+            entries = np.frombuffer(raw[: len(raw) // 2 * 2], dtype=">u2" if big else "<u2")
+    else:  # US: a list of values (one value reads as an int)
+        entries = np.atleast_1d(np.asarray([] if data is None else data, dtype=np.float64))
+    if len(entries) < count:
+        raise PreprocessError(
+            f"{_uid(ds)}: malformed Modality LUT Sequence: {len(entries)} LUT Data entries, "
+            f"the LUT Descriptor says {count}"
+        )
+    return np.asarray(entries[:count], dtype=np.float64)
+
+
+def _lut_table(ds: Dataset) -> ModalityLut:
+    items = ds.ModalityLUTSequence
+    descriptor = items[0].get("LUTDescriptor") if len(items) else None
+    values = list(descriptor) if descriptor is not None else []
+    if len(values) != 3 or "LUTData" not in items[0]:
+        raise PreprocessError(
+            f"{_uid(ds)}: malformed Modality LUT Sequence: its item needs a 3-value LUT "
+            f"Descriptor and LUT Data (descriptor: {values or 'absent'})"
+        )
+    # read as US or SS: the 1st and 3rd values are unsigned, the 2nd signed for signed pixels
+    count, first, bits = (int(v) & 0xFFFF for v in values)
+    count = count or 2**16
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first > 2**15 - 1:
+        first -= 2**16
+    return ModalityLut(table=_lut_entries(ds, items[0], count, bits), first_mapped=first)
+
+
+def modality_lut(ds: Dataset) -> ModalityLut:
+    """The image's Modality LUT (PS3.3 C.11.1); raises :class:`PreprocessError` when it
+    is malformed."""
+    if "ModalityLUTSequence" in ds:
+        return _lut_table(ds)
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise PreprocessError(f"{_uid(ds)}: invalid Rescale Slope/Intercept: {exc}") from exc
+    return ModalityLut(slope, intercept)
+
+
+def _value_range(
+    ds: Dataset, data: np.ndarray, lut: ModalityLut, steps: list[str]
+) -> tuple[float, float]:
     """Return the lowest and highest values possible after the Modality LUT.
 
     The whole image is checked against BitsStored (values beyond it widen the range); the
@@ -160,16 +248,13 @@ def _value_range(ds: Dataset, data: np.ndarray, steps: list[str]) -> tuple[float
         log.warning("%s: %s", _uid(ds), note)
         steps.append(note)
         lo, hi = min(lo, dmin), max(hi, dmax)
-    if not _has_modality_lut(ds):
+    if not lut.active:
         return lo, hi
-    ends = np.asarray(apply_modality_lut(np.array([lo, hi]), ds), dtype=np.float64)
-    if "ModalityLUTSequence" in ds:
-        lut = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float64)
-        ends = np.array([lut.min(), lut.max()])
+    if lut.table is not None:
         steps.append("Modality LUT sequence applied")
     else:
-        steps.append(f"rescale slope {ds.RescaleSlope} intercept {ds.RescaleIntercept} applied")
-    return float(ends.min()), float(ends.max())
+        steps.append(f"rescale slope {lut.slope:g} intercept {lut.intercept:g} applied")
+    return lut.range(lo, hi)
 
 
 @dataclass(frozen=True)
@@ -179,20 +264,21 @@ class _Grey:
     data: np.ndarray
     lo: float  # lowest and highest values possible after the Modality LUT
     hi: float
-    modality_lut: bool
+    lut: ModalityLut  # inactive for colour images (already luminance in [0, 255])
     invert: bool  # MONOCHROME1
 
 
 def _grey(ds: Dataset, steps: list[str]) -> _Grey:
     data = _first_frame(ds, decode_pixels(ds), steps)
     data, is_luma = _to_grey(ds, data, steps)
-    lo, hi = (0.0, 255.0) if is_luma else _value_range(ds, data, steps)
+    lut = ModalityLut() if is_luma else modality_lut(ds)
+    lo, hi = (0.0, 255.0) if is_luma else _value_range(ds, data, lut, steps)
     if hi <= lo:
         raise PreprocessError(f"{_uid(ds)}: empty value range [{lo}, {hi}]")
     invert = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     if invert:
         steps.append("MONOCHROME1 inverted")
-    return _Grey(data, lo, hi, not is_luma and _has_modality_lut(ds), invert)
+    return _Grey(data, lo, hi, lut, invert)
 
 
 def _scaled(ds: Dataset, grey: _Grey, pixels: np.ndarray) -> FloatArray:
@@ -202,7 +288,7 @@ def _scaled(ds: Dataset, grey: _Grey, pixels: np.ndarray) -> FloatArray:
     Bit for bit ``(2 * ((v - lo) / (hi - lo)) - 1) * 1024`` in float32, in three passes:
     the factors 2 and 1024 are powers of two, so folding them in rounds identically.
     """
-    values = apply_modality_lut(pixels, ds) if grey.modality_lut else pixels
+    values = grey.lut.apply(pixels)
     lo = np.float32(grey.lo)
     img: FloatArray
     if grey.invert:

@@ -7,7 +7,12 @@ Job states::
     received -> classified -> sent
              -> skipped   (not a chest radiograph / not an image)
              -> failed    (cannot be decoded or reported; kept for inspection)
+             -> quarantined (the process died or hung each time it worked on the job:
+                           ``worker.max_crash_attempts``; ``jobs retry`` puts it back)
     classified -> dead    (SR could not be delivered after max attempts)
+
+A received job's ``attempts`` counts the times the worker *started* on it, recorded before
+the work (:meth:`Spool.begin`): a job that kills the process is seen at the next start.
 
 Files in ``images/`` without a job row (a crash between rename and insert) are
 re-enqueued by :meth:`Spool.recover` at start-up.
@@ -30,7 +35,8 @@ from node.errors import SpoolError
 
 log = logging.getLogger(__name__)
 
-STATES = ("received", "classified", "sent", "skipped", "failed", "dead")
+STATES = ("received", "classified", "sent", "skipped", "failed", "quarantined", "dead")
+FINAL_STATES = ("sent", "skipped", "failed", "quarantined", "dead")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -260,6 +266,24 @@ class Spool:
     def mark_failed(self, job_id: int, error: str) -> None:
         self._update(job_id, state="failed", last_error=error)
 
+    def mark_quarantined(self, job_id: int, reason: str) -> None:
+        self._update(job_id, state="quarantined", last_error=reason)
+
+    def begin(self, job_ids: Sequence[int]) -> None:
+        """Count one attempt on each received job, durably, *before* it is worked on."""
+        if not job_ids:
+            return
+        marks = ", ".join("?" * len(job_ids))
+        with self._lock:
+            self._db.execute(
+                f"UPDATE jobs SET attempts = attempts + 1, updated = ? WHERE id IN ({marks})",
+                (time.time(), *job_ids),
+            )
+
+    def postpone(self, job_id: int, error: str, next_attempt: float) -> None:
+        """Leave a job in its state, to be tried again at ``next_attempt`` (e.g. disk full)."""
+        self._update(job_id, next_attempt=next_attempt, last_error=error)
+
     def retry_later(self, job: Job, error: str, next_attempt: float, max_attempts: int) -> str:
         """Record a failed delivery; returns the new state (``classified`` or ``dead``)."""
         attempts = job.attempts + 1
@@ -275,7 +299,7 @@ class Spool:
 
     def purge(self, state: str) -> int:
         """Delete the jobs in ``state`` and their files (an explicit operator action)."""
-        if state not in ("sent", "skipped", "failed", "dead"):
+        if state not in FINAL_STATES:
             raise ValueError(f"refusing to purge jobs in state {state!r}: not a final state")
         for job in self.jobs(state, limit=10**9):
             job.image.unlink(missing_ok=True)
@@ -286,7 +310,8 @@ class Spool:
         return int(cur.rowcount)
 
     def requeue(self, state: str) -> int:
-        """Put every job in ``state`` (e.g. ``dead``) back in line for delivery now."""
+        """Put every job in ``state`` back in line now: ``dead`` jobs for delivery, others
+        (``failed``, ``quarantined``, ``skipped``) to be classified again."""
         target = "classified" if state == "dead" else "received"
         with self._lock:
             cur = self._db.execute(

@@ -1,4 +1,11 @@
-"""The worker: classify received jobs in batches, then deliver their SRs with retries."""
+"""The worker: classify received jobs in batches, then deliver their SRs with retries.
+
+One job never stops the worker: whatever reading, filtering, classifying or saving one
+image raises fails that job alone, with the stage and the reason. A job that kills or hangs
+the process is caught across restarts: each start on a job is counted before the work
+(``Spool.begin``); a job seen again after a crash is worked on alone, and one whose count
+reaches ``worker.max_crash_attempts`` is quarantined instead of tried again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +23,14 @@ from pydicom.dataset import Dataset
 
 from node.config import NodeConfig
 from node.dicomio import read_dataset
-from node.errors import NodeError, SendError
+from node.errors import (
+    NodeError,
+    PreprocessError,
+    ReportError,
+    SendError,
+    SpoolError,
+    unexpected,
+)
 from node.metrics import Metrics
 from node.model import Classifier
 from node.pipeline import Outcome, analyze
@@ -28,6 +43,12 @@ from node.triage import skip_reason
 log = logging.getLogger(__name__)
 
 Sender = Callable[[Path], None]
+Watchdog = Callable[[Sequence[Job]], AbstractContextManager[object]]
+"""Guards the work on a batch of jobs (e.g. ends a process that hangs on it)."""
+
+
+def no_watchdog(_jobs: Sequence[Job]) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def backoff_delay(attempts: int, base: float, cap: float, jitter: float) -> float:
@@ -56,6 +77,7 @@ class Worker:
         clock: Callable[[], datetime] = datetime.now,
         rng: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        watchdog: Watchdog = no_watchdog,
     ) -> None:
         self.spool = spool
         self.classifier = classifier
@@ -64,25 +86,78 @@ class Worker:
         self.clock = clock
         self.rng = rng
         self.metrics = metrics
+        self.watchdog = watchdog
         self.reports = ReportEncoder(classifier.info, report_context(cfg))
 
     # -- classification ------------------------------------------------------------------
+    def _fail(self, job: Job, exc: NodeError) -> None:
+        log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, exc)
+        self.spool.mark_failed(job.id, str(exc))
+
+    def _read(self, job: Job) -> Dataset:
+        try:
+            ds = read_dataset(job.image, where=f"spool file {job.image.name}")
+        except NodeError:
+            raise
+        except Exception as exc:  # the per-job boundary
+            log.debug("reading job %d raised", job.id, exc_info=True)
+            raise unexpected(PreprocessError, "reading the data set failed", exc) from exc
+        found = str(ds.get("SOPInstanceUID", ""))
+        if found != job.sop_instance_uid:  # the data set says two things: trust neither
+            raise PreprocessError(
+                f"the data set's SOP Instance UID {found!r} is not the one it was received as"
+            )
+        return ds
+
     def _load(self, job: Job) -> Dataset | None:
         try:
-            ds = read_dataset(job.image)
+            ds = self._read(job)
+            reason = skip_reason(ds, self.cfg.filter)
         except NodeError as exc:
-            log.error("job %d (%s): %s", job.id, job.sop_instance_uid, exc)
-            self.spool.mark_failed(job.id, str(exc))
+            self._fail(job, exc)
             return None
-        reason = skip_reason(ds, self.cfg.filter)
+        except Exception as exc:  # the per-job boundary: the filter met a malformed header
+            log.debug("filtering job %d raised", job.id, exc_info=True)
+            self._fail(job, unexpected(PreprocessError, "reading the header failed", exc))
+            return None
         if reason is not None:
             log.info("job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason)
             self.spool.mark_skipped(job.id, reason)
             return None
         return ds
 
+    def _batch(self) -> list[Job]:
+        """The next jobs to classify, each counted as started. A job started before without
+        an outcome (the process died or hung on it) is quarantined at the limit, and is
+        otherwise worked on alone, so that it cannot take healthy jobs down with it."""
+        limit = self.cfg.worker.max_crash_attempts
+        while jobs := self.spool.due("received", time.time(), self.cfg.model.batch_size):
+            suspects = [j for j in jobs if j.attempts > 0]
+            for job in (j for j in suspects if j.attempts >= limit):
+                self._quarantine(job)
+            if any(j.attempts >= limit for j in suspects):
+                continue  # fetch again without the quarantined ones
+            batch = suspects[:1] or jobs
+            self.spool.begin([j.id for j in batch])
+            return batch
+        return []
+
+    def _quarantine(self, job: Job) -> None:
+        last = f" (last: {job.last_error})" if job.last_error else ""
+        reason = (
+            f"quarantined: processing never finished in {job.attempts} attempt(s): the node "
+            f"died or exceeded worker.image_timeout each time{last}; "
+            "`cxr-node jobs retry --state quarantined` tries again"
+        )
+        log.error("job %d (%s) %s", job.id, job.sop_instance_uid, reason)
+        self.spool.mark_quarantined(job.id, reason)
+
     def classify_due(self) -> int:
-        jobs = self.spool.due("received", time.time(), self.cfg.model.batch_size)
+        jobs = self._batch()
+        with self.watchdog(jobs):
+            return self._classify(jobs)
+
+    def _classify(self, jobs: list[Job]) -> int:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
@@ -94,11 +169,22 @@ class Worker:
             self.metrics.classified.inc(len(done))
         for (job, _), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
-                log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, outcome)
-                self.spool.mark_failed(job.id, str(outcome))
+                self._fail(job, outcome)
             else:
-                self._save(job, outcome)
+                self._save_guarded(job, outcome)
         return len(jobs)
+
+    def _save_guarded(self, job: Job, outcome: Outcome) -> None:
+        """Save one outcome; a full or failing disk postpones the job (it is not the
+        image's fault), anything else fails it."""
+        try:
+            self._save(job, outcome)
+        except SpoolError as exc:
+            log.error("job %d (%s): %s; tried again later", job.id, job.sop_instance_uid, exc)
+            self.spool.postpone(job.id, str(exc), time.time() + self.cfg.worker.backoff_max)
+        except Exception as exc:  # the per-job boundary
+            log.debug("saving job %d raised", job.id, exc_info=True)
+            self._fail(job, unexpected(ReportError, "saving the results failed", exc))
 
     def _save(self, job: Job, outcome: Outcome) -> None:
         sr = outcome.sr
@@ -190,11 +276,17 @@ class Worker:
         return self.classify_due() + self.deliver_due(stop)
 
     def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set. A round that fails (the job store, say) is logged
+        and the next one tried; jobs are failed one by one inside the round."""
+        failures = 0
         while not stop.is_set():
             try:
                 busy = self.step(stop)
-            except NodeError as exc:
-                log.error("worker step failed: %s", exc)
-                busy = 0
-            if not busy:
-                stop.wait(self.cfg.worker.poll_interval)
+                failures = 0
+            except Exception as exc:  # never let the worker thread die of one round
+                log.error("worker round failed: %s: %s", type(exc).__name__, exc)
+                log.debug("worker round failed", exc_info=True)
+                busy, failures = 0, failures + 1
+            if not busy:  # after failed rounds, wait longer (up to 30 s): no log flood
+                poll = self.cfg.worker.poll_interval
+                stop.wait(min(30.0, max(poll, poll * 2.0**failures)))

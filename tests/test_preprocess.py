@@ -13,6 +13,7 @@ from node.dicomio import read_dataset
 from node.errors import PreprocessError
 from node.preprocess import (
     _clip_like_skimage,
+    ModalityLut,
     _Grey,
     _scaled,
     crop_and_resize,
@@ -246,7 +247,7 @@ def test_scaling_is_bit_for_bit_the_plain_formula(invert, dtype, lo, hi):
     expected = ((2 * ((v - np.float32(lo)) / np.float32(hi - lo)) - 1.0) * 1024.0).astype(
         np.float32
     )
-    grey = _Grey(values, float(lo), float(hi), modality_lut=False, invert=invert)
+    grey = _Grey(values, float(lo), float(hi), lut=ModalityLut(), invert=invert)
     np.testing.assert_array_equal(_scaled(Dataset(), grey, values), expected)
 
 
@@ -285,3 +286,97 @@ def test_bits_stored_check_sees_pixels_outside_the_centre_square(tmp_path):
     ref = _xrv_crop_resize((2 * (px.astype(np.float32) / 4000) - 1) * 1024)
     np.testing.assert_allclose(out.array, ref, atol=1e-3, rtol=0)
     np.testing.assert_allclose(out.array, crop_and_resize(to_xrv_range(ds, [])), atol=1e-3)
+
+
+# -- Modality LUT Sequence and malformed pixel data (real CRs carry both) ----------------
+def _small_nih(bits: int = 16) -> Dataset:
+    """A 96x80 crop of the NIH radiograph, 16-bit unsigned, stored values 0..255."""
+    ds = pydicom.dcmread(NIH)
+    px = np.ascontiguousarray(ds.pixel_array[400:496, 400:480]).astype(np.uint16)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, 8, 7
+    ds.Rows, ds.Columns = px.shape
+    ds.PixelData = px.tobytes()
+    return ds
+
+
+def _with_lut(ds: Dataset, table: np.ndarray, first: int, bits: int, packed8: bool) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(table), first, bits]
+    item.ModalityLUTType = "OD"
+    if packed8:  # OW holding 8-bit entries, one byte each
+        item.add_new(0x00283006, "OW", table.astype(np.uint8).tobytes())
+    else:
+        item.add_new(0x00283006, "US", [int(v) for v in table])
+    ds.ModalityLUTSequence = [item]
+    return ds
+
+
+def _expected_lut_scaling(ds: Dataset, table: np.ndarray, first: int) -> np.ndarray:
+    values = ds.pixel_array.astype(np.int64)
+    mapped = table[np.clip(values - first, 0, len(table) - 1)].astype(np.float64)
+    lo, hi = float(table.min()), float(table.max())
+    return (2 * ((mapped - lo) / (hi - lo)) - 1) * 1024
+
+
+@pytest.mark.parametrize(
+    ("kind", "first", "bits", "packed8"),
+    [
+        ("linear", 0, 16, False),
+        ("sqrt", 10, 16, False),  # first mapped value != 0: values below it take entry 0
+        ("sqrt", 3, 8, True),  # 8-bit entries in OW
+        ("linear", 0, 12, False),  # 12-bit entries: pydicom builds a 'uint12' dtype
+    ],
+)
+def test_modality_lut_sequence_is_applied(kind, first, bits, packed8):
+    grid = np.arange(256 - first, dtype=np.float64)
+    top = 255 if bits == 8 else 4000
+    table = (grid / grid.max() * top if kind == "linear" else np.sqrt(grid / grid.max()) * top)
+    table = np.round(table).astype(np.int64)
+    ds = _with_lut(_small_nih(), table, first, bits, packed8)
+    steps: list[str] = []
+    out = to_xrv_range(ds, steps)  # before the fix: IndexError from apply_modality_lut
+    assert "Modality LUT sequence applied" in steps
+    np.testing.assert_allclose(out, _expected_lut_scaling(ds, table, first), atol=1e-2)
+    assert preprocess(ds).array.shape == (1, 224, 224)
+
+
+def test_a_linear_modality_lut_equals_the_same_rescale():
+    table = np.arange(256) * 3 + 100
+    by_table = preprocess(_with_lut(_small_nih(), table, 0, 16, False)).array
+    rescaled = _small_nih()
+    rescaled.RescaleSlope, rescaled.RescaleIntercept = 3, 100
+    np.testing.assert_allclose(by_table, preprocess(rescaled).array, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {},  # an empty item
+        {"LUTDescriptor": [256, 0, 16]},  # no LUT Data
+        {"LUTDescriptor": [256, 0], "LUTData": [1, 2]},  # a 2-value descriptor
+        {"LUTDescriptor": [256, 0, 16], "LUTData": [1, 2, 3]},  # 3 entries of 256
+    ],
+)
+def test_a_malformed_modality_lut_fails_the_image_with_the_reason(item):
+    ds = _small_nih()
+    lut = Dataset()
+    for keyword, value in item.items():
+        setattr(lut, keyword, value)
+    ds.ModalityLUTSequence = [lut]
+    with pytest.raises(PreprocessError, match="malformed Modality LUT Sequence"):
+        preprocess(ds)
+
+
+def test_an_empty_modality_lut_sequence_fails_the_image_with_the_reason():
+    ds = _small_nih()
+    ds.ModalityLUTSequence = []
+    with pytest.raises(PreprocessError, match="malformed Modality LUT Sequence"):
+        preprocess(ds)
+
+
+@pytest.mark.parametrize(("data", "reason"), [(b"", "empty"), (b"\x01\x02" * 100, "decode")])
+def test_empty_or_short_pixel_data_fails_the_image_with_the_reason(data, reason):
+    ds = _small_nih()
+    ds.PixelData = data
+    with pytest.raises(PreprocessError, match=reason):
+        preprocess(ds)
