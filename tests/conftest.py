@@ -192,7 +192,14 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
     """Start ``cxr-node serve`` as a real process with a config written for the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(dest_port: int, port: int | None = None, **extra: dict[str, object]) -> NodeProc:
+    def start(
+        dest_port: int,
+        port: int | None = None,
+        entry: tuple[str, ...] = ("-m", "node"),
+        env: dict[str, str] | None = None,
+        **extra: dict[str, object],
+    ) -> NodeProc:
+        """``entry``: what follows ``python`` (a fault-injecting wrapper, say)."""
         port = port or free_port()
         spool = tmp_path / "spool"
         sections: dict[str, dict[str, object]] = {
@@ -221,8 +228,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "node",
+                *entry,
                 "serve",
                 "--config",
                 str(conf),
@@ -232,6 +238,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
+            env={**os.environ, **(env or {})},
         )
         procs.append(proc)
         wait_for(lambda: proc.poll() is not None or ready.exists(), 60, "the node to listen")

@@ -1,0 +1,35 @@
+"""``python tests/faulty_node.py serve ...``: the real node, with one image made poisonous.
+
+A test-only wrapper (nothing in ``node/`` knows about it): preprocessing the image whose
+SOP Instance UID is ``CXR_TEST_POISON_UID`` kills the process (``exit``: ``os._exit``, as a
+segfaulting decoder or the OOM killer would) or hangs it (``hang``: a decoder stuck in a
+loop that holds the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import node.pipeline  # noqa: E402
+from node.cli import main  # noqa: E402
+
+_POISON = os.environ["CXR_TEST_POISON_UID"]
+_MODE = os.environ.get("CXR_TEST_POISON_MODE", "exit")
+_real = node.pipeline.preprocess
+
+
+def _poisoned(ds, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if str(ds.SOPInstanceUID) == _POISON:
+        if _MODE == "hang":  # sleep(3) through PyDLL holds the GIL: no Python thread runs
+            ctypes.PyDLL(None).sleep(3600)
+        os._exit(137)
+    return _real(ds, *args, **kwargs)
+
+
+node.pipeline.preprocess = _poisoned  # type: ignore[assignment]
+sys.exit(main())

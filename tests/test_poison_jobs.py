@@ -1,0 +1,81 @@
+"""A job that kills or hangs the node, with the node as a real process: after
+``worker.max_crash_attempts`` starts it is quarantined, and every other image gets its SR.
+
+The node runs through ``tests/faulty_node.py`` (one image made poisonous); the test plays
+the supervisor (systemd, Docker) that restarts it; dcmtk's storescp is the PACS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from helpers import ROOT, Sender, chest_images, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
+    out.mkdir()
+    return subprocess.Popen(
+        ["storescp", "-aet", "ORTHANC", "-od", str(out), "--fork", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("mode", ["exit", "hang"])
+def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(
+    node_factory, tmp_path, mode
+):
+    images = chest_images(5, f"poison-{mode}")
+    poison = str(images[2].SOPInstanceUID)
+    pacs_port, node_port = free_port(), free_port()
+    pacs = _storescp(tmp_path / "pacs", pacs_port)
+    start = lambda: node_factory(  # noqa: E731
+        pacs_port,
+        port=node_port,
+        entry=(str(ROOT / "tests" / "faulty_node.py"),),
+        env={"CXR_TEST_POISON_UID": poison, "CXR_TEST_POISON_MODE": mode},
+        worker={"image_timeout": 2.0, "max_crash_attempts": 3},
+    )
+    try:
+        node = start()
+        pending, restarts = list(images), 0
+        deadline = time.monotonic() + 240
+        while node.jobs().get("quarantined", 0) == 0 or node.jobs().get("sent", 0) < 4:
+            assert time.monotonic() < deadline, node.log_text()
+            if pending:  # what the dead node did not acknowledge is sent again
+                sender = Sender(node_port)
+                sender.send(pending)
+                pending = [d for d in pending if str(d.SOPInstanceUID) in sender.failed]
+            if node.proc.poll() is not None:  # the supervisor's part
+                restarts += 1
+                assert restarts <= 5, node.log_text()
+                node = start()
+            time.sleep(0.2)
+        assert node.proc.poll() is None  # alive, and serving
+        assert restarts == 3  # one start per attempt, then quarantined without starting it
+        text = node.log_text()
+        assert "quarantined: processing never finished in 3 attempt(s)" in text
+        if mode == "hang":
+            assert "exceeded worker.image_timeout" in text
+            assert list(node.spool.glob("hang-*.txt"))
+        status = node.cli("status")
+        assert "quarantined=1" in status.stdout and "quarantined" in status.stdout
+        srs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+        sources = {
+            str(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for sr in srs
+        }
+        assert sources == {str(d.SOPInstanceUID) for d in images} - {poison}
+        wait_for(lambda: node.jobs().get("sent", 0) == 4, 10, "four jobs sent")
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
