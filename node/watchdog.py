@@ -74,8 +74,7 @@ def report_last_hang(spool_root: Path) -> list[int]:
     first = text.splitlines()[0] if text else ""
     ids = [int(t) for t in first.removeprefix(_HEADER).split(" started")[0].split() if t.isdigit()]
     log.error(
-        "the last run exceeded worker.image_timeout on job(s) %s and exited; "
-        "thread stacks in %s",
+        "the last run exceeded worker.image_timeout on job(s) %s and exited; thread stacks in %s",
         ", ".join(map(str, ids)) or "?",
         kept,
     )

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import node.pipeline  # noqa: E402
-from node.cli import main  # noqa: E402
+import node.pipeline
+from node.cli import main
 
 _POISON = os.environ["CXR_TEST_POISON_UID"]
 _MODE = os.environ.get("CXR_TEST_POISON_MODE", "exit")

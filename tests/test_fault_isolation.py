@@ -94,7 +94,7 @@ def _raise_for(uid: str, exc: BaseException, real):
 def test_whatever_one_image_raises_fails_that_image_alone(
     node_parts, monkeypatch, target, exc, stage
 ):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent = node_parts
     uids = _store(spool, chest_images(3, seed=target))
     module = node.pipeline if target == "preprocess" else node.worker
     monkeypatch.setattr(module, target, _raise_for(uids[1], exc, getattr(module, target)))
@@ -107,7 +107,7 @@ def test_whatever_one_image_raises_fails_that_image_alone(
 
 
 def test_an_sr_that_cannot_be_built_fails_that_image_alone(node_parts, monkeypatch):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, _sent = node_parts
     uids = _store(spool, chest_images(2, seed="sr"))
     real = worker.reports.encode
 
@@ -124,7 +124,7 @@ def test_an_sr_that_cannot_be_built_fails_that_image_alone(node_parts, monkeypat
 
 
 def test_a_failing_batch_inference_retries_image_by_image(node_parts, monkeypatch):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, _sent = node_parts
     uids = _store(spool, chest_images(3, seed="batch"))
     real = worker.classifier.predict
     poison = 7.0  # the second image's input is marked so that the model 'fails' on it
@@ -151,7 +151,7 @@ def test_a_failing_batch_inference_retries_image_by_image(node_parts, monkeypatc
 
 
 def test_the_worker_thread_survives_a_failed_round(node_parts, monkeypatch):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent = node_parts
     _store(spool, chest_images(1, seed="round"))
     real, calls = spool.due, []
 
@@ -174,7 +174,7 @@ def test_the_worker_thread_survives_a_failed_round(node_parts, monkeypatch):
 
 
 def test_a_job_that_kept_killing_the_process_is_quarantined(node_parts):
-    cfg, spool, worker, sent = node_parts
+    cfg, spool, worker, _sent = node_parts
     uids = _store(spool, chest_images(3, seed="poison"))
     poison = spool.jobs()[1]
     for _ in range(cfg.worker.max_crash_attempts):  # three starts that never finished
@@ -190,7 +190,7 @@ def test_a_job_that_kept_killing_the_process_is_quarantined(node_parts):
 
 
 def test_a_job_started_before_is_worked_on_alone(node_parts, monkeypatch):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, _sent = node_parts
     _store(spool, chest_images(4, seed="suspect"))
     suspect = spool.jobs()[2]
     spool.begin([suspect.id])  # the process died once while this batch ran
@@ -208,7 +208,7 @@ def test_a_job_started_before_is_worked_on_alone(node_parts, monkeypatch):
 
 
 def test_attempts_are_counted_before_the_work(node_parts, monkeypatch):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, _sent = node_parts
     _store(spool, chest_images(1, seed="count"))
     seen: list[int] = []
 
@@ -223,7 +223,7 @@ def test_attempts_are_counted_before_the_work(node_parts, monkeypatch):
 
 
 def test_a_data_set_with_another_sop_instance_uid_than_received_fails(node_parts):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent = node_parts
     [ds] = chest_images(1, seed="two-uids")
     spool.store(_bytes(ds), "1.2.3.4.5", ds.SOPClassUID, "TEST")
     _drain(worker)
@@ -233,7 +233,7 @@ def test_a_data_set_with_another_sop_instance_uid_than_received_fails(node_parts
 
 
 def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, _sent = node_parts
     [deep, good] = chest_images(2, seed="deep")
     inner = Dataset()
     for _ in range(2500):
@@ -256,7 +256,7 @@ def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
 
 
 def test_a_real_cr_with_a_modality_lut_sequence_is_classified(node_parts):
-    cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent = node_parts
     [ds] = chest_images(1, seed="mlut")
     px = ds.pixel_array.astype(np.uint16)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 8, 7

@@ -30,9 +30,7 @@ def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])
-def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(
-    node_factory, tmp_path, mode
-):
+def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(node_factory, tmp_path, mode):
     images = chest_images(5, f"poison-{mode}")
     poison = str(images[2].SOPInstanceUID)
     pacs_port, node_port = free_port(), free_port()
@@ -70,8 +68,12 @@ def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(
         assert "quarantined=1" in status.stdout and "quarantined" in status.stdout
         srs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
         sources = {
-            str(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            str(
+                sr.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID
+            )
             for sr in srs
         }
         assert sources == {str(d.SOPInstanceUID) for d in images} - {poison}

@@ -12,8 +12,8 @@ from reference import xrv_input
 from node.dicomio import read_dataset
 from node.errors import PreprocessError
 from node.preprocess import (
-    _clip_like_skimage,
     ModalityLut,
+    _clip_like_skimage,
     _Grey,
     _scaled,
     crop_and_resize,
