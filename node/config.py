@@ -126,9 +126,63 @@ class ModelConfig(_Section):
     batch_size: int = Field(default=4, ge=1, le=256)
 
 
+CHEST_NAMES = (
+    "CHEST",
+    "THORAX",
+    "TORAX",
+    "THORAKS",
+    "TORACE",
+    "LUNG",
+    "LUNGS",
+    "PORT CHEST",
+    "CHEST PA",
+    "CHEST AP",
+    "CXR",
+    "POUMON",
+    "POUMONS",
+    "PULMON",
+    "THORAX PA",
+)
+OTHER_BODY_PARTS = (
+    "ABDOMEN",
+    "ANKLE",
+    "ARM",
+    "BREAST",
+    "CSPINE",
+    "C SPINE",
+    "CERVICAL",
+    "CLAVICLE",
+    "ELBOW",
+    "EXTREMITY",
+    "FEMUR",
+    "FINGER",
+    "FOOT",
+    "HAND",
+    "HEAD",
+    "HIP",
+    "HUMERUS",
+    "KNEE",
+    "LEG",
+    "LSPINE",
+    "L SPINE",
+    "LUMBAR",
+    "PELVIS",
+    "RIBS",
+    "SHOULDER",
+    "SKULL",
+    "SPINE",
+    "TSPINE",
+    "T SPINE",
+    "WRIST",
+)
+
+
 class FilterConfig(_Section):
     modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST",)
+    # names of the chest as sites write BodyPartExamined, compared upper-case, accent-free
+    body_parts: tuple[str, ...] = CHEST_NAMES
+    # where BodyPartExamined is absent: descriptions naming one of these are not chests
+    other_body_parts: tuple[str, ...] = OTHER_BODY_PARTS
     allow_missing_body_part: bool = True
     # frontal views: the model was trained on PA/AP radiographs; absent ViewPosition passes
     view_positions: tuple[str, ...] = ("PA", "AP")

@@ -9,6 +9,7 @@ import pytest
 from conftest import write_config
 from helpers import ACRNEMA, NIH
 from pydantic import ValidationError
+from pydicom.dataset import Dataset
 
 from node.config import FilterConfig, load_config
 from node.dicomio import read_dataset
@@ -285,3 +286,57 @@ def test_start_up_garbage_is_handed_back_to_the_kernel():
     assert release_start_up_garbage()
     assert before - rss_mb() > 32, (before, rss_mb())
     assert len(keep) == 256
+
+
+# -- chest radiographs as real archives label them ---------------------------------------
+def _cr(**attrs: str) -> Dataset:
+    ds = read_dataset(ACRNEMA)
+    del ds.BodyPartExamined, ds.ViewPosition
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    "body", ["THORAX", "TORAX", "Tórax", "LUNG", "PORT CHEST", "chest", "CHEST_PA"]
+)
+def test_chest_synonyms_are_chests(body):
+    assert skip_reason(_cr(BodyPartExamined=body), FilterConfig()) is None
+
+
+@pytest.mark.parametrize("body", ["CSPINE", "HAND", "ABDOMEN", "THORACIC SPINE X"])
+def test_other_body_parts_are_not(body):
+    reason = skip_reason(_cr(BodyPartExamined=body), FilterConfig())
+    assert reason is not None and "BodyPartExamined" in reason
+
+
+@pytest.mark.parametrize(
+    ("attrs", "classified", "strictly"),
+    [
+        ({"StudyDescription": "RX TORAX PA"}, True, True),
+        ({"ProtocolName": "Thorax p.a."}, True, True),
+        ({"StudyDescription": "KNEE 2 VIEWS"}, False, False),
+        ({"SeriesDescription": "C-SPINE"}, False, False),
+        ({"StudyDescription": "PORTABLE"}, True, False),  # says nothing: the setting decides
+        ({}, True, False),
+    ],
+)
+def test_descriptions_decide_where_the_body_part_is_absent(attrs, classified, strictly):
+    assert (skip_reason(_cr(**attrs), FilterConfig()) is None) is classified
+    strict = FilterConfig(allow_missing_body_part=False)
+    assert (skip_reason(_cr(**attrs), strict) is None) is strictly
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"ViewPosition": "LL"},
+        {"ViewPosition": "RL"},
+        {"ViewPosition": "LAT"},
+        {"SeriesDescription": "CHEST LAT"},
+        {"StudyDescription": "TORAX LATERAL"},
+    ],
+)
+def test_laterals_are_never_classified(attrs):
+    reason = skip_reason(_cr(BodyPartExamined="CHEST", **attrs), FilterConfig())
+    assert reason is not None and ("lateral" in reason or "ViewPosition" in reason)
