@@ -40,7 +40,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig, TlsConfig
-from node.errors import SpoolError
+from node.errors import MalformedDataset, SpoolError
 from node.metrics import Metrics
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 from node.scu import VERIFICATION
@@ -140,7 +140,7 @@ def _refusal(
     received: BytesIO, syntax: str, max_bytes: int, ids: tuple[str, str, str]
 ) -> StoreStatus | None:
     """The status refusing a received data set (too large, invalid or mismatched UIDs,
-    unreadable header), or None when it may be spooled."""
+    unreadable or ambiguous header), or None when it may be spooled."""
     calling, sop_uid, sop_class = ids
     size = received.seek(0, SEEK_END)
     if size > max_bytes:
@@ -154,9 +154,21 @@ def _refusal(
     if not is_valid_uid(sop_uid) or not is_valid_uid(sop_class):
         log.warning("C-STORE from %s refused: invalid UID in request %r", calling, sop_uid)
         return StoreStatus.CANNOT_UNDERSTAND
+    return _header_refusal(received, syntax, ids)
+
+
+def _header_refusal(
+    received: BytesIO, syntax: str, ids: tuple[str, str, str]
+) -> StoreStatus | None:
+    """The status refusing a data set whose header is unreadable, ambiguous or names other
+    UIDs than the request, or None."""
+    calling, sop_uid, sop_class = ids
     try:
         received.seek(0)
         found_uid, found_class = dataset_uids(received, syntax)
+    except MalformedDataset as exc:
+        log.warning("C-STORE from %s of %s rejected: ambiguous SOP UIDs: %s", calling, sop_uid, exc)
+        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     except _UNREADABLE as exc:
         log.warning("C-STORE from %s of %s rejected: unreadable dataset: %s", calling, sop_uid, exc)
         return StoreStatus.CANNOT_UNDERSTAND

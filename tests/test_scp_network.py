@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,36 @@ def test_garbage_dataset_gets_failure_status_and_node_keeps_serving(scp):
     assoc = _assoc(port, SecondaryCaptureImageStorage)
     assert assoc.send_c_store(pydicom.dcmread(NIH)).Status == StoreStatus.SUCCESS
     assoc.release()
+
+
+def _explicit_assoc(port: int, sop_class: str):
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+
+
+@pytest.mark.parametrize(
+    ("tag", "at"),
+    [(0x00080018, 0x00080019), (0x00080018, 0x00081030), (0x00080016, 0x00080061)],
+)
+def test_a_data_set_with_a_second_sop_uid_is_refused(scp, caplog, tag, at):
+    """The receiver reads the first (0008,0018), pydicom's full read keeps the last: a
+    data set naming two is refused (0xA900) before it is spooled."""
+    from test_wire import with_element
+
+    from node.wire import encoded_element
+
+    port, spool = scp
+    ds = pydicom.dcmread(NIH)
+    other = "1.2.840.10008.5.1.4.1.1.1.1" if tag == 0x00080016 else generate_uid()
+    payload = with_element(ds, encoded_element(tag, "UI", other.encode()), at)
+    assoc = _explicit_assoc(port, ds.SOPClassUID)
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        status = send_raw_c_store(assoc, ds.SOPClassUID, ds.SOPInstanceUID, payload)
+        assoc.release()
+    assert status.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "ambiguous SOP UIDs" in caplog.text and "repeated or out of order" in caplog.text
+    assert spool.jobs() == [] and list(spool.images.iterdir()) == []
 
 
 def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):
