@@ -7,15 +7,18 @@ is a ``pydicom`` dataset. Nothing here touches the disk or the network.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
+from pydicom import config
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, validate_value
 
 from node import __version__
 from node.codes import (
@@ -28,7 +31,7 @@ from node.codes import (
 )
 from node.errors import ReportError
 from node.model import Finding, ModelInfo
-from node.uids import derive_uid, is_valid_uid, sr_instance_uid, sr_series_uid
+from node.uids import derive_uid, is_safe_uid, is_valid_uid, sr_instance_uid, sr_series_uid
 
 log = logging.getLogger(__name__)
 
@@ -105,45 +108,80 @@ def _values(value: object) -> list[object]:
     return list(value) if isinstance(value, MultiValue) else [value]
 
 
-def _valid(keyword: str, value: object) -> bool:
+def _problem(keyword: str, value: object) -> str | None:
+    """Why ``value`` may not be copied into the SR as ``keyword``, or None when it may."""
+    if dictionary_VM(keyword) == "1" and isinstance(value, MultiValue):
+        return f"{len(value)} values where one is allowed"
     text = str(value)
-    if keyword.endswith("UID"):
-        return is_valid_uid(text)
-    if keyword == "PatientSex":
-        return text in _SEX
-    if keyword == "PatientAge":
-        return len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY"
-    if keyword in ("PatientBirthDate", "StudyDate"):
-        try:
-            return DA(text) is not None
-        except ValueError:
-            return False
-    if keyword == "StudyTime":
-        try:
-            return TM(text) is not None
-        except ValueError:
-            return False
-    return True
+    vr = dictionary_VR(keyword)
+    if vr == "UI":  # referenced as it is where merely non-conformant (``identify`` warns)
+        return None if is_safe_uid(text) else "not a UID"
+    try:
+        validate_value(vr, text, config.RAISE)  # length, characters, format of the VR
+    except ValueError as exc:
+        return str(exc)
+    return _stricter(keyword, vr, text)
 
 
-def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
+def _stricter(keyword: str, vr: str, text: str) -> str | None:
+    """What pydicom lets pass but an SR's attribute must not have: a control character,
+    a date or time range (a query's form), an impossible date, more than 5 name
+    components, an undefined sex."""
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        return "a control character"
+    if vr in ("DA", "TM") and "-" in text:
+        return f"a range is no {vr} value of an instance"
+    if vr == "DA":
+        try:
+            DA(text)
+        except ValueError as exc:
+            return str(exc)
+    if vr == "PN" and any(group.count("^") > 4 for group in text.split("=")):
+        return "more than 5 components in a name"
+    if keyword == "PatientSex" and text not in _SEX:
+        return "not one of M, F, O"
+    return None
+
+
+def escaped(text: str, limit: int = 80) -> str:
+    """``text`` fit for a log line: non-printable characters as \\xNN (\\uNNNN above
+    U+00FF), cut at ``limit`` characters."""
+    out = "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+        for c in text[:limit]
+    )
+    return out + ("..." if len(text) > limit else "")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A source attribute not copied into the SR, and why."""
+
+    keyword: str
+    value: str
+    reason: str
+
+
+def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[Dropped, ...]]:
     """Copy the attributes the SR needs from ``source``, dropping invalid ones (pure).
 
-    Type 2 attributes that are absent or invalid are present and empty in the result.
-    Returns the clean header and the keywords that were dropped.
+    Each is checked against its VR and VM (pydicom's validation, and the stricter rules
+    of ``_stricter``); Type 2 attributes that are absent or invalid are present and empty
+    in the result. Returns the clean header and what was dropped.
     """
     clean = Dataset()
     for keyword in _TYPE2:
         setattr(clean, keyword, None)
-    dropped: list[str] = []
+    dropped: list[Dropped] = []
     for keyword in _COPIED:
         value = source.get(keyword)
         if value is None or value == "":
             continue
-        if _valid(keyword, value):
+        problem = _problem(keyword, value)
+        if problem is None:
             setattr(clean, keyword, value)
         else:
-            dropped.append(keyword)
+            dropped.append(Dropped(keyword, str(value), problem))
     missing = [k for k in _REQUIRED_UIDS if k not in clean]
     if missing:
         raise ReportError(f"source lacks a valid {', '.join(missing)}: cannot reference it")
@@ -204,12 +242,7 @@ class Identity:
 def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
     """Sanitize the source header and derive the SR's UIDs; raises :class:`ReportError`."""
     clean, dropped = sanitized_source(source)
-    if dropped:
-        log.info(
-            "source %s: invalid attributes not copied to the SR: %s",
-            clean.SOPInstanceUID,
-            ", ".join(dropped),
-        )
+    _log_source_problems(clean, dropped)
     sop_uid = sr_instance_uid(
         ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256
     )
@@ -219,6 +252,26 @@ def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
         sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
         derive_uid(ctx.uid_root, "tracking", sop_uid),
     )
+
+
+def _log_source_problems(clean: Dataset, dropped: Sequence[Dropped]) -> None:
+    for item in dropped:
+        log.warning(
+            "source %s: %s '%s' not copied to the SR: %s",
+            clean.SOPInstanceUID,
+            item.keyword,
+            escaped(item.value),
+            escaped(item.reason, 160),
+        )
+    for keyword in _REQUIRED_UIDS:
+        if not is_valid_uid(str(clean[keyword].value)):
+            log.warning(
+                "source %s: %s %s is not a conformant UID (a leading zero or an empty "
+                "component): referenced as it is",
+                clean.SOPInstanceUID,
+                keyword,
+                clean[keyword].value,
+            )
 
 
 def content_tree(

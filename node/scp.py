@@ -45,7 +45,7 @@ from node.metrics import Metrics
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 from node.scu import VERIFICATION
 from node.spool import Spool
-from node.uids import is_valid_uid
+from node.uids import is_safe_uid, is_valid_uid
 from node.wire import dataset_uids, file_meta_bytes
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _store(event: Event, spool: Spool, max_bytes: int) -> StoreStatus:
 def _refusal(
     received: BytesIO, syntax: str, max_bytes: int, ids: tuple[str, str, str]
 ) -> StoreStatus | None:
-    """The status refusing a received data set (too large, invalid or mismatched UIDs,
+    """The status refusing a received data set (too large, unsafe or mismatched UIDs,
     unreadable or ambiguous header), or None when it may be spooled."""
     calling, sop_uid, sop_class = ids
     size = received.seek(0, SEEK_END)
@@ -151,9 +151,22 @@ def _refusal(
             size,
         )
         return StoreStatus.OUT_OF_RESOURCES
-    if not is_valid_uid(sop_uid) or not is_valid_uid(sop_class):
-        log.warning("C-STORE from %s refused: invalid UID in request %r", calling, sop_uid)
+    if not is_safe_uid(sop_uid) or not is_safe_uid(sop_class):
+        log.warning(
+            "C-STORE from %s refused: invalid UID in request %r (class %r)",
+            calling,
+            sop_uid,
+            sop_class,
+        )
         return StoreStatus.CANNOT_UNDERSTAND
+    for uid in (sop_uid, sop_class):
+        if not is_valid_uid(uid):
+            log.warning(
+                "C-STORE from %s: UID %s is not conformant (a leading zero or an empty "
+                "component): accepted as it is",
+                calling,
+                uid,
+            )
     return _header_refusal(received, syntax, ids)
 
 

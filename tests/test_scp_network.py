@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,49 @@ def _explicit_assoc(port: int, sop_class: str):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
     return ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+
+
+def _classifier(weights_dir: Path) -> tuple[NodeConfig, Any]:
+    cfg = NodeConfig.model_validate(
+        {"model": {"cache_dir": str(weights_dir), "allow_untrained": True, "allow_download": False}}
+    )
+    return cfg, load_classifier(cfg.model)
+
+
+def test_a_non_conformant_uid_is_accepted_warned_and_referenced_as_it_is(scp, weights_dir, caplog):
+    """A real CR's SOP Instance UID has a leading zero: safe (digits and dots), not
+    conformant. It was refused with 0xC000; now it is spooled, classified and referenced."""
+    port, spool = scp
+    ds = pydicom.dcmread(NIH)
+    uid = "999.999.01.23.45.6789"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    assoc = _assoc(port, ds.SOPClassUID)
+    with caplog.at_level(logging.WARNING, logger="node"):
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == StoreStatus.SUCCESS
+        assert f"UID {uid} is not conformant" in caplog.text
+        cfg, classifier = _classifier(weights_dir)
+        sent: list[pydicom.Dataset] = []  # the SR as the worker hands it over
+        Worker(spool, classifier, cfg, lambda path: sent.append(pydicom.dcmread(path))).step()
+    [job] = spool.jobs()
+    assert (job.sop_instance_uid, job.state) == (uid, "sent"), job.last_error
+    [sr] = sent
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+    assert f"SOPInstanceUID {uid} is not a conformant UID" in caplog.text
+
+
+@pytest.mark.parametrize(("uid", "refused"), [("1.2.3", False), ("1.02.3", False), ("1.2.x", True)])
+def test_only_unsafe_request_uids_are_refused(uid, refused):
+    from node.scp import _refusal
+
+    payload = BytesIO(b"")  # an empty data set: what matters is that the UIDs pass
+    status = _refusal(payload, ExplicitVRLittleEndian, 2**20, ("TESTSCU", uid, "1.2.3"))
+    expected = (
+        StoreStatus.CANNOT_UNDERSTAND if refused else StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    )
+    assert status == expected
 
 
 @pytest.mark.parametrize(

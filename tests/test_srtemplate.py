@@ -10,7 +10,16 @@ import pytest
 from helpers import ACRNEMA, NIH
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_report import CTX, NOW, SCORES, info, roundtrip
+from test_report import (
+    BAD_VALUES,
+    CTX,
+    NON_CONFORMANT,
+    NOW,
+    SCORES,
+    info,
+    roundtrip,
+    roundtrip_bytes,
+)
 
 from node.dicomio import read_dataset
 from node.errors import ReportError
@@ -158,3 +167,22 @@ def test_a_header_with_ambiguous_vrs_is_not_templated():
     header.add_new(0x00280106, "US or SS", b"\x00\x00")  # Smallest Image Pixel Value
     with pytest.raises(ReportError, match="ambiguous"):
         _HeaderTemplate(header)
+
+
+ODD_SOURCES = [
+    *((keyword, value) for keyword, value, _ in BAD_VALUES),
+    *NON_CONFORMANT,
+]
+
+
+@pytest.mark.parametrize(("keyword", "value"), ODD_SOURCES)
+def test_both_encoders_agree_on_sources_with_invalid_values(encoder, keyword, value):
+    """Dropped values and non-conformant source UIDs: the same SR from both, for the
+    first image of its kind and for one that reuses its header."""
+    src = read_dataset(NIH, stop_before_pixels=True)
+    setattr(src, keyword, value)
+    src = read_dataset(roundtrip_bytes(src), stop_before_pixels=True)
+    findings = to_findings(SCORES, info())
+    for now in (NOW, datetime(2031, 1, 2, 3, 4, 5)):
+        fast = encoder.encode(src, findings, now)
+        assert comparable(fast.data) == comparable(reference(src, findings, now=now))
