@@ -6,9 +6,12 @@ is a ``pydicom`` dataset. Nothing here touches the disk or the network.
 
 from __future__ import annotations
 
+import copy
 import logging
+import struct
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +21,7 @@ from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.uid import UID, SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, validate_value
 
 from node import __version__
@@ -302,25 +306,94 @@ def document(
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document around ``content``; raises :class:`ReportError`."""
-    try:
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=[ident.clean],
-            content=content,
-            series_instance_uid=ident.series_instance_uid,
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=ident.sop_instance_uid,
-            instance_number=1,
-            manufacturer=ctx.manufacturer,
-            institution_name=ctx.institution_name,
-            specific_character_set=sr_charset(ident.clean, ctx),
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-        )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ReportError(f"cannot build SR for {ident.clean.SOPInstanceUID}: {exc}") from exc
-    _stamp(sr, ident.clean, model, ctx, now)
+    with library_errors(ident.clean.SOPInstanceUID):
+        try:
+            sr = _comprehensive(ident, ident.clean, content, ctx)
+        except KeyError as exc:
+            if exc.args != (ident.clean.SOPClassUID,):
+                raise
+            sr = _with_stand_in_class(ident, content, ctx)
+        _stamp(sr, ident.clean, model, ctx, now)
     return sr
+
+
+def _comprehensive(
+    ident: Identity,
+    evidence: Dataset,
+    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    ctx: ReportContext,
+) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
+        evidence=[evidence],
+        content=content,
+        series_instance_uid=ident.series_instance_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=ident.sop_instance_uid,
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        institution_name=ctx.institution_name,
+        specific_character_set=sr_charset(ident.clean, ctx),
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def class_name(sop_class: str) -> str:
+    """A SOP class UID's name for messages, "(Retired)" where it is ("unknown" where
+    pydicom does not know it)."""
+    uid = UID(sop_class)
+    if uid.name == uid:
+        return "unknown"
+    return f"{uid.name} (Retired)" if uid.is_retired else uid.name
+
+
+def _with_stand_in_class(
+    ident: Identity,
+    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    ctx: ReportContext,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of a source whose SOP class highdicom does not know (it looks up the class's
+    IOD to copy the Patient and General Study modules, the same in every image IOD): built
+    from the source under Secondary Capture's class, then the evidence names its own."""
+    clean = ident.clean
+    sop_class = str(clean.SOPClassUID)
+    log.warning(
+        "source %s: SOP class %s (%s) is unknown to highdicom: patient and study copied "
+        "as for Secondary Capture",
+        clean.SOPInstanceUID,
+        sop_class,
+        class_name(sop_class),
+    )
+    stand_in = copy.deepcopy(clean)
+    stand_in.SOPClassUID = SecondaryCaptureImageStorage
+    try:
+        sr = _comprehensive(ident, stand_in, content, ctx)
+    except KeyError as exc:
+        raise ReportError(
+            f"cannot reference the source: SOP class {sop_class} ({class_name(sop_class)}) "
+            "is not supported by highdicom"
+        ) from exc
+    for study in sr.CurrentRequestedProcedureEvidenceSequence:
+        for series in study.ReferencedSeriesSequence:
+            for ref in series.ReferencedSOPSequence:
+                ref.ReferencedSOPClassUID = sop_class
+    return sr
+
+
+_LIBRARY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, struct.error)
+"""What highdicom and pydicom raise on values they refuse."""
+
+
+@contextmanager
+def library_errors(source_sop_uid: object) -> Iterator[None]:
+    """Turn highdicom's and pydicom's exceptions into :class:`ReportError`, with the reason."""
+    try:
+        yield
+    except _LIBRARY_ERRORS as exc:
+        raise ReportError(
+            f"cannot build the SR of {source_sop_uid}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def build_sr(
@@ -337,8 +410,9 @@ def build_sr(
     """
     if not findings:
         raise ReportError("no findings to report")
-    ident = identify(source, model, ctx)
-    return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
+    with library_errors(source.get("SOPInstanceUID", "a source")):
+        ident = identify(source, model, ctx)
+        return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
 
 
 def datetime_value(now: datetime) -> str:

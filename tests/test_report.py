@@ -271,3 +271,54 @@ def test_an_unsafe_source_uid_is_refused(uid):
     src.SOPInstanceUID = uid
     with pytest.raises(ReportError, match="SOPInstanceUID"):
         build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+
+
+RETIRED_US = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
+
+
+def test_a_source_of_a_class_highdicom_does_not_know_gets_its_sr(tmp_path, caplog):
+    """highdicom looks the source's class up to copy patient and study: the retired US
+    class was a bare KeyError; the SR is now built and references the class as it is."""
+    src = read_dataset(NIH)
+    src.SOPClassUID = RETIRED_US
+    src = read_dataset(roundtrip_bytes(src))
+    with caplog.at_level(logging.WARNING, logger="node.report"):
+        sr = roundtrip(build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW))
+    assert f"SOP class {RETIRED_US} (Ultrasound Image Storage (Retired))" in caplog.text
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPClassUID == RETIRED_US
+    ref = sr.ContentSequence[-1].ContentSequence[0].ContentSequence[-1]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPClassUID == RETIRED_US
+    assert (sr.PatientID, sr.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sr, tmp_path) == []
+
+
+def test_a_class_highdicom_cannot_reference_at_all_is_a_readable_report_error(monkeypatch):
+    import highdicom.base
+
+    monkeypatch.setattr(highdicom.base, "get_sop_class_iod_map", dict)  # knows no class
+    src = read_dataset(NIH)
+    src.SOPClassUID = RETIRED_US
+    with pytest.raises(ReportError) as caught:
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+    assert str(caught.value) == (
+        f"cannot reference the source: SOP class {RETIRED_US} (Ultrasound Image Storage "
+        "(Retired)) is not supported by highdicom"
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [("TrackingIdentifier", ValueError), ("Comprehensive3DSR", TypeError)],
+)
+def test_what_highdicom_raises_becomes_a_report_error_with_its_reason(monkeypatch, where, error):
+    import highdicom as hd
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error("refused for the test")
+
+    monkeypatch.setattr(hd.sr, where, refuse)
+    src = read_dataset(NIH)
+    with pytest.raises(ReportError, match=f"{error.__name__}: refused for the test"):
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
