@@ -15,6 +15,11 @@ class SpoolError(NodeError):
     """A received object could not be stored durably."""
 
 
+class MalformedDataset(NodeError):
+    """A received data set breaks DICOM's encoding rules in a way that makes it ambiguous,
+    e.g. an element repeated or out of tag order."""
+
+
 class PreprocessError(NodeError):
     """An image could not be turned into a model input."""
 

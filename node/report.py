@@ -6,16 +6,23 @@ is a ``pydicom`` dataset. Nothing here touches the disk or the network.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+import struct
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
+from pydicom import config
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
+from pydicom.uid import UID, SecondaryCaptureImageStorage
+from pydicom.valuerep import DA, validate_value
 
 from node import __version__
 from node.codes import (
@@ -28,7 +35,7 @@ from node.codes import (
 )
 from node.errors import ReportError
 from node.model import Finding, ModelInfo
-from node.uids import derive_uid, is_valid_uid, sr_instance_uid, sr_series_uid
+from node.uids import derive_uid, is_safe_uid, is_valid_uid, sr_instance_uid, sr_series_uid
 
 log = logging.getLogger(__name__)
 
@@ -105,45 +112,80 @@ def _values(value: object) -> list[object]:
     return list(value) if isinstance(value, MultiValue) else [value]
 
 
-def _valid(keyword: str, value: object) -> bool:
+def _problem(keyword: str, value: object) -> str | None:
+    """Why ``value`` may not be copied into the SR as ``keyword``, or None when it may."""
+    if dictionary_VM(keyword) == "1" and isinstance(value, MultiValue):
+        return f"{len(value)} values where one is allowed"
     text = str(value)
-    if keyword.endswith("UID"):
-        return is_valid_uid(text)
-    if keyword == "PatientSex":
-        return text in _SEX
-    if keyword == "PatientAge":
-        return len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY"
-    if keyword in ("PatientBirthDate", "StudyDate"):
-        try:
-            return DA(text) is not None
-        except ValueError:
-            return False
-    if keyword == "StudyTime":
-        try:
-            return TM(text) is not None
-        except ValueError:
-            return False
-    return True
+    vr = dictionary_VR(keyword)
+    if vr == "UI":  # referenced as it is where merely non-conformant (``identify`` warns)
+        return None if is_safe_uid(text) else "not a UID"
+    try:
+        validate_value(vr, text, config.RAISE)  # length, characters, format of the VR
+    except ValueError as exc:
+        return str(exc)
+    return _stricter(keyword, vr, text)
 
 
-def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
+def _stricter(keyword: str, vr: str, text: str) -> str | None:
+    """What pydicom lets pass but an SR's attribute must not have: a control character,
+    a date or time range (a query's form), an impossible date, more than 5 name
+    components, an undefined sex."""
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        return "a control character"
+    if vr in ("DA", "TM") and "-" in text:
+        return f"a range is no {vr} value of an instance"
+    if vr == "DA":
+        try:
+            DA(text)
+        except ValueError as exc:
+            return str(exc)
+    if vr == "PN" and any(group.count("^") > 4 for group in text.split("=")):
+        return "more than 5 components in a name"
+    if keyword == "PatientSex" and text not in _SEX:
+        return "not one of M, F, O"
+    return None
+
+
+def escaped(text: str, limit: int = 80) -> str:
+    """``text`` fit for a log line: non-printable characters as \\xNN (\\uNNNN above
+    U+00FF), cut at ``limit`` characters."""
+    out = "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+        for c in text[:limit]
+    )
+    return out + ("..." if len(text) > limit else "")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A source attribute not copied into the SR, and why."""
+
+    keyword: str
+    value: str
+    reason: str
+
+
+def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[Dropped, ...]]:
     """Copy the attributes the SR needs from ``source``, dropping invalid ones (pure).
 
-    Type 2 attributes that are absent or invalid are present and empty in the result.
-    Returns the clean header and the keywords that were dropped.
+    Each is checked against its VR and VM (pydicom's validation, and the stricter rules
+    of ``_stricter``); Type 2 attributes that are absent or invalid are present and empty
+    in the result. Returns the clean header and what was dropped.
     """
     clean = Dataset()
     for keyword in _TYPE2:
         setattr(clean, keyword, None)
-    dropped: list[str] = []
+    dropped: list[Dropped] = []
     for keyword in _COPIED:
         value = source.get(keyword)
         if value is None or value == "":
             continue
-        if _valid(keyword, value):
+        problem = _problem(keyword, value)
+        if problem is None:
             setattr(clean, keyword, value)
         else:
-            dropped.append(keyword)
+            dropped.append(Dropped(keyword, str(value), problem))
     missing = [k for k in _REQUIRED_UIDS if k not in clean]
     if missing:
         raise ReportError(f"source lacks a valid {', '.join(missing)}: cannot reference it")
@@ -204,12 +246,7 @@ class Identity:
 def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
     """Sanitize the source header and derive the SR's UIDs; raises :class:`ReportError`."""
     clean, dropped = sanitized_source(source)
-    if dropped:
-        log.info(
-            "source %s: invalid attributes not copied to the SR: %s",
-            clean.SOPInstanceUID,
-            ", ".join(dropped),
-        )
+    _log_source_problems(clean, dropped)
     sop_uid = sr_instance_uid(
         ctx.uid_root, clean.SOPInstanceUID, model.model_id, model.weights_sha256
     )
@@ -219,6 +256,26 @@ def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
         sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
         derive_uid(ctx.uid_root, "tracking", sop_uid),
     )
+
+
+def _log_source_problems(clean: Dataset, dropped: Sequence[Dropped]) -> None:
+    for item in dropped:
+        log.warning(
+            "source %s: %s '%s' not copied to the SR: %s",
+            clean.SOPInstanceUID,
+            item.keyword,
+            escaped(item.value),
+            escaped(item.reason, 160),
+        )
+    for keyword in _REQUIRED_UIDS:
+        if not is_valid_uid(str(clean[keyword].value)):
+            log.warning(
+                "source %s: %s %s is not a conformant UID (a leading zero or an empty "
+                "component): referenced as it is",
+                clean.SOPInstanceUID,
+                keyword,
+                clean[keyword].value,
+            )
 
 
 def content_tree(
@@ -249,25 +306,94 @@ def document(
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document around ``content``; raises :class:`ReportError`."""
-    try:
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=[ident.clean],
-            content=content,
-            series_instance_uid=ident.series_instance_uid,
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=ident.sop_instance_uid,
-            instance_number=1,
-            manufacturer=ctx.manufacturer,
-            institution_name=ctx.institution_name,
-            specific_character_set=sr_charset(ident.clean, ctx),
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-        )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ReportError(f"cannot build SR for {ident.clean.SOPInstanceUID}: {exc}") from exc
-    _stamp(sr, ident.clean, model, ctx, now)
+    with library_errors(ident.clean.SOPInstanceUID):
+        try:
+            sr = _comprehensive(ident, ident.clean, content, ctx)
+        except KeyError as exc:
+            if exc.args != (ident.clean.SOPClassUID,):
+                raise
+            sr = _with_stand_in_class(ident, content, ctx)
+        _stamp(sr, ident.clean, model, ctx, now)
     return sr
+
+
+def _comprehensive(
+    ident: Identity,
+    evidence: Dataset,
+    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    ctx: ReportContext,
+) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
+        evidence=[evidence],
+        content=content,
+        series_instance_uid=ident.series_instance_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=ident.sop_instance_uid,
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        institution_name=ctx.institution_name,
+        specific_character_set=sr_charset(ident.clean, ctx),
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def class_name(sop_class: str) -> str:
+    """A SOP class UID's name for messages, "(Retired)" where it is ("unknown" where
+    pydicom does not know it)."""
+    uid = UID(sop_class)
+    if uid.name == uid:
+        return "unknown"
+    return f"{uid.name} (Retired)" if uid.is_retired else uid.name
+
+
+def _with_stand_in_class(
+    ident: Identity,
+    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    ctx: ReportContext,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of a source whose SOP class highdicom does not know (it looks up the class's
+    IOD to copy the Patient and General Study modules, the same in every image IOD): built
+    from the source under Secondary Capture's class, then the evidence names its own."""
+    clean = ident.clean
+    sop_class = str(clean.SOPClassUID)
+    log.warning(
+        "source %s: SOP class %s (%s) is unknown to highdicom: patient and study copied "
+        "as for Secondary Capture",
+        clean.SOPInstanceUID,
+        sop_class,
+        class_name(sop_class),
+    )
+    stand_in = copy.deepcopy(clean)
+    stand_in.SOPClassUID = SecondaryCaptureImageStorage
+    try:
+        sr = _comprehensive(ident, stand_in, content, ctx)
+    except KeyError as exc:
+        raise ReportError(
+            f"cannot reference the source: SOP class {sop_class} ({class_name(sop_class)}) "
+            "is not supported by highdicom"
+        ) from exc
+    for study in sr.CurrentRequestedProcedureEvidenceSequence:
+        for series in study.ReferencedSeriesSequence:
+            for ref in series.ReferencedSOPSequence:
+                ref.ReferencedSOPClassUID = sop_class
+    return sr
+
+
+_LIBRARY_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, struct.error)
+"""What highdicom and pydicom raise on values they refuse."""
+
+
+@contextmanager
+def library_errors(source_sop_uid: object) -> Iterator[None]:
+    """Turn highdicom's and pydicom's exceptions into :class:`ReportError`, with the reason."""
+    try:
+        yield
+    except _LIBRARY_ERRORS as exc:
+        raise ReportError(
+            f"cannot build the SR of {source_sop_uid}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def build_sr(
@@ -284,8 +410,9 @@ def build_sr(
     """
     if not findings:
         raise ReportError("no findings to report")
-    ident = identify(source, model, ctx)
-    return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
+    with library_errors(source.get("SOPInstanceUID", "a source")):
+        ident = identify(source, model, ctx)
+        return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
 
 
 def datetime_value(now: datetime) -> str:

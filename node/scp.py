@@ -40,12 +40,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig, TlsConfig
-from node.errors import SpoolError
+from node.errors import MalformedDataset, SpoolError
 from node.metrics import Metrics
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 from node.scu import VERIFICATION
 from node.spool import Spool
-from node.uids import is_valid_uid
+from node.uids import is_safe_uid, is_valid_uid
 from node.wire import dataset_uids, file_meta_bytes
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ def _store(event: Event, spool: Spool, max_bytes: int) -> StoreStatus:
 def _refusal(
     received: BytesIO, syntax: str, max_bytes: int, ids: tuple[str, str, str]
 ) -> StoreStatus | None:
-    """The status refusing a received data set (too large, invalid or mismatched UIDs,
-    unreadable header), or None when it may be spooled."""
+    """The status refusing a received data set (too large, unsafe or mismatched UIDs,
+    unreadable or ambiguous header), or None when it may be spooled."""
     calling, sop_uid, sop_class = ids
     size = received.seek(0, SEEK_END)
     if size > max_bytes:
@@ -151,12 +151,37 @@ def _refusal(
             size,
         )
         return StoreStatus.OUT_OF_RESOURCES
-    if not is_valid_uid(sop_uid) or not is_valid_uid(sop_class):
-        log.warning("C-STORE from %s refused: invalid UID in request %r", calling, sop_uid)
+    if not is_safe_uid(sop_uid) or not is_safe_uid(sop_class):
+        log.warning(
+            "C-STORE from %s refused: invalid UID in request %r (class %r)",
+            calling,
+            sop_uid,
+            sop_class,
+        )
         return StoreStatus.CANNOT_UNDERSTAND
+    for uid in (sop_uid, sop_class):
+        if not is_valid_uid(uid):
+            log.warning(
+                "C-STORE from %s: UID %s is not conformant (a leading zero or an empty "
+                "component): accepted as it is",
+                calling,
+                uid,
+            )
+    return _header_refusal(received, syntax, ids)
+
+
+def _header_refusal(
+    received: BytesIO, syntax: str, ids: tuple[str, str, str]
+) -> StoreStatus | None:
+    """The status refusing a data set whose header is unreadable, ambiguous or names other
+    UIDs than the request, or None."""
+    calling, sop_uid, sop_class = ids
     try:
         received.seek(0)
         found_uid, found_class = dataset_uids(received, syntax)
+    except MalformedDataset as exc:
+        log.warning("C-STORE from %s of %s rejected: ambiguous SOP UIDs: %s", calling, sop_uid, exc)
+        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     except _UNREADABLE as exc:
         log.warning("C-STORE from %s of %s rejected: unreadable dataset: %s", calling, sop_uid, exc)
         return StoreStatus.CANNOT_UNDERSTAND

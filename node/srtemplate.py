@@ -56,6 +56,7 @@ from node.report import (
     datetime_value,
     document,
     identify,
+    library_errors,
     sr_charset,
     tracking_text,
 )
@@ -408,6 +409,10 @@ class ReportEncoder:
 
     def encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
         """The SR for one image; raises :class:`node.errors.ReportError`."""
+        with library_errors(source.get("SOPInstanceUID", "a source")):
+            return self._encode(source, findings, now)
+
+    def _encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
         labels = tuple(f.pathology for f in findings)
         if self._template is None or labels != self._template.labels:
             sr = build_sr(source, findings, self.model, self.ctx, now)

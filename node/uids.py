@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import re
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import RE_VALID_UID, UID, generate_uid
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_SAFE_UID = re.compile(r"[0-9.]{1,64}")
 
 
 def is_valid_uid(value: str) -> bool:
-    """True when ``value`` follows the DICOM UI grammar (<= 64 chars, no leading zeros)."""
-    return len(value) <= 64 and bool(_UID_RE.match(value))
+    """True when ``value`` follows the DICOM UI grammar (<= 64 chars, no leading zeros,
+    no empty component): pydicom's ``UID.is_valid`` rule."""
+    return len(value) <= 64 and bool(re.fullmatch(RE_VALID_UID, value))
+
+
+def is_safe_uid(value: str) -> bool:
+    """True when ``value`` may name an object here, conformant or not: 1 to 64 digits and
+    dots (real devices send UIDs with a leading zero, e.g. ``999.999.01.23.45.6789``);
+    safe in a file name, a log line and the SR that references it."""
+    return bool(_SAFE_UID.fullmatch(value))
 
 
 def derive_uid(root: str, *parts: str) -> UID:

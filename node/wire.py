@@ -12,12 +12,16 @@ import zlib
 from io import BytesIO
 from typing import BinaryIO
 
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
+from pydicom.filereader import data_element_generator, read_dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.values import convert_UI
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from node.errors import MalformedDataset
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
+_SOP_CLASS_UID_TAG = 0x00080016
 _SOP_INSTANCE_UID_TAG = 0x00080018
 _DEFLATED_HEADER_LIMIT = 2**20  # inflate at most this much of a deflated data set's start
 
@@ -61,31 +65,40 @@ def file_meta_group(body: bytes) -> bytes:
     return PREAMBLE + encoded_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
 
 
-def _past_sop_uids(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag > _SOP_INSTANCE_UID_TAG)
+def _past_group_8(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag.group > 8)
 
 
 def dataset_uids(fp: BinaryIO, transfer_syntax: str) -> tuple[str, str]:
     """(SOP Instance UID, SOP Class UID) of the encoded data set that starts at ``fp``'s
     position ("" where absent).
 
-    Reads the elements in ``transfer_syntax`` and stops at the first tag after (0008,0018),
-    long before the pixel data. ``fp`` should share the caller's buffer (a ``BytesIO`` of
-    ``bytes``, or the received ``BytesIO``): wrapping a 1 MB memoryview in a new BytesIO
-    would copy it. Raises what pydicom's reader raises on malformed bytes (``ValueError``,
-    ``EOFError``, ``struct.error``, ...) and ``zlib.error``.
+    Reads the elements in ``transfer_syntax`` up to the end of group 0008, long before the
+    pixel data. Tags ascend in a data set, so an element at or below (0008,0018) that
+    follows a higher one there is a repeated or misplaced SOP UID, which a full read would
+    resolve otherwise (pydicom keeps the last): raises :class:`MalformedDataset`. ``fp``
+    should share the caller's buffer (a ``BytesIO`` of ``bytes``, or the received
+    ``BytesIO``): wrapping a 1 MB memoryview in a new BytesIO would copy it. Raises what
+    pydicom's reader raises on malformed bytes (``ValueError``, ``EOFError``,
+    ``struct.error``, ...) and ``zlib.error``.
     """
     syntax = UID(transfer_syntax)
     if syntax.is_deflated:
         inflate = zlib.decompressobj(-zlib.MAX_WBITS)
         fp = BytesIO(inflate.decompress(fp.read(), _DEFLATED_HEADER_LIMIT))
-    ds = read_dataset(
-        fp,
-        is_implicit_VR=syntax.is_implicit_VR,
-        is_little_endian=syntax.is_little_endian,
-        stop_when=_past_sop_uids,
+    found: dict[int, str] = {}
+    highest = 0
+    elements = data_element_generator(
+        fp, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_group_8
     )
-    return str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+    for elem in elements:
+        tag = elem.tag
+        if tag <= min(highest, _SOP_INSTANCE_UID_TAG):
+            raise MalformedDataset(f"{Tag(tag)} after {Tag(highest)}: repeated or out of order")
+        highest = max(highest, tag)
+        if tag in (_SOP_CLASS_UID_TAG, _SOP_INSTANCE_UID_TAG):
+            found[tag] = str(convert_UI(elem.value or b"", syntax.is_little_endian))
+    return found.get(_SOP_INSTANCE_UID_TAG, ""), found.get(_SOP_CLASS_UID_TAG, "")
 
 
 def _not_group_2(tag: BaseTag, _vr: str | None, _length: int) -> bool:
@@ -109,6 +122,15 @@ def split_part10(data: bytes) -> tuple[str, str, str, int] | None:
         syntax = str(meta.get("TransferSyntaxUID", ""))
         offset = fp.tell()
         uid, cls = dataset_uids(fp, syntax) if syntax else ("", "")
-    except (ValueError, EOFError, KeyError, TypeError, OverflowError, struct.error, zlib.error):
+    except (
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        struct.error,
+        zlib.error,
+        MalformedDataset,
+    ):
         return None
     return (cls, uid, syntax, offset) if uid and cls else None

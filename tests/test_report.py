@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
+import subprocess
 from datetime import datetime
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -109,9 +114,12 @@ def test_a_multi_valued_non_ascii_value_makes_the_sr_utf8():
     assert sr_charset(sanitized_source(src)[0], CTX) is None
     src.AccessionNumber = ["X", "A\u3000B"]  # an ideographic space: str() of the
     clean = sanitized_source(src)[0]  # MultiValue writes it as an ASCII escape
+    assert "AccessionNumber" in clean and not clean.AccessionNumber  # VM 1: dropped
+    clean.AccessionNumber = ["X", "A\u3000B"]
     assert sr_charset(clean, CTX) == "ISO_IR 192"
+    src.AccessionNumber = "A\u3000B"
     sr = roundtrip(build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW))
-    assert list(sr.AccessionNumber) == ["X", "A\u3000B"]
+    assert sr.AccessionNumber == "A\u3000B"
 
 
 def roundtrip_bytes(ds: pydicom.Dataset) -> bytes:
@@ -124,7 +132,7 @@ def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
     src = read_dataset(NIH)
     assert src.PatientAge == "81"  # invalid AS value in the shared file
     clean, dropped = sanitized_source(src)
-    assert dropped == ("PatientAge",)
+    assert [d.keyword for d in dropped] == ["PatientAge"]
     assert "StudyDate" in clean and not clean.StudyDate and "PatientAge" not in clean
     sr = build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
     assert "PatientAge" not in sr and "StudyDate" in sr and not sr.StudyDate
@@ -186,3 +194,131 @@ def test_every_ui_value_of_the_sr_is_valid_for_random_sources(study, series, sop
 def test_derived_uids_are_always_valid(source, root, sha):
     uid = sr_instance_uid(root, source, "m", sha)
     assert is_valid_uid(uid) and uid.startswith(root)
+
+
+def dciodvfy_errors(sr: pydicom.Dataset, tmp_path: Path) -> list[str]:
+    """dciodvfy's error lines for ``sr`` (written as a Part 10 file)."""
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(roundtrip_bytes(sr))
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
+
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
+
+# Values seen on real sources (or close to them) that their VR or VM does not allow.
+BAD_VALUES = [
+    ("StudyDate", "1993.04.30", r"1993\.04\.30"),  # pydicom's DA() parses it
+    ("StudyDate", "19930231", "19930231"),
+    ("StudyDate", "19930101-19931231", "19930101-19931231"),  # a query's range
+    ("PatientBirthDate", "30/04/1993", "30/04/1993"),
+    ("StudyTime", "256199", "256199"),
+    ("AccessionNumber", "A" * 56, "A" * 56),  # SH: 16 at most; seen on a real chest DX
+    ("AccessionNumber", ["X1", "X2"], re.escape("['X1', 'X2']")),  # VM 1
+    ("PatientID", "P" * 65, "P" * 65),  # LO: 64
+    ("PatientID", "ID\x01\x7f", r"ID\\x01\\x7f"),  # control characters, logged escaped
+    ("StudyID", "S" * 17, "S" * 17),  # SH
+    ("PatientName", "A^B^C^D^E^F", r"A\^B\^C\^D\^E\^F"),  # PN: 5 components at most
+    ("PatientName", "N" * 65 + "^J", "N" * 65 + r"\^J"),  # PN: 64 characters a component group
+    ("ReferringPhysicianName", "Dr\tWho", r"Dr\\x09Who"),
+    ("PatientSex", "MALE", "MALE"),
+]
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize(("keyword", "value", "logged"), BAD_VALUES)
+def test_invalid_source_values_are_dropped_with_a_warning_and_the_sr_stays_valid(
+    keyword, value, logged, tmp_path, caplog
+):
+    src = read_dataset(NIH)
+    setattr(src, keyword, value)
+    src = read_dataset(roundtrip_bytes(src))  # as a source would send it
+    with caplog.at_level(logging.WARNING, logger="node.report"):
+        sr = build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+    assert keyword in sr and not sr[keyword].value  # Type 2: present and empty
+    pattern = rf"source {re.escape(src.SOPInstanceUID)}: {keyword} '{logged}' not copied"
+    assert re.search(pattern, caplog.text), caplog.text
+    assert dciodvfy_errors(sr, tmp_path) == []
+
+
+NON_CONFORMANT = [  # safe (digits and dots, <= 64) but not DICOM's UI grammar
+    ("SOPInstanceUID", "999.999.01.23.45.6789"),  # a leading zero, as a real CR sent it
+    ("StudyInstanceUID", "1.2.840.0123.5"),
+    ("SeriesInstanceUID", "1.2..840.5"),  # an empty component
+]
+
+
+@pytest.mark.parametrize(("keyword", "uid"), NON_CONFORMANT)
+def test_a_non_conformant_source_uid_is_referenced_as_it_is(keyword, uid, tmp_path, caplog):
+    src = read_dataset(NIH)
+    setattr(src, keyword, uid)
+    src = read_dataset(roundtrip_bytes(src))
+    with caplog.at_level(logging.WARNING, logger="node.report"):
+        sr = roundtrip_bytes(build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW))
+    assert f"{keyword} {uid} is not a conformant UID" in caplog.text
+    back = pydicom.dcmread(BytesIO(sr))
+    values = {str(e.value) for e in back.iterall() if e.VR == "UI" and e.value}
+    assert uid in values
+    assert all(is_valid_uid(v) for v in values - {uid})  # the SR's own UIDs are conformant
+    if shutil.which("dciodvfy"):  # its errors are about the source's UID alone
+        errors = dciodvfy_errors(back, tmp_path)
+        assert errors and all(uid in e or "contains invalid data values" in e for e in errors)
+
+
+@pytest.mark.parametrize("uid", ["", "1.2.3a", "1." + "2" * 64, "1.2.3-4"])
+def test_an_unsafe_source_uid_is_refused(uid):
+    src = read_dataset(NIH)
+    src.SOPInstanceUID = uid
+    with pytest.raises(ReportError, match="SOPInstanceUID"):
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+
+
+RETIRED_US = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
+
+
+def test_a_source_of_a_class_highdicom_does_not_know_gets_its_sr(tmp_path, caplog):
+    """highdicom looks the source's class up to copy patient and study: the retired US
+    class was a bare KeyError; the SR is now built and references the class as it is."""
+    src = read_dataset(NIH)
+    src.SOPClassUID = RETIRED_US
+    src = read_dataset(roundtrip_bytes(src))
+    with caplog.at_level(logging.WARNING, logger="node.report"):
+        sr = roundtrip(build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW))
+    assert f"SOP class {RETIRED_US} (Ultrasound Image Storage (Retired))" in caplog.text
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPClassUID == RETIRED_US
+    ref = sr.ContentSequence[-1].ContentSequence[0].ContentSequence[-1]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPClassUID == RETIRED_US
+    assert (sr.PatientID, sr.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sr, tmp_path) == []
+
+
+def test_a_class_highdicom_cannot_reference_at_all_is_a_readable_report_error(monkeypatch):
+    import highdicom.base
+
+    monkeypatch.setattr(highdicom.base, "get_sop_class_iod_map", dict)  # knows no class
+    src = read_dataset(NIH)
+    src.SOPClassUID = RETIRED_US
+    with pytest.raises(ReportError) as caught:
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+    assert str(caught.value) == (
+        f"cannot reference the source: SOP class {RETIRED_US} (Ultrasound Image Storage "
+        "(Retired)) is not supported by highdicom"
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [("TrackingIdentifier", ValueError), ("Comprehensive3DSR", TypeError)],
+)
+def test_what_highdicom_raises_becomes_a_report_error_with_its_reason(monkeypatch, where, error):
+    import highdicom as hd
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error("refused for the test")
+
+    monkeypatch.setattr(hd.sr, where, refuse)
+    src = read_dataset(NIH)
+    with pytest.raises(ReportError, match=f"{error.__name__}: refused for the test"):
+        build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)

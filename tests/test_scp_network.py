@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,79 @@ def test_garbage_dataset_gets_failure_status_and_node_keeps_serving(scp):
     assoc = _assoc(port, SecondaryCaptureImageStorage)
     assert assoc.send_c_store(pydicom.dcmread(NIH)).Status == StoreStatus.SUCCESS
     assoc.release()
+
+
+def _explicit_assoc(port: int, sop_class: str):
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+
+
+def _classifier(weights_dir: Path) -> tuple[NodeConfig, Any]:
+    cfg = NodeConfig.model_validate(
+        {"model": {"cache_dir": str(weights_dir), "allow_untrained": True, "allow_download": False}}
+    )
+    return cfg, load_classifier(cfg.model)
+
+
+def test_a_non_conformant_uid_is_accepted_warned_and_referenced_as_it_is(scp, weights_dir, caplog):
+    """A real CR's SOP Instance UID has a leading zero: safe (digits and dots), not
+    conformant. It was refused with 0xC000; now it is spooled, classified and referenced."""
+    port, spool = scp
+    ds = pydicom.dcmread(NIH)
+    uid = "999.999.01.23.45.6789"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    assoc = _assoc(port, ds.SOPClassUID)
+    with caplog.at_level(logging.WARNING, logger="node"):
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == StoreStatus.SUCCESS
+        assert f"UID {uid} is not conformant" in caplog.text
+        cfg, classifier = _classifier(weights_dir)
+        sent: list[pydicom.Dataset] = []  # the SR as the worker hands it over
+        Worker(spool, classifier, cfg, lambda path: sent.append(pydicom.dcmread(path))).step()
+    [job] = spool.jobs()
+    assert (job.sop_instance_uid, job.state) == (uid, "sent"), job.last_error
+    [sr] = sent
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+    assert f"SOPInstanceUID {uid} is not a conformant UID" in caplog.text
+
+
+@pytest.mark.parametrize(("uid", "refused"), [("1.2.3", False), ("1.02.3", False), ("1.2.x", True)])
+def test_only_unsafe_request_uids_are_refused(uid, refused):
+    from node.scp import _refusal
+
+    payload = BytesIO(b"")  # an empty data set: what matters is that the UIDs pass
+    status = _refusal(payload, ExplicitVRLittleEndian, 2**20, ("TESTSCU", uid, "1.2.3"))
+    expected = (
+        StoreStatus.CANNOT_UNDERSTAND if refused else StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    )
+    assert status == expected
+
+
+@pytest.mark.parametrize(
+    ("tag", "at"),
+    [(0x00080018, 0x00080019), (0x00080018, 0x00081030), (0x00080016, 0x00080061)],
+)
+def test_a_data_set_with_a_second_sop_uid_is_refused(scp, caplog, tag, at):
+    """The receiver reads the first (0008,0018), pydicom's full read keeps the last: a
+    data set naming two is refused (0xA900) before it is spooled."""
+    from test_wire import with_element
+
+    from node.wire import encoded_element
+
+    port, spool = scp
+    ds = pydicom.dcmread(NIH)
+    other = "1.2.840.10008.5.1.4.1.1.1.1" if tag == 0x00080016 else generate_uid()
+    payload = with_element(ds, encoded_element(tag, "UI", other.encode()), at)
+    assoc = _explicit_assoc(port, ds.SOPClassUID)
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        status = send_raw_c_store(assoc, ds.SOPClassUID, ds.SOPInstanceUID, payload)
+        assoc.release()
+    assert status.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "ambiguous SOP UIDs" in caplog.text and "repeated or out of order" in caplog.text
+    assert spool.jobs() == [] and list(spool.images.iterdir()) == []
 
 
 def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):

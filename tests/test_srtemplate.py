@@ -10,7 +10,17 @@ import pytest
 from helpers import ACRNEMA, NIH
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_report import CTX, NOW, SCORES, info, roundtrip
+from test_report import (
+    BAD_VALUES,
+    CTX,
+    NON_CONFORMANT,
+    NOW,
+    RETIRED_US,
+    SCORES,
+    info,
+    roundtrip,
+    roundtrip_bytes,
+)
 
 from node.dicomio import read_dataset
 from node.errors import ReportError
@@ -158,3 +168,39 @@ def test_a_header_with_ambiguous_vrs_is_not_templated():
     header.add_new(0x00280106, "US or SS", b"\x00\x00")  # Smallest Image Pixel Value
     with pytest.raises(ReportError, match="ambiguous"):
         _HeaderTemplate(header)
+
+
+ODD_SOURCES = [
+    *((keyword, value) for keyword, value, _ in BAD_VALUES),
+    *NON_CONFORMANT,
+    ("SOPClassUID", RETIRED_US),
+    ("SOPClassUID", "1.2.826.0.1.3680043.8.498.1"),  # a private class nobody knows
+]
+
+
+@pytest.mark.parametrize(("keyword", "value"), ODD_SOURCES)
+def test_both_encoders_agree_on_sources_with_invalid_values(encoder, keyword, value):
+    """Dropped values, non-conformant source UIDs and a class highdicom does not know:
+    the same SR from both, for the first image of its kind and for one that reuses its
+    header."""
+    src = read_dataset(NIH, stop_before_pixels=True)
+    setattr(src, keyword, value)
+    src = read_dataset(roundtrip_bytes(src), stop_before_pixels=True)
+    findings = to_findings(SCORES, info())
+    for now in (NOW, datetime(2031, 1, 2, 3, 4, 5)):
+        fast = encoder.encode(src, findings, now)
+        assert comparable(fast.data) == comparable(reference(src, findings, now=now))
+
+
+def test_what_pydicom_raises_in_the_fast_encoder_becomes_a_report_error(monkeypatch):
+    from node import srtemplate
+
+    enc = ReportEncoder(info(), CTX, verify=False)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(srtemplate, "write_data_element", refuse)
+    src = read_dataset(NIH, stop_before_pixels=True)
+    with pytest.raises(ReportError, match="ValueError: refused for the test"):
+        enc.encode(src, to_findings(SCORES, info()), NOW)

@@ -25,8 +25,9 @@ from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
 from node.dicomio import split_encoded
+from node.errors import MalformedDataset
 from node.netopts import quiet_pynetdicom, read_exact
-from node.wire import PREAMBLE, dataset_uids, file_meta_bytes, split_part10
+from node.wire import PREAMBLE, dataset_uids, encoded_element, file_meta_bytes, split_part10
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -71,6 +72,36 @@ def test_dataset_uids_stop_before_the_pixel_data_and_tell_what_is_missing():
     dataset_uids(fp, ExplicitVRLittleEndian)
     assert fp.tell() < 200  # stopped right after (0008,0018)
     assert dataset_uids(BytesIO(b""), ImplicitVRLittleEndian) == ("", "")
+
+
+def with_element(ds: pydicom.Dataset, extra: bytes, at: int) -> bytes:
+    """``ds`` in Explicit VR Little Endian with the encoded element ``extra`` written
+    before the first element at or above tag ``at`` (by hand: pydicom writes in order)."""
+    head, tail = (encode(part, False, True) for part in (ds[:at], ds[at:]))
+    assert head is not None and tail is not None
+    return head + extra + tail
+
+
+OTHER_UID = "1.2.826.0.1.3680043.8.498.424242"
+REPEATS = {  # a second SOP Instance or Class UID, right after the first or later in 0008
+    "uid-next": (0x00080018, OTHER_UID, 0x00080019),
+    "uid-later": (0x00080018, OTHER_UID, 0x00081030),
+    "same-uid-later": (0x00080018, None, 0x00080061),
+    "class-later": (0x00080016, "1.2.840.10008.5.1.4.1.1.1.1", 0x00080061),
+}
+
+
+@pytest.mark.parametrize("case", REPEATS)
+def test_a_repeated_sop_uid_is_malformed_and_left_to_the_thorough_reader(case):
+    tag, value, at = REPEATS[case]
+    ds = pydicom.dcmread(NIH)
+    value = value or ds.SOPInstanceUID
+    raw = with_element(ds, encoded_element(tag, "UI", value.encode()), at)
+    with pytest.raises(MalformedDataset, match="repeated or out of order"):
+        dataset_uids(BytesIO(raw), ExplicitVRLittleEndian)
+    meta = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    assert split_part10(meta + raw) is None
+    assert pydicom.dcmread(BytesIO(meta + raw))[tag].value == value  # a full read keeps the last
 
 
 def test_split_part10_agrees_with_split_encoded():
