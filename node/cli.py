@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from node import __version__
 from node.allocator import keep_freed_memory, release_start_up_garbage
 from node.errors import ConfigError, NodeError
+from node.logs import setup_logging
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
@@ -27,39 +29,6 @@ if TYPE_CHECKING:
     from node.spool import Spool
 
 log = logging.getLogger("node.cli")
-
-_CONTEXT_FIELDS = ("calling_ae", "sop_instance_uid", "job_id", "sr_uid")
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the event's context fields when it has them."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        out.update({k: getattr(record, k) for k in _CONTEXT_FIELDS if hasattr(record, k)})
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(level: str, json_format: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter()
-        if json_format
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
     from node.config import load_config  # pydantic: ~0.15 s of import that push does not need
@@ -195,46 +164,102 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 # -- classify ----------------------------------------------------------------------------
-def cmd_classify(args: argparse.Namespace) -> int:
+@dataclass
+class _Classified:
+    """What ``classify`` did: the JSON records and the counts of its summary line."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    classified: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def summary(self, seconds: float) -> str:
+        return (
+            f"classify: {self.classified} classified, {self.skipped} skipped (not chest "
+            f"radiographs), {self.failed} failed in {seconds:.1f} s"
+        )
+
+
+def _classify_input(path: Path, cfg: NodeConfig, no_filter: bool, done: _Classified) -> Any:
+    """The dataset to classify, or None (skipped or failed, counted and logged once)."""
     from node.dicomio import read_dataset
+    from node.triage import skip_reason
+
+    try:
+        ds = read_dataset(path)  # its errors name the file
+        reason = None if no_filter else skip_reason(ds, cfg.filter)
+    except NodeError as exc:
+        log.error("%s", exc)
+        done.failed += 1
+        return None
+    except Exception as exc:  # the per-file boundary: a header no reader expected
+        log.error("%s: cannot read the header: %s: %s", path, type(exc).__name__, exc)
+        done.failed += 1
+        return None
+    if reason is not None:
+        log.info("%s: skipped: not a chest radiograph: %s", path, reason)
+        done.skipped += 1
+        return None
+    return ds
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
     from node.model import load_classifier
-    from node.pipeline import analyze
-    from node.results import result_record
     from node.srtemplate import ReportEncoder
     from node.worker import report_context
 
+    start = time.perf_counter()
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     reports = ReportEncoder(classifier.info, report_context(cfg))
-    records: list[dict[str, Any]] = []
-    failures = 0
+    done = _Classified()
+    batch: list[tuple[Path, Any]] = []
     for path in args.files:
-        try:
-            ds = read_dataset(path)
-            [outcome] = analyze([ds], classifier, reports, datetime.now())
-            if isinstance(outcome, NodeError):
-                raise outcome
-        except NodeError as exc:
-            log.error("%s: %s", path, exc)
-            failures += 1
-            continue
-        record = result_record(outcome, classifier.info)
-        record["source"]["file"] = str(path)
-        records.append(record)
-        if args.sr_dir is not None:
-            args.sr_dir.mkdir(parents=True, exist_ok=True)
-            out = args.sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
-            out.write_bytes(outcome.sr.data)
-            record["sr"]["file"] = str(out)
-        present = [f.pathology for f in outcome.findings if f.present]
-        log.info("%s: present: %s", path, ", ".join(present) or "none")
-    text = json.dumps(records, indent=2) + "\n"
+        if (ds := _classify_input(path, cfg, args.no_filter, done)) is not None:
+            batch.append((path, ds))
+        if len(batch) >= cfg.model.batch_size:
+            _classify_batch(batch, classifier, reports, args.sr_dir, done)
+            batch = []
+    _classify_batch(batch, classifier, reports, args.sr_dir, done)
+    text = json.dumps(done.records, indent=2) + "\n"
     if args.json is None or str(args.json) == "-":
         sys.stdout.write(text)
     else:
         args.json.write_text(text)
-    return 1 if failures else 0
+    sys.stderr.write(done.summary(time.perf_counter() - start) + "\n")
+    return 1 if done.failed else 0
+
+
+def _classify_batch(
+    batch: list[tuple[Path, Any]],
+    classifier: Any,
+    reports: Any,
+    sr_dir: Path | None,
+    done: _Classified,
+) -> None:
+    from node.pipeline import analyze
+    from node.results import result_record
+
+    if not batch:
+        return
+    outcomes = analyze([ds for _, ds in batch], classifier, reports, datetime.now())
+    for (path, _), outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, NodeError):
+            log.error("%s: %s", path, outcome)
+            done.failed += 1
+            continue
+        record = result_record(outcome, classifier.info)
+        record["source"]["file"] = str(path)
+        if sr_dir is not None:
+            sr_dir.mkdir(parents=True, exist_ok=True)
+            out = sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
+            out.write_bytes(outcome.sr.data)
+            record["sr"]["file"] = str(out)
+        done.records.append(record)
+        done.classified += 1
+        present = [f.pathology for f in outcome.findings if f.present]
+        log.info("%s: present: %s", path, ", ".join(present) or "none")
 
 
 # -- push --------------------------------------------------------------------------------
@@ -353,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", type=Path, help="write the results here ('-' = stdout, default)")
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
     c.add_argument("--allow-untrained", action="store_true")
+    c.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="run the model on every image, not only frontal chest radiographs (filter.*)",
+    )
     c.set_defaults(func=cmd_classify)
 
     u = sub.add_parser("push", help="C-STORE files, folders and zip archives to a remote AE")

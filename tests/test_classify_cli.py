@@ -96,3 +96,78 @@ def test_classify_non_dicom_file_fails_clearly(tmp_path, weights_dir):
     assert done.returncode == 1
     assert f"{junk}" in done.stderr and "not a DICOM" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _variant(tmp_path: Path, name: str, **attrs: object) -> Path:
+    ds = pydicom.dcmread(NIH)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[name])
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_classify_applies_the_serve_filter_and_counts(tmp_path, weights_dir):
+    chest = _variant(tmp_path, "chest", BodyPartExamined="THORAX")
+    skipped = [
+        _variant(tmp_path, "ct", Modality="CT"),
+        _variant(tmp_path, "spine", Modality="CR", BodyPartExamined="CSPINE"),
+        _variant(tmp_path, "lateral", ViewPosition="LL"),
+    ]
+    sr = tmp_path / "sr.dcm"
+    first = classify(
+        tmp_path,
+        weights_dir,
+        str(chest),
+        "--sr-dir",
+        str(tmp_path / "SR"),
+        "--json",
+        str(tmp_path / "first.json"),
+        "--allow-untrained",
+    )
+    assert first.returncode == 0, first.stderr
+    [sr_made] = list((tmp_path / "SR").iterdir())
+    sr.write_bytes(sr_made.read_bytes())  # an SR sent back to us is never classified
+    files = [str(p) for p in (chest, *skipped, sr)]
+    out = tmp_path / "r.json"
+    done = classify(tmp_path, weights_dir, *files, "--json", str(out), "--allow-untrained")
+    assert done.returncode == 0, done.stderr  # every file classified or skipped
+    assert len(json.loads(out.read_text())) == 1
+    assert "1 classified, 4 skipped (not chest radiographs), 0 failed" in done.stderr
+    for path in (*skipped, sr):
+        assert f"{path}: skipped: not a chest radiograph:" in done.stderr
+    assert "no Pixel Data" not in done.stderr and "Modality SR" in done.stderr
+    assert "Traceback" not in done.stderr
+    everything = classify(
+        tmp_path, weights_dir, *files[:4], "--json", str(out), "--allow-untrained", "--no-filter"
+    )
+    assert everything.returncode == 0, everything.stderr
+    assert len(json.loads(out.read_text())) == 4
+
+
+def test_classify_fails_a_broken_image_alone_with_one_line(tmp_path, weights_dir):
+    good = _variant(tmp_path, "good")
+    broken = _variant(tmp_path, "broken", PixelData=b"")
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor = [256, 0, 16]
+    bad_lut = _variant(tmp_path, "bad-lut", ModalityLUTSequence=[lut])
+    out = tmp_path / "r.json"
+    done = classify(
+        tmp_path,
+        weights_dir,
+        str(broken),
+        str(bad_lut),
+        str(good),
+        "--json",
+        str(out),
+        "--allow-untrained",
+    )
+    assert done.returncode == 1  # some failed
+    assert "1 classified, 0 skipped (not chest radiographs), 2 failed" in done.stderr
+    assert len(json.loads(out.read_text())) == 1
+    assert "Pixel Data element is empty" in done.stderr
+    assert "malformed Modality LUT Sequence" in done.stderr
+    assert "Traceback" not in done.stderr
+    for line in done.stderr.splitlines():
+        assert line.count(str(tmp_path)) <= 1, line  # never the path twice
