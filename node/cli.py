@@ -10,12 +10,14 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from node import __version__
 from node.allocator import keep_freed_memory, release_start_up_garbage
@@ -271,18 +273,40 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or "WARNING")
     if args.log_level != "DEBUG":  # failures are reported in the summary, once
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        _quiet_readers()
     peer = _cli_peer(args)
-    summary = push(
-        args.paths,
-        peer,
-        recursive=args.recursive,
-        dry_run=args.dry_run,
-        associations=args.associations,
-        max_member=args.max_member_mb * 2**20,
-    )
-    sys.stdout.write(summary.describe() + "\n")
+    with ExitStack() as stack:  # the report file opened first: a bad path fails before sending
+        report = stack.enter_context(_report_file(args.report)) if args.report else None
+        summary = push(
+            args.paths,
+            peer,
+            recursive=args.recursive,
+            dry_run=args.dry_run,
+            associations=args.associations,
+            max_member=args.max_member_mb * 2**20,
+        )
+        sys.stdout.write(summary.describe() + "\n")
+        if report is not None:
+            summary.write_report(report, tab=args.report.suffix.lower() == ".tsv")
     return 0 if summary.failed == 0 else 1
+
+
+def _quiet_readers() -> None:
+    """No per-file warnings from pynetdicom and pydicom (invalid values, VR guesses): the
+    summary names every file that fails, with its reason."""
+    from pydicom import config
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    config.settings.reading_validation_mode = config.IGNORE
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+def _report_file(path: Path) -> TextIO:
+    try:
+        return path.open("w", newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--report {path}: cannot write it: {exc}") from exc
 
 
 # -- status ------------------------------------------------------------------------------
@@ -408,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse zip members declaring more than this (zip bombs)",
     )
     u.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    u.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="write every input file's outcome (sent, warning, failed, skipped) and reason "
+        "to FILE, as CSV (TSV if FILE ends in .tsv)",
+    )
     u.set_defaults(func=cmd_push)
 
     st = sub.add_parser("status", help="queue depth, last errors, model, uptime")

@@ -3,16 +3,23 @@
 Objects are read lazily (one chunk in memory at a time), sent as they are encoded — the
 file's own SOP Class and Transfer Syntax are proposed, with uncompressed fallbacks — over as
 few associations as DICOM's 128-presentation-context limit allows, optionally in parallel.
+
+One bad file fails alone: what can be checked before sending is (:mod:`node.precheck`); a
+file the peer aborts the association on is tried once more on a new association, one it
+never answers waits the DIMSE timeout once, and the others go on over a new association at
+once. Every skipped and failed file is named, with its reason (``Summary.outcomes``).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import queue
 import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,7 +36,17 @@ from pynetdicom.association import Association
 from node.archive import MAX_MEMBER_BYTES, Item, iter_items
 from node.dicomio import Encoded, split_encoded
 from node.errors import ContextsRefused, PreprocessError, SendError
-from node.scu import SUCCESS, Peer, associate, check_status, reactor_paused, send_raw
+from node.precheck import problem
+from node.scu import (
+    SUCCESS,
+    Peer,
+    associate,
+    lost_reason,
+    reactor_paused,
+    send_raw,
+    status_failure,
+    usable,
+)
 from node.wire import file_meta_bytes, split_part10
 
 log = logging.getLogger(__name__)
@@ -40,9 +57,16 @@ ASSOCIATION_RETRIES = 3
 DEFAULT_ASSOCIATIONS = 4  # into a local Orthanc on 2 cores: 1 -> 2 -> 4 gave 43 -> 57 -> 64 img/s
 
 
+SENT, WARNING, FAILED, SKIPPED = "sent", "warning", "failed", "skipped"
+DRY_RUN = "would be sent"
+SHOWN = 20  # failed and skipped files named in the summary, of each kind; --report has all
+
+
 @dataclass
 class Summary:
-    """What a push did; ``describe()`` is the final report."""
+    """What a push did; ``describe()`` is the final report, ``outcomes`` one row per input
+    file: (file, outcome, reason), outcome one of sent, warning, failed, skipped (and
+    :data:`DRY_RUN` in a dry run)."""
 
     sent: int = 0
     warnings: int = 0
@@ -50,7 +74,7 @@ class Summary:
     skipped: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    outcomes: list[tuple[str, str, str]] = field(default_factory=list)
     unreachable: str = ""  # set once the peer refuses or cannot be reached: stop trying
     not_attempted: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -64,18 +88,44 @@ class Summary:
             f"skipped {self.skipped} (non-DICOM); {mb:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} MB/s, {per_s:.0f} files/s)"
         )
-        shown = self.errors[:20]
-        more = [f"  ... and {len(self.errors) - 20} more"] if len(self.errors) > 20 else []
-        if self.not_attempted:
-            more.append(
-                f"  failed: {self.not_attempted} more file(s) not attempted: {self.unreachable}"
-            )
-        return "\n".join([head, *(f"  failed: {e}" for e in shown), *more])
+        return "\n".join(
+            [head, *self._listed(FAILED, "failed"), *self._listed(SKIPPED, "skipped (not DICOM)")]
+        )
 
-    def fail(self, message: str, count: int = 1) -> None:
+    def _listed(self, outcome: str, label: str) -> list[str]:
+        rows = [(name, why) for name, what, why in self.outcomes if what == outcome]
+        lines = [f"  {label}: {name}: {why}" if why else f"  {label}: {name}" for name, why in rows]
+        if len(rows) > SHOWN:
+            lines[SHOWN:] = [f"  ... and {len(rows) - SHOWN} more {label} (--report lists all)"]
+        return lines
+
+    def fail(self, name: str, reason: str) -> None:
+        self.fail_all([name], reason)
+
+    def fail_all(self, names: list[str], reason: str) -> None:
         with self.lock:
-            self.failed += count
-            self.errors.append(message)
+            self.failed += len(names)
+            self.outcomes.extend((name, FAILED, reason) for name in names)
+
+    def skip(self, name: str) -> None:
+        with self.lock:
+            self.skipped += 1
+            self.outcomes.append((name, SKIPPED, ""))
+
+    def stored(self, name: str, size: int, code: int) -> None:
+        with self.lock:
+            self.sent += 1
+            self.bytes += size
+            self.warnings += code != SUCCESS
+            warning = f"warning status 0x{code:04X}" if code != SUCCESS else ""
+            self.outcomes.append((name, WARNING if warning else SENT, warning))
+
+    def write_report(self, fh: TextIO, *, tab: bool = False) -> None:
+        """Every input file's outcome and reason, as CSV (TSV with ``tab``)."""
+        out = csv.writer(fh, dialect="excel-tab" if tab else "excel")
+        out.writerow(["file", "outcome", "reason"])
+        with self.lock:
+            out.writerows(self.outcomes)
 
 
 @dataclass(frozen=True)
@@ -151,7 +201,7 @@ class _Link:
         """The open association if it proposed every context ``batch`` needs, else a new
         one; raises :class:`SendError` when the peer cannot be associated with."""
         pairs = {p.context for p in batch}
-        if self.assoc is not None and self.assoc.is_established and pairs <= self._pairs:
+        if self.assoc is not None and usable(self.assoc) and pairs <= self._pairs:
             return self.assoc
         self.close()
         stack = ExitStack()
@@ -172,50 +222,80 @@ class _Link:
 
 
 def _send_batch(link: _Link, batch: list[Prepared], summary: Summary, progress: Progress) -> None:
-    """Send one chunk over the worker's association; re-associate on transient failures."""
-    pending = list(batch)
-    if summary.unreachable:
-        with summary.lock:
-            summary.failed += len(pending)
-            summary.not_attempted += len(pending)
-        return
-    for attempt in range(1, ASSOCIATION_RETRIES + 1):
-        try:
-            _send_pending(link, pending, summary, progress)
+    """Send one chunk over the worker's association, and over a new one each time the peer
+    ends it: the file that was being sent then fails alone (see :func:`_send_over`) and
+    the others go on at once. Only when no association can be opened does the chunk fail
+    (and, the peer being unreachable, every later one, unattempted)."""
+    pending = deque(batch)
+    aborted_once: set[int] = set()  # id() of files the peer aborted the association on
+    failures = 0
+    while pending:
+        names = [p.name for p in pending]
+        if summary.unreachable:
+            summary.fail_all(names, f"not attempted: {summary.unreachable}")
+            with summary.lock:
+                summary.not_attempted += len(names)
             return
+        try:
+            assoc = link.open_for(list(pending))
         except ContextsRefused as exc:  # these classes only: later chunks may still go
             link.close()
-            summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
+            summary.fail_all(names, str(exc))
             return
-        except SendError as exc:
+        except SendError as exc:  # refused, rejected or unreachable
             link.close()
-            if "rejected" in str(exc) or attempt == ASSOCIATION_RETRIES:
-                summary.fail(f"{len(pending)} file(s) not sent: {exc}", len(pending))
-                if len(pending) == len(batch):  # not one file went through: give up
-                    summary.unreachable = str(exc)
+            failures += 1
+            if "rejected" in str(exc) or failures == ASSOCIATION_RETRIES:
+                summary.fail_all(names, str(exc))
+                summary.unreachable = str(exc)
                 return
-            log.warning("%s; retrying (%d/%d)", exc, attempt, ASSOCIATION_RETRIES)
-            time.sleep(0.5 * attempt)
+            log.warning("%s; retrying (%d/%d)", exc, failures, ASSOCIATION_RETRIES)
+            time.sleep(0.5 * failures)
+            continue
+        failures = 0
+        _send_over(link, assoc, pending, aborted_once, summary, progress)
 
 
-def _send_pending(
-    link: _Link, pending: list[Prepared], summary: Summary, progress: Progress
+def _send_over(
+    link: _Link,
+    assoc: Association,
+    pending: deque[Prepared],
+    aborted_once: set[int],
+    summary: Summary,
+    progress: Progress,
 ) -> None:
-    """Send ``pending`` in order, removing each file once it has an outcome."""
-    assoc = link.open_for(pending)
+    """Send ``pending`` in order over ``assoc``, removing each file once it has an outcome;
+    return when none is left or the association has ended (it is then closed).
+
+    A file the peer ends the association on is tried once more on a new one, then fails;
+    one it never answers fails at once (it has waited the DIMSE timeout)."""
     while pending:
         p = pending[0]
         try:
             status = _store(assoc, p, link.next_message_id())
         except ValueError as exc:  # no accepted context for this file's syntax
-            pending.pop(0)
-            summary.fail(f"{p.name}: {exc}")
+            pending.popleft()
+            summary.fail(p.name, str(exc))
             continue
-        if not status and not assoc.is_established:
-            raise SendError(f"association aborted while sending {p.name}")
-        pending.pop(0)
-        _record(p, status, summary)
+        if "Status" in status:
+            pending.popleft()
+            _record(p, status, summary)
+            progress.update(summary)
+            continue
+        lost = lost_reason(assoc)
+        link.close()
+        if lost is None:
+            pending.popleft()
+            waited = f"{link.peer.timeout:g} s"
+            summary.fail(p.name, f"no response within {waited} (association aborted)")
+        elif id(p) in aborted_once:
+            pending.popleft()
+            summary.fail(p.name, f"{lost} while receiving it (twice, on new associations)")
+        else:
+            aborted_once.add(id(p))
+            log.info("%s: %s while receiving it; trying it on a new association", p.name, lost)
         progress.update(summary)
+        return
 
 
 def _store(assoc: Association, p: Prepared, msg_id: int) -> Dataset:
@@ -242,33 +322,39 @@ def _store_converted(assoc: Association, e: Encoded) -> Dataset:
     part10 = file_meta_bytes(e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax) + e.dataset
     try:
         ds = pydicom.dcmread(BytesIO(part10))
-        return assoc.send_c_store(ds)
     except (InvalidDicomError, AttributeError, TypeError, EOFError, zlib.error) as exc:
+        raise ValueError(f"cannot convert it to a syntax the peer accepts: {exc}") from exc
+    if not usable(assoc):  # ended while the reactor was paused: no answer can come
+        return Dataset()
+    try:
+        return assoc.send_c_store(ds)
+    except (AttributeError, TypeError, EOFError, zlib.error) as exc:
         raise ValueError(f"cannot convert it to a syntax the peer accepts: {exc}") from exc
 
 
-def _record(p: Prepared, status: Dataset | None, summary: Summary) -> None:
-    try:
-        code = check_status(status, p.name)
-    except SendError as exc:
-        summary.fail(str(exc))
-        return
-    with summary.lock:
-        summary.sent += 1
-        summary.bytes += p.size
-        summary.warnings += code != SUCCESS
+def _record(p: Prepared, status: Dataset, summary: Summary) -> None:
+    failure = status_failure(status)
+    if failure:
+        summary.fail(p.name, failure)
+    else:
+        summary.stored(p.name, p.size, int(status.Status))
 
 
 def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared]:
+    """The objects to send; non-DICOM files are skipped, and those that cannot be read or
+    fail a check before sending (:mod:`node.precheck`) fail here, never sent."""
     for item in items:
         if isinstance(item, str):
-            summary.skipped += 1
+            summary.skip(item)
             log.debug("skipped non-DICOM %s", item)
             continue
         try:
             encoded = _split(item)
-        except PreprocessError as exc:
-            summary.fail(str(exc))
+        except PreprocessError as exc:  # its message names the file already
+            summary.fail(item.name, str(exc).removeprefix(f"{item.name}: "))
+            continue
+        if why := problem(encoded):
+            summary.fail(item.name, f"not sent: {why}")
             continue
         yield Prepared(item.name, len(item.data), encoded)
 
@@ -302,7 +388,9 @@ def push(
     progress = Progress(progress_stream)
     prepared = _prepare(iter_items(paths, recursive=recursive, max_member=max_member), summary)
     if dry_run:
-        summary.sent = sum(1 for _ in prepared)
+        for p in prepared:
+            summary.sent += 1
+            summary.outcomes.append((p.name, DRY_RUN, ""))
     else:  # files are read and parsed here while worker threads send
         n = max(1, associations)
         _parallel(peer, chunks(prepared, CHUNK_FILES // n or 1), n, summary, progress)
@@ -318,8 +406,11 @@ def _send_guarded(link: _Link, batch: list[Prepared], summary: Summary, progress
     try:
         _send_batch(link, batch, summary, progress)
     except Exception as exc:  # recorded in the summary and logged, never swallowed
-        log.exception("sending a chunk of %d file(s) failed", len(batch))
-        summary.fail(f"{len(batch)} file(s) not sent: {exc}", len(batch))
+        log.error("sending a chunk of %d file(s) failed: %s", len(batch), exc)
+        log.debug("the chunk's traceback", exc_info=exc)
+        with summary.lock:
+            done = {name for name, _, _ in summary.outcomes}
+        summary.fail_all([p.name for p in batch if p.name not in done], f"not sent: {exc}")
         link.close()
 
 

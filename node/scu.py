@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import time
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
 
 from node.errors import ContextsRefused, SendError
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
@@ -57,13 +58,21 @@ def check_status(status: Dataset | None, what: str) -> int:
 
     An empty response (association aborted, timeout) is a failure.
     """
+    failure = status_failure(status)
+    if failure:
+        raise SendError(f"{what}: {failure}")
+    return int(cast(Dataset, status).Status)
+
+
+def status_failure(status: Dataset | None) -> str:
+    """Why a C-STORE response is a failure ("" for success and warning statuses)."""
     if status is None or "Status" not in status:
-        raise SendError(f"{what}: no response (association aborted, rejected or timed out)")
+        return "no response (association aborted, rejected or timed out)"
     code = int(status.Status)
     if code == SUCCESS or code in WARNING_STATUSES:
-        return code
+        return ""
     comment = status.get("ErrorComment", "")
-    raise SendError(f"{what}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
+    return f"C-STORE failed with status 0x{code:04X} {comment}".rstrip()
 
 
 def _ae(peer: Peer) -> AE:
@@ -99,8 +108,36 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
     try:
         yield assoc
     finally:
-        if assoc.is_established:
+        if usable(assoc):
             assoc.release()
+        elif assoc.is_established:  # ended while its reactor was paused: nothing to release
+            assoc.kill()
+
+
+def usable(assoc: Association) -> bool:
+    """Whether messages can still be exchanged on ``assoc``.
+
+    ``assoc.is_established`` is kept up to date by the association's reactor; while that is
+    paused (:func:`reactor_paused`) an A-ABORT or a closed connection only shows in its DUL
+    provider, which has then stopped or left Sta6 (association established).
+    """
+    dul = assoc.dul
+    return assoc.is_established and dul.is_alive() and dul.state_machine.current_state == "Sta6"
+
+
+def lost_reason(assoc: Association) -> str | None:
+    """Why a message sent on ``assoc`` got no response: the peer aborted the association or
+    the connection closed; None when neither happened (the DIMSE timeout ran out, and the
+    association was aborted on our side)."""
+    if assoc._sent_abort:  # by send_raw or pynetdicom, once the DIMSE timeout ran out
+        return None
+    if assoc.acse.is_aborted("a-p-abort"):
+        return "peer closed the connection"
+    if assoc.acse.is_aborted("a-abort") or assoc.is_aborted:
+        return "peer aborted the association"
+    if not usable(assoc):
+        return "peer ended the association"
+    return None
 
 
 def _refused(assoc: Association) -> str:
@@ -195,14 +232,45 @@ def send_raw(
     req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
     req.DataSet = BytesIO(payload)
+    if not usable(assoc):  # ended while the reactor was paused: no answer can come
+        log.debug("C-STORE of %s not sent: the association has ended", sop_uid)
+        return Dataset()
     _pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(req, cast(int, context.context_id))  # see netopts.send_msg
-        _, rsp = assoc.dimse.get_msg(block=True)
+        rsp = _response(assoc)
     finally:
         if resume:
             assoc._reactor_checkpoint.set()
     if rsp is None:
-        assoc._handle_no_response()
+        if usable(assoc):  # the DIMSE timeout ran out: abort, as pynetdicom does
+            assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+RESPONSE_POLL = 0.2
+"""While waiting for a response, how often :func:`_response` checks that the association's
+DUL provider still runs."""
+
+
+def _response(assoc: Association) -> DimseServiceType | None:
+    """The next DIMSE message (the response to ours), or None once the DIMSE timeout has run
+    out or the association has ended.
+
+    pynetdicom's ``dimse.get_msg(block=True)`` waits the whole DIMSE timeout; an A-ABORT or a
+    closed connection puts an empty message on the queue to end that wait, and where the
+    DUL provider stops without one, the check every :data:`RESPONSE_POLL` seconds does.
+    """
+    timeout = assoc.dimse_timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = RESPONSE_POLL
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - time.monotonic()))
+        try:
+            return assoc.dimse.msg_queue.get(timeout=wait)[1]
+        except queue.Empty:
+            pass
+        if not assoc.dul.is_alive() or (deadline is not None and time.monotonic() >= deadline):
+            return None

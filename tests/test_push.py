@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -106,6 +107,44 @@ def test_zip_to_dcmtk_storescp_equals_originals(tmp_path, study_zip):
             if elem.tag.element == 0:  # group lengths: retired, dropped by dcmtk on write
                 continue
             assert got[elem.tag].value == elem.value, (original, elem.keyword)
+
+
+@pytest.mark.parametrize("how", ["--abort-after", "--abort-during"])
+def test_dcmtk_storescp_that_aborts_fails_each_file_alone_at_once(tmp_path, how):
+    """dcmtk's storescp aborting every association after (or while) it receives a C-STORE:
+    each file fails alone, named, with the reason, after one more try on a new association;
+    no file waits out the 10 s timeout, and the peer is not reported unreachable."""
+    from helpers import chest_images
+
+    for i, ds in enumerate(chest_images(3, "dcmtk-abort")):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+    port = free_port()
+    scp = subprocess.Popen(
+        ["storescp", how, "--output-directory", str(tmp_path), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _listening(port), 20, "storescp to listen")
+        start = time.monotonic()
+        done = run_push(
+            *(str(tmp_path / f"{i}.dcm") for i in range(3)),
+            *("--port", str(port), "--aet", "STORESCP", "--associations", "1"),
+            *("--timeout", "10"),
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "sent 0, warnings 0, failed 3" in done.stdout, done.stdout
+    for i in range(3):
+        [line] = [x for x in done.stdout.splitlines() if f"{i}.dcm" in x]
+        assert "aborted the association while receiving it" in line or (
+            "closed the connection while receiving it" in line
+        ), line
+    assert "not attempted" not in done.stdout and "Traceback" not in done.stderr
+    assert elapsed < 10, f"{elapsed:.1f} s: the 10 s timeout was waited out"
 
 
 def _listening(port: int) -> bool:
