@@ -56,7 +56,9 @@ class _DecoderTracebacks(logging.Filter):
     caller reports): kept at DEBUG, dropped otherwise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info is None or record.levelno < logging.ERROR:
+        if not record.name.startswith("pydicom") or record.exc_info is None:
+            return True
+        if record.levelno < logging.ERROR:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger().isEnabledFor(logging.DEBUG)
@@ -66,7 +68,7 @@ class _OneLineWarnings(logging.Filter):
     """A captured Python warning as ``Category: message`` (no file, line or source)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
+        if record.name == "py.warnings" and isinstance(record.args, tuple) and record.args:
             text = str(record.args[0])
             # warnings.formatwarning: "file:line: Category: message\n  source line\n"
             head = text.splitlines()[0] if text else ""
@@ -82,17 +84,13 @@ def setup_logging(level: str, json_format: bool = False) -> None:
         if json_format
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.addFilter(_DecoderTracebacks())  # on the handler: it sees every logger's records
+    handler.addFilter(_OneLineWarnings())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    pydicom_log = logging.getLogger("pydicom")
-    if not any(isinstance(f, _DecoderTracebacks) for f in pydicom_log.filters):
-        pydicom_log.addFilter(_DecoderTracebacks())
     # pydicom logs each of its warnings too: its Python warning would be the same line twice
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     logging.captureWarnings(True)
-    captured = logging.getLogger("py.warnings")
-    if not any(isinstance(f, _OneLineWarnings) for f in captured.filters):
-        captured.addFilter(_OneLineWarnings())
