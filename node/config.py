@@ -53,7 +53,12 @@ class ScpConfig(_Section):
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu: int = Field(default=131072, ge=4096, le=16 * 2**20)
     network_timeout: float = Field(default=60.0, gt=0)
+    # ARTIM (PS3.8 9.1.5): a connection must complete its A-ASSOCIATE-RQ (and TLS) in this
+    association_request_timeout: float = Field(default=10.0, gt=0)
     max_associations: int = Field(default=10, ge=1)
+    # connections without an association yet (a flood of idle sockets is bounded by these)
+    max_pending_connections: int = Field(default=32, ge=1)
+    max_pending_per_host: int = Field(default=8, ge=1)
     # who may talk to us
     allowed_calling_aets: tuple[AETitle, ...] = ("ORTHANC",)
     accept_any_calling_aet: bool = False

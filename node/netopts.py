@@ -18,8 +18,10 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
 from types import MethodType
@@ -46,7 +48,25 @@ IDLE_WAIT = 0.05
 to send; it then makes its timer and stop checks."""
 
 
-def set_nodelay(event: Event) -> None:
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a peer may make the reader hold (the SCP's; the SCU reads its peers' replies
+    under the defaults): bytes of one message's fragments (checked as they stream in), and
+    how long a new connection has to complete its association request (ARTIM)."""
+
+    message_bytes: int | None = None
+    request_timeout: float | None = None
+
+
+MAX_ASSOCIATE_PDU = 64 * 1024
+"""A-ASSOCIATE-RQ/AC/RJ PDUs longer than this are refused (real ones are a few KiB)."""
+MAX_SMALL_PDU = 1024
+"""A-RELEASE and A-ABORT PDUs are 10 bytes."""
+A_ABORT_INVALID_PDU = bytes.fromhex("0700000000040000" "0206")
+"""A-ABORT from the service provider (2), reason: invalid PDU parameter value (6)."""
+
+
+def set_nodelay(event: Event, limits: ReadLimits | None = None) -> None:
     """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
     the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
     assemble received C-STORE requests, encode C-STORE messages directly and send
@@ -65,7 +85,7 @@ def set_nodelay(event: Event) -> None:
         except OSError as exc:  # e.g. a socket already closed by the peer
             log.debug("cannot set TCP_NODELAY: %s", exc)
         if type(wrapper) is AssociationSocket:
-            _make_event_driven(dul, wrapper)
+            _make_event_driven(dul, wrapper, limits or ReadLimits())
             sent = guard(dul)
     event.assoc._run_reactor = MethodType(association_reactor, event.assoc)  # type: ignore[method-assign]
     dimse = event.assoc.dimse
@@ -170,6 +190,9 @@ class EventDrivenSocket(AssociationSocket):
     """
 
     waker: Waker
+    limits: ReadLimits
+    opened: float  # monotonic time the connection was handed to the reactor
+    message_bytes: int  # fragment bytes of the message being received so far
 
     @property
     def ready(self) -> bool:
@@ -210,14 +233,27 @@ class EventDrivenSocket(AssociationSocket):
             waker.drain()
 
     def recv(self, nr_bytes: int) -> bytearray:
-        return read_exact(cast(socket.socket, self.socket), nr_bytes)
+        return read_exact(cast(socket.socket, self.socket), nr_bytes, self.read_deadline())
+
+    def read_deadline(self) -> float | None:
+        """Until when the next read may block: the ARTIM deadline while the association
+        request is awaited (Sta2), else ``network_timeout`` from now."""
+        timeout = self.limits.request_timeout
+        if timeout is not None and self.assoc.dul.state_machine.current_state == "Sta2":
+            return self.opened + timeout
+        network = self.assoc.network_timeout
+        return None if network is None else time.monotonic() + network
 
 
-def _make_event_driven(dul: DULServiceProvider, wrapper: AssociationSocket) -> None:
+def _make_event_driven(
+    dul: DULServiceProvider, wrapper: AssociationSocket, limits: ReadLimits
+) -> None:
     """Swap in :class:`EventDrivenSocket` and wake the reactor on every send and stop."""
     waker = Waker()
     wrapper.__class__ = EventDrivenSocket
-    cast(EventDrivenSocket, wrapper).waker = waker
+    driven = cast(EventDrivenSocket, wrapper)
+    driven.waker, driven.limits, driven.opened = waker, limits, time.monotonic()
+    driven.message_bytes = 0
     weakref.finalize(wrapper, waker.close)  # in case the reactor ends without stop_dul
     sends = dul.to_provider_queue
     put = sends.put
@@ -267,6 +303,10 @@ def read_pdu_data(dul: DULServiceProvider, assembler: StoreAssembler | None = No
         if pdu is None:
             return
         pdu_type, head, body = pdu
+        if pdu_type == P_DATA_TF_TYPE and not _message_within_limit(dul, body):
+            limit = cast(EventDrivenSocket, dul.socket).limits.message_bytes
+            _refuse(dul, f"a message growing past {limit} bytes (scp.max_dataset_mb)")
+            return
         p_data_unwatched = pdu_type == P_DATA_TF_TYPE and not _watched(dul.assoc)
         if p_data_unwatched and assembler and dispatch_p_data(dul, assembler, memoryview(body)):
             dul._idle_timer.restart()
@@ -292,8 +332,11 @@ def _read_pdu(dul: DULServiceProvider) -> tuple[int, bytearray, bytearray] | Non
             return None
         pdu_type, _, length = struct.unpack(">BBL", head)
         if pdu_type not in _PDU_TYPES:
-            log.error("unknown PDU type received 0x%02X", pdu_type)
-            dul.event_queue.put("Evt19")
+            _refuse(dul, f"unknown PDU type 0x{pdu_type:02X}")
+            return None
+        limit = _pdu_limit(dul, pdu_type)
+        if length > limit:
+            _refuse(dul, f"PDU of type 0x{pdu_type:02X} and {length} bytes (limit {limit})")
             return None
         body = sock.recv(length)
     except (OSError, TimeoutError) as exc:
@@ -343,6 +386,56 @@ def _arrived(dul: DULServiceProvider) -> bool:
 
 _PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT
 P_DATA_TF_TYPE = 0x04
+PDU_HEADER = 6
+
+
+def _pdu_limit(dul: DULServiceProvider, pdu_type: int) -> int:
+    """The longest PDU of this type we read: A-ASSOCIATE near 64 KiB, P-DATA-TF our own
+    maximum PDU length (0: unlimited, as negotiated), release and abort a few bytes."""
+    if pdu_type == P_DATA_TF_TYPE:
+        assoc = dul.assoc
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        maximum = int(local.maximum_length or 0)
+        return maximum + PDU_HEADER if maximum else 2**32 - 1
+    return MAX_ASSOCIATE_PDU if pdu_type <= 0x03 else MAX_SMALL_PDU
+
+
+def _refuse(dul: DULServiceProvider, what: str) -> None:
+    """A-ABORT the peer (best effort), close the connection and end the association."""
+    assoc = dul.assoc
+    peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    log.warning("%s from %s: aborting the association", what, peer.address)
+    wrapper = cast(AssociationSocket, dul.socket)
+    sock = wrapper.socket
+    if sock is not None:
+        try:
+            sock.settimeout(1.0)
+            sock.send(A_ABORT_INVALID_PDU)
+        except OSError as exc:
+            log.debug("A-ABORT not sent: %s", exc)
+    wrapper.close()
+    dul.event_queue.put("Evt17")
+
+
+def _message_within_limit(dul: DULServiceProvider, body: bytearray) -> bool:
+    """Count a P-DATA-TF PDU's fragment bytes towards the message it belongs to (a
+    fragment with the last-fragment bit ends it); False once past ``message_bytes``."""
+    wrapper = cast(EventDrivenSocket, dul.socket)
+    limits = getattr(wrapper, "limits", None)  # a socket the reactor did not take over
+    limit = limits.message_bytes if limits is not None else None
+    if limit is None:
+        return True
+    offset, end, total = 0, len(body), wrapper.message_bytes
+    while offset + PDU_HEADER <= end:
+        (length,) = struct.unpack_from(">I", body, offset)
+        total += length
+        if total > limit:
+            return False
+        if body[offset + 5] & 0x02:  # the message's last fragment
+            total = 0
+        offset += 4 + length
+    wrapper.message_bytes = total
+    return True
 
 
 def _watched(assoc: Association) -> bool:
@@ -383,25 +476,37 @@ READ_STEP = 256 * 1024
 """The reader grows its buffer by at most this much ahead of the bytes that arrived."""
 
 
-def read_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
+def read_exact(sock: socket.socket, nr_bytes: int, deadline: float | None = None) -> bytearray:
     """``AssociationSocket.recv`` (pynetdicom 3.x) reading ``nr_bytes`` straight into one
     buffer.
 
     pynetdicom reads a PDU 4 KiB at a time and appends each piece to a bytearray: 32 calls
     and copies per 128 KiB P-DATA PDU. Same contract: blocks until ``nr_bytes`` have been
     read, returns fewer only when the peer closed the connection; socket errors propagate.
-    The buffer grows only as data arrives (a PDU header may claim 4 GiB).
+    The buffer grows only as data arrives (a PDU header may claim 4 GiB). With a
+    ``deadline`` (``time.monotonic()``), a peer that sends too slowly, or stops mid-PDU,
+    raises ``TimeoutError`` there; the socket's own timeout is restored afterwards.
     """
     buf = bytearray(min(nr_bytes, READ_STEP))
     got = 0
-    while got < nr_bytes:
-        if got == len(buf):
-            buf.extend(bytes(min(nr_bytes - got, READ_STEP)))
-        with memoryview(buf) as view:
-            n = sock.recv_into(view[got:])
-        if n == 0:  # connection closed: return what arrived
-            break
-        got += n
+    base = sock.gettimeout() if deadline is not None else None
+    try:
+        while got < nr_bytes:
+            if got == len(buf):
+                buf.extend(bytes(min(nr_bytes - got, READ_STEP)))
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"read of {nr_bytes} bytes timed out ({got} arrived)")
+                sock.settimeout(left)
+            with memoryview(buf) as view:
+                n = sock.recv_into(view[got:])
+            if n == 0:  # connection closed: return what arrived
+                break
+            got += n
+    finally:
+        if deadline is not None:
+            sock.settimeout(base)
     del buf[got:]
     return buf
 

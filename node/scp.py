@@ -7,12 +7,11 @@ durably and only then answers success. The worker does the rest.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import logging
 import ssl
 import struct
+import threading
 import zlib
-from collections.abc import Callable
 from enum import IntEnum
 from io import SEEK_END, BytesIO
 from typing import Any, cast
@@ -41,8 +40,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig, TlsConfig
 from node.errors import MalformedDataset, SpoolError
+from node.gate import ConnectionGate, NodeAssociationServer
 from node.metrics import Metrics
-from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
+from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
 from node.spool import Spool
 from node.uids import is_safe_uid, is_valid_uid
@@ -69,6 +69,10 @@ DECODABLE = [
     JPEG2000,
     RLELossless,
 ]
+
+
+COMMAND_SLACK = 64 * 1024
+"""Bytes a C-STORE message may carry beyond its data set (its command set)."""
 
 
 class StoreStatus(IntEnum):
@@ -210,9 +214,10 @@ def build_ae(cfg: ScpConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
     ae.network_timeout = cfg.network_timeout
-    ae.acse_timeout = cfg.network_timeout
     ae.dimse_timeout = cfg.network_timeout
-    ae.maximum_associations = cfg.max_associations
+    ae.acse_timeout = cfg.association_request_timeout  # the ARTIM timer (PS3.8 9.1.5)
+    # pynetdicom counts pending connections too: the gate bounds those
+    ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections
     ae.require_called_aet = True
     if not cfg.accept_any_calling_aet:
         ae.require_calling_aet = list(cfg.allowed_calling_aets)
@@ -250,40 +255,40 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _host_filter(allowed: tuple[str, ...]) -> Callable[[object, tuple[str, int]], bool]:
-    networks = [ipaddress.ip_network(a, strict=False) for a in allowed]
-
-    def verify_request(_request: object, client_address: tuple[str, int]) -> bool:
-        host = ipaddress.ip_address(client_address[0])
-        if any(host in net for net in networks):
-            return True
-        log.warning("connection from %s refused: not in scp.allowed_hosts", client_address[0])
-        return False
-
-    return verify_request
-
-
 def start_server(
     cfg: ScpConfig, spool: Spool, metrics: Metrics | None = None, tls: TlsConfig | None = None
 ) -> ThreadedAssociationServer:
-    """Start listening in background threads; returns the server (``.shutdown()`` stops it)."""
+    """Start listening in background threads; returns the server (``.shutdown()`` stops it).
+
+    Connections go through a :class:`node.gate.ConnectionGate` (pending caps, TLS in the
+    connection's thread); PDU and message sizes and read deadlines are enforced by the
+    reader (:class:`node.netopts.ReadLimits`)."""
     ae = build_ae(cfg)
+    limits = ReadLimits(
+        message_bytes=cfg.max_dataset_mb * 2**20 + COMMAND_SLACK,
+        request_timeout=cfg.association_request_timeout,
+    )
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _log_rejection),
-        NODELAY_HANDLER,
+        (evt.EVT_CONN_OPEN, set_nodelay, [limits]),
     ]
     if metrics is not None:
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
     context = server_ssl_context(tls) if tls is not None and tls.enabled else None
-    server = ae.start_server(
-        (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=context
+    gate = ConnectionGate(cfg.max_pending_connections, cfg.max_pending_per_host, cfg.allowed_hosts)
+    server = ae.make_server(
+        (cfg.bind_address, cfg.port),
+        evt_handlers=handlers,
+        server_class=NodeAssociationServer,
+        gate=gate,
+        tls=context,
+        handshake_timeout=cfg.association_request_timeout,
     )
-    if server is None:  # pragma: no cover - block=False always returns the server
-        raise RuntimeError("pynetdicom did not return a server")
-    if cfg.allowed_hosts:
-        server.verify_request = _host_filter(cfg.allowed_hosts)  # type: ignore[method-assign,assignment]
+    thread = threading.Thread(target=server.serve_forever, name="scp-listener", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as ae.start_server does: server.shutdown() removes it
     host, port = server.server_address[:2]
     log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port, " (TLS)" if context else "")
     return server

@@ -169,9 +169,13 @@ class _FakeDul:
     """What node.netopts.read_pdu_data uses of a DULServiceProvider, over a socket pair
     that holds ``data`` and then closes."""
 
-    def __init__(self, data: bytes, watched: bool = False) -> None:
+    def __init__(
+        self, data: bytes, watched: bool = False, max_pdu: int = 0, message_bytes: int | None = None
+    ) -> None:
         import queue
         from types import SimpleNamespace
+
+        from node.netopts import ReadLimits
 
         ours, peer = socket.socketpair()
 
@@ -182,10 +186,23 @@ class _FakeDul:
         self._sender = threading.Thread(target=send)
         self._sender.start()
         self._sock = ours
-        self.socket = SimpleNamespace(recv=partial(read_exact, ours))
+        self.closed = False
+        self.socket = SimpleNamespace(
+            recv=partial(read_exact, ours),
+            socket=None,
+            close=lambda: setattr(self, "closed", True),
+            limits=ReadLimits(message_bytes=message_bytes),
+            message_bytes=0,
+        )
         self.event_queue: queue.Queue[str] = queue.Queue()
         self._recv_pdu: queue.Queue[object] = queue.Queue()
-        self.assoc = SimpleNamespace(get_handlers=lambda event: ["h"] if watched else [])
+        peer = SimpleNamespace(address="127.0.0.1", maximum_length=max_pdu)
+        self.assoc = SimpleNamespace(
+            get_handlers=lambda event: ["h"] if watched else [],
+            is_acceptor=True,
+            acceptor=peer,
+            requestor=peer,
+        )
         self.decoded: list[bytes] = []
 
     def _decode_pdu(self, bytestream: bytearray):  # pynetdicom's way, minus its events
@@ -249,7 +266,7 @@ def test_p_data_pdus_decode_over_views_as_pynetdicom_decodes_them():
     [
         (lambda raw: raw[:4], "Evt17"),  # closed inside the PDU header
         (lambda raw: raw[:-1], "Evt17"),  # closed inside the PDU
-        (lambda raw: b"\x09" + raw[1:], "Evt19"),  # unknown PDU type
+        (lambda raw: b"\x09" + raw[1:], "Evt17"),  # unknown PDU type: aborted and closed
         (lambda raw: raw[:6] + b"\xff\xff\xff\xff" + raw[10:], "Evt19"),  # PDV too long
     ],
 )
@@ -260,6 +277,62 @@ def test_damaged_pdus_end_as_in_pynetdicom(damage, event):
     read_pdu_data(dul)
     assert dul.events() == [event]
     assert dul._recv_pdu.empty()
+
+
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [
+        (b"\x01\x00" + (2**32 - 1).to_bytes(4, "big"), "A-ASSOCIATE-RQ of 4 GiB"),
+        (b"\x01\x00" + (65 * 1024).to_bytes(4, "big"), "A-ASSOCIATE-RQ over 64 KiB"),
+        (b"\x04\x00" + (256 * 2**20).to_bytes(4, "big"), "P-DATA-TF of 256 MiB"),
+        (b"\x07\x00" + (2**20).to_bytes(4, "big"), "A-ABORT of 1 MiB"),
+    ],
+)
+def test_a_pdu_longer_than_its_limit_is_refused_before_its_body_is_read(head, what):
+    """Before: the reader read what the header claimed (RSS +1 GiB for a 1 GiB body)."""
+    from node.netopts import read_pdu_data
+
+    dul = _FakeDul(head + bytes(100_000), max_pdu=128 * 1024)
+    read_pdu_data(dul)
+    assert dul.events() == ["Evt17"] and dul.closed, what
+    assert dul._recv_pdu.empty()
+
+
+def test_a_message_growing_past_its_limit_is_refused_while_it_streams():
+    from node.netopts import read_pdu_data
+
+    pdus = _store_request_pdus(bytes(5000), 1000)  # no message end within the limit
+    raw = b"".join(p.encode() for p in pdus)
+    dul = _FakeDul(raw, max_pdu=1000, message_bytes=3000)
+    for _ in range(len(pdus)):
+        read_pdu_data(dul)
+        if dul.closed:
+            break
+    assert dul.closed and "Evt17" in dul.events()
+
+
+def test_a_message_within_its_limit_resets_the_count_at_its_last_fragment():
+    from node.netopts import read_pdu_data
+
+    pdus = _store_request_pdus(bytes(2000), 1000)
+    one = b"".join(p.encode() for p in pdus)
+    dul = _FakeDul(one * 3, max_pdu=1000, message_bytes=2500)  # three messages of ~2.1 KB
+    for _ in range(3 * len(pdus)):
+        read_pdu_data(dul)
+    assert not dul.closed and dul.events() == ["Evt10"] * (3 * len(pdus))
+
+
+def test_a_peer_that_stops_mid_pdu_times_out_at_the_deadline():
+    import time
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"\x04\x00\x00\x00\x10\x00" + b"x" * 10)  # 4 KiB announced, 16 B sent
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_exact(b, 6 + 4096, deadline=start + 0.3)
+        assert time.monotonic() - start < 2
+        assert b.gettimeout() is None  # the socket's own timeout restored
 
 
 def _store_pdus(n_data: int) -> bytes:
