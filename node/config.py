@@ -126,9 +126,20 @@ class ModelConfig(_Section):
     weights_file: Path | None = None
     allow_download: bool = True
     allow_untrained: bool = False
+    # full (code-running) unpickle of a file that is not the published one; needs allow_untrained
+    unsafe_unpickle_unverified_weights: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="0 = torch default")
     batch_size: int = Field(default=4, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _unsafe_needs_untrained(self) -> ModelConfig:
+        if self.unsafe_unpickle_unverified_weights and not self.allow_untrained:
+            raise ValueError(
+                "model.unsafe_unpickle_unverified_weights needs model.allow_untrained = true "
+                "(an unverified weights file is otherwise refused)"
+            )
+        return self
 
 
 CHEST_NAMES = (

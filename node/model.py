@@ -1,10 +1,15 @@
 """The classifier: torchxrayvision's DenseNet-121 ``densenet121-res224-all``.
 
-Weights are loaded by torchxrayvision's own code (``xrv.models.DenseNet(weights=...,
-cache_dir=...)``), after their SHA-256 has been checked against the published file's,
-because ``torch.load`` unpickles and so can run code. A file with another hash (for
-example an untrained checkpoint written by the tests) is refused unless
-``model.allow_untrained`` is set; the model is then labelled untrained everywhere.
+The weights file is read into memory once; those bytes are hashed and those same bytes are
+unpickled (a file swapped after the check is never loaded). ``torch.load`` unpickles and so
+can run code: only the published file (its SHA-256 equal to :data:`OFFICIAL_SHA256`) is
+fully unpickled. Any other file is refused unless ``model.allow_untrained`` is set; it is then
+unpickled by torch's restricted unpickler (``weights_only=True``) allowing only the classes a
+torchxrayvision DenseNet pickle holds, and a file that needs anything else is not loaded at
+all (the architecture runs untrained). ``model.unsafe_unpickle_unverified_weights`` lifts
+that restriction. Whatever the file, the module is built as torchxrayvision's own loader
+(``xrv.models.DenseNet(weights=..., cache_dir=...)``) builds it; the model is labelled
+untrained everywhere unless the file is the published one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import hashlib
 import io
 import logging
 import os
+import pickle
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,6 +195,130 @@ def _build_untrained(cfg: ModelConfig) -> Any:
     return xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(threshs)).eval()
 
 
+def _read_weights(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read weights file {path}: {exc}") from exc
+
+
+def densenet_pickle_classes() -> tuple[type[Any], ...]:
+    """The classes a torchxrayvision DenseNet pickle (``torch.save(model)``) holds, and no more."""
+    from torch import nn
+
+    models = import_xrv().models
+    return (
+        models.DenseNet,
+        models._DenseBlock,
+        models._DenseLayer,
+        models._Transition,
+        nn.Sequential,
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.Linear,
+    )
+
+
+def _unpickle(data: bytes, *, restricted: bool) -> Any:
+    """``torch.load`` of ``data``; ``restricted``: torch's weights-only unpickler, which raises
+    :class:`pickle.UnpicklingError` for any global outside :func:`densenet_pickle_classes`."""
+    import torch
+
+    if not restricted:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(list(densenet_pickle_classes())):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
+
+
+def _refusal_reason(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, without its page of advice."""
+    text = str(exc)
+    if found := _REFUSED_GLOBAL.search(text):
+        return f"{found.group(1)} is not allowed"
+    if found := _UNPICKLER_ERROR.search(text):
+        return found.group(1).strip()
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _densenet_from(saved: Any, cfg: ModelConfig, path: Path) -> Any:
+    """What ``xrv.models.DenseNet(weights=cfg.weights, cache_dir=...)`` does with the object
+    ``torch.load`` returned (torchxrayvision's models.py, ``DenseNet.__init__``)."""
+    import torch
+
+    xrv = import_xrv()
+
+    spec = xrv.models.model_urls[cfg.weights]
+    module = xrv.models.DenseNet(weights=None, num_classes=len(spec["labels"]))
+    module.weights = cfg.weights
+    module.targets = module.pathologies = spec["labels"]
+    module.weights_filename_local = str(path)
+    for mod in saved.modules():  # xrv's patch for old pickles (pytorch/pytorch#42242)
+        if not hasattr(mod, "_non_persistent_buffers_set"):
+            mod._non_persistent_buffers_set = set()
+    module.load_state_dict(saved.state_dict())
+    module.eval()
+    if "op_threshs" in spec:
+        module.op_threshs = torch.tensor(spec["op_threshs"])
+    if "input_resolution" in spec:
+        module.input_resolution = spec["input_resolution"]
+    return module
+
+
+def _unpickle_checked(cfg: ModelConfig, path: Path, data: bytes, digest: str) -> Any | None:
+    """The unpickled file, or None where the restricted unpickler refused it."""
+    if digest == OFFICIAL_SHA256[cfg.weights]:
+        return _unpickle(data, restricted=False)
+    if cfg.unsafe_unpickle_unverified_weights:
+        log.warning(
+            "weights file %s (SHA-256 %s) is not the published file and is unpickled "
+            "UNVERIFIED (model.unsafe_unpickle_unverified_weights = true): it can run code",
+            path,
+            digest,
+        )
+        return _unpickle(data, restricted=False)
+    try:
+        return _unpickle(data, restricted=True)
+    except pickle.UnpicklingError as exc:
+        log.warning(
+            "weights file %s (SHA-256 %s) not loaded: it is unverified and the restricted "
+            "unpickler refused it (%s); running the architecture without weights",
+            path,
+            digest,
+            _refusal_reason(exc),
+        )
+        return None
+
+
+def _load_file(cfg: ModelConfig, path: Path) -> tuple[Any, str, bool, str]:
+    """(module, SHA-256, trained, weights file) from the file at ``path``, read once."""
+    data = _read_weights(path)
+    digest = hashlib.sha256(data).hexdigest()
+    expected = OFFICIAL_SHA256[cfg.weights]
+    log.info("weights file %s, SHA-256 %s", path, digest)
+    trained = digest == expected
+    if not trained and not cfg.allow_untrained:
+        raise ModelError(
+            f"weights file {path} has SHA-256 {digest}, not the published {expected}: "
+            "refusing to load it (torch.load can run code). Replace the file, or set "
+            "model.allow_untrained = true to run it marked NOT FOR CLINICAL USE"
+        )
+    try:
+        saved = _unpickle_checked(cfg, path, data, digest)
+        module = None if saved is None else _densenet_from(saved, cfg, path)
+    except Exception as exc:  # torch.load raises many types for a broken file
+        raise ModelError(f"cannot load weights file {path}: {exc}") from exc
+    if module is None:
+        return _build_untrained(cfg), "none", False, ""
+    return module, digest, trained, str(path)
+
+
 def load_classifier(cfg: ModelConfig) -> Classifier:
     """Load the model as configured, or raise :class:`ModelError` with what to do."""
     import torch
@@ -199,21 +330,8 @@ def load_classifier(cfg: ModelConfig) -> Classifier:
     path, url = expected_weights_path(cfg)
     if not path.is_file() and cfg.allow_download:
         _try_download(cfg, path, url)
-    expected = OFFICIAL_SHA256[cfg.weights]
     if path.is_file():
-        digest = sha256_file(path)
-        trained = digest == expected
-        if not trained and not cfg.allow_untrained:
-            raise ModelError(
-                f"weights file {path} has SHA-256 {digest}, not the published {expected}: "
-                "refusing to load it (torch.load can run code). Replace the file, or set "
-                "model.allow_untrained = true to run it marked NOT FOR CLINICAL USE"
-            )
-        try:
-            module = xrv.models.DenseNet(weights=cfg.weights, cache_dir=str(path.parent))
-        except Exception as exc:  # torch.load raises many types for a broken file
-            raise ModelError(f"cannot load weights file {path}: {exc}") from exc
-        weights_file = str(path)
+        module, digest, trained, weights_file = _load_file(cfg, path)
     elif cfg.allow_untrained:
         log.warning("weights %s not found: running an UNTRAINED model", path)
         module, digest, trained, weights_file = _build_untrained(cfg), "none", False, ""

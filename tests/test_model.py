@@ -1,11 +1,19 @@
-"""Weights loading through torchxrayvision's own code, and the untrained guard."""
+"""Weights loading: the module torchxrayvision's loader builds, the untrained guard, and no
+unverified pickle run as code."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import operator
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +21,8 @@ from conftest import write_config
 from helpers import NIH, WEIGHTS_NAME
 from reference import xrv_input, xrv_outputs
 
-from node.config import ModelConfig
-from node.errors import ModelError
+from node.config import ModelConfig, load_config
+from node.errors import ConfigError, ModelError
 from node.model import OFFICIAL_SHA256, UNTRAINED_LABEL, load_classifier, sha256_file
 
 
@@ -127,3 +135,163 @@ def test_xrv_is_imported_without_torchs_compiler_stack():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+class _Touch:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+class _RunsCode:
+    """Unpickles as ``model`` after touching ``marker``: a checkpoint that works and runs code."""
+
+    def __init__(self, marker: Path, model: Any) -> None:
+        self.marker, self.model = marker, model
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (operator.getitem, ((_Touch(self.marker), self.model), 1))
+
+
+def _hostile_checkpoint(
+    weights_dir: Path, folder: Path, marker: Path, legacy: bool = False
+) -> Path:
+    """The test checkpoint's model, saved by torch.save wrapped in a pickle that runs code."""
+    import torch
+
+    model = torch.load(weights_dir / WEIGHTS_NAME, map_location="cpu", weights_only=False)
+    folder.mkdir(exist_ok=True)
+    path = folder / WEIGHTS_NAME
+    torch.save(_RunsCode(marker, model), path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "node.model" and word in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_unverified_pickle_that_runs_code_is_refused_and_the_architecture_runs_untrained(
+    weights_dir, tmp_path, caplog, legacy
+):
+    marker = tmp_path / "MARKER"
+    path = _hostile_checkpoint(weights_dir, tmp_path / "models", marker, legacy)
+    digest = sha256_file(path)
+    cfg = ModelConfig(cache_dir=path.parent, allow_untrained=True, allow_download=False)
+    with caplog.at_level(logging.WARNING, logger="node.model"):
+        clf = load_classifier(cfg)
+    assert not marker.exists(), "the pickle ran code"
+    assert not clf.info.trained and UNTRAINED_LABEL in clf.info.name
+    assert clf.info.weights_file == "" and clf.info.weights_sha256 == "none"
+    assert clf.predict(np.stack([xrv_input(NIH)] * 2)).shape == (2, 18)
+    (refused,) = _warnings(caplog, "not loaded")
+    assert str(path) in refused and digest in refused
+    assert "restricted unpickler refused it (_operator.getitem is not allowed)" in refused
+    assert "trusted source" not in refused  # torch's reason, without its advice
+
+
+def test_unverified_checkpoint_is_unpickled_restricted_into_the_module_xrv_builds(
+    weights_dir, monkeypatch
+):
+    """Only torch's weights-only unpickler reads it; the module equals xrv's loader's own."""
+    import torch
+    import torchxrayvision as xrv
+
+    real_load, weights_only = torch.load, []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        weights_only.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    clf = load_classifier(
+        ModelConfig(cache_dir=weights_dir, allow_untrained=True, allow_download=False)
+    )
+    monkeypatch.undo()
+    assert weights_only == [True]
+    got = clf._module
+    want = xrv.models.DenseNet(weights="densenet121-res224-all", cache_dir=str(weights_dir))
+    assert type(got) is type(want) and repr(got) == repr(want) and not got.training
+    assert set(vars(got)) == set(vars(want))
+    for name in ("weights", "targets", "pathologies", "input_resolution", "apply_sigmoid"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.weights_filename_local == want.weights_filename_local
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for key, value in want.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+    img = xrv_input(NIH)
+    with torch.no_grad():
+        expected = want(torch.from_numpy(img)[None]).numpy()[0]
+    np.testing.assert_allclose(clf.predict(img[None])[0], expected, atol=1e-6)
+
+
+def test_the_bytes_loaded_are_the_bytes_hashed(weights_dir, tmp_path, monkeypatch):
+    """A verified file swapped for a hostile one once hashed: the hashed bytes are loaded."""
+    path = tmp_path / "models" / WEIGHTS_NAME
+    path.parent.mkdir()
+    shutil.copy(weights_dir / WEIGHTS_NAME, path)
+    digest = sha256_file(path)
+    monkeypatch.setitem(OFFICIAL_SHA256, "densenet121-res224-all", digest)  # as if published
+    marker = tmp_path / "MARKER"
+    hostile = _hostile_checkpoint(weights_dir, tmp_path / "hostile", marker)
+
+    def sha256_then_swap(*data: bytes) -> SimpleNamespace:
+        real = hashlib.sha256(*data)
+
+        def hexdigest() -> str:
+            if hostile.exists():
+                os.replace(hostile, path)
+            return real.hexdigest()
+
+        return SimpleNamespace(update=real.update, hexdigest=hexdigest)
+
+    monkeypatch.setattr("node.model.hashlib", SimpleNamespace(sha256=sha256_then_swap))
+    clf = load_classifier(ModelConfig(cache_dir=path.parent, allow_download=False))
+    assert not hostile.exists(), "the file was not swapped: the test did not run"
+    assert not marker.exists(), "the swapped-in file was unpickled"
+    assert clf.info.trained and clf.info.weights_sha256 == digest
+    img = xrv_input(NIH)
+    want = xrv_outputs(img, weights_dir)
+    np.testing.assert_allclose(clf.predict(img[None])[0], list(want.values()), atol=1e-6)
+
+
+def test_unsafe_option_fully_unpickles_an_unverified_file_and_says_so(
+    weights_dir, tmp_path, caplog
+):
+    marker = tmp_path / "MARKER"
+    path = _hostile_checkpoint(weights_dir, tmp_path / "models", marker)
+    digest = sha256_file(path)
+    cfg = ModelConfig(
+        cache_dir=path.parent,
+        allow_untrained=True,
+        unsafe_unpickle_unverified_weights=True,
+        allow_download=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="node.model"):
+        clf = load_classifier(cfg)
+    assert marker.exists(), "the full unpickle did not run"
+    assert not clf.info.trained and clf.info.weights_sha256 == digest
+    assert clf.info.weights_file == str(path)
+    (warned,) = _warnings(caplog, "UNVERIFIED")
+    assert str(path) in warned and digest in warned and "can run code" in warned
+    img = xrv_input(NIH)
+    want = xrv_outputs(img, weights_dir)
+    np.testing.assert_allclose(clf.predict(img[None])[0], list(want.values()), atol=1e-6)
+
+
+def test_unsafe_option_is_set_from_the_environment_and_needs_allow_untrained():
+    env = {
+        "CXR_NODE_MODEL__UNSAFE_UNPICKLE_UNVERIFIED_WEIGHTS": "true",
+        "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
+    }
+    assert load_config(None, env).model.unsafe_unpickle_unverified_weights
+    assert not load_config(None, {}).model.unsafe_unpickle_unverified_weights
+    del env["CXR_NODE_MODEL__ALLOW_UNTRAINED"]
+    with pytest.raises(ConfigError, match=r"needs model\.allow_untrained"):
+        load_config(None, env)
