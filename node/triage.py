@@ -64,7 +64,7 @@ def _body_part_reason(ds: Dataset, rule: FilterConfig) -> str | None:
     if body:
         if _mentions(body, rule.body_parts):
             return None
-        return f"BodyPartExamined {body} is not one of {', '.join(rule.body_parts)}"
+        return f"BodyPartExamined {body} is not a chest (filter.body_parts)"
     described = " | ".join(t for k in _DESCRIPTIONS if (t := _text(ds, k).strip()))
     if described and _mentions(described, rule.body_parts):
         return None

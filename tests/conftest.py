@@ -248,3 +248,13 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
     yield start
     for p in procs:
         stop_process(p, 20)
+
+
+REPORTS: list[str] = []
+"""Tables that tests want shown after the run (the corpus tier's outcome counts)."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for text in REPORTS:
+        terminalreporter.write_sep("-", "report")
+        terminalreporter.write_line(text)
