@@ -284,6 +284,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             associations=args.associations,
             max_member=args.max_member_mb * 2**20,
+            follow_symlinks=args.follow_symlinks,
         )
         sys.stdout.write(summary.describe() + "\n")
         if report is not None:
@@ -427,9 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--max-member-mb",
-        type=int,
-        default=2048,
-        help="refuse zip members declaring more than this (zip bombs)",
+        type=_positive_int,
+        default=1024,
+        help="refuse zip members declaring more than this many MiB uncompressed (default "
+        "1024), and those over 4 MiB declaring more than 200 times their compressed size "
+        "(zip bombs); the archive's other members are still sent",
+    )
+    u.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="follow symbolic links in folders to files and folders outside them (default: "
+        "skipped, named in the summary; a link named on the command line is always followed)",
     )
     u.add_argument("--dry-run", action="store_true", help="list what would be sent")
     u.add_argument(
@@ -451,6 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--state", help="only jobs in this state (retry: default dead)")
     j.set_defaults(func=cmd_jobs)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _peer_args(sp: argparse.ArgumentParser) -> None:
