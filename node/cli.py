@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.cli")
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """The configuration; logging set up, and ``spool.umask`` applied to the process: every
+    file the command writes (spool, jobs.sqlite, results JSON, SRs) is the user's alone."""
     from node.config import load_config  # pydantic: ~0.15 s of import that push does not need
 
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
+    previous = os.umask(cfg.spool.umask)
+    log.debug("umask %04o (was %04o)", cfg.spool.umask, previous)
     return cfg
 
 
@@ -254,7 +258,7 @@ def _classify_batch(
         record = result_record(outcome, classifier.info)
         record["source"]["file"] = str(path)
         if sr_dir is not None:
-            sr_dir.mkdir(parents=True, exist_ok=True)
+            sr_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             out = sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
             out.write_bytes(outcome.sr.data)
             record["sr"]["file"] = str(out)
