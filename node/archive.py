@@ -101,7 +101,8 @@ class _Overrun(Exception):
 
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, max_member: int) -> bytes:
     """The member's bytes, read in chunks and never more than its declared size or
-    ``max_member`` (:class:`_Overrun` if there is more)."""
+    ``max_member`` (:class:`_Overrun` if there is more). CPython's zipfile itself stops at
+    the declared size (then fails the CRC check); this limit holds whatever it does."""
     limit = min(info.file_size, max_member)
     chunks: list[bytes] = []
     total = 0

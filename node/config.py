@@ -117,7 +117,7 @@ def _octal_umask(value: object) -> int:
     (``77`` is decimal 77, octal 0115) would be misread. The owner's bits must stay clear."""
     if not isinstance(value, str) or not _UMASK_RE.match(value):
         raise ValueError(
-            f"invalid umask {value!r}: an octal string of 3 or 4 digits, e.g. \"0077\" "
+            f'invalid umask {value!r}: an octal string of 3 or 4 digits, e.g. "0077" '
             "(files 0600, folders 0700)"
         )
     mask = int(value, 8)
