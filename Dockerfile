@@ -57,9 +57,12 @@ ENV CXR_NODE_SCP__BIND_ADDRESS=0.0.0.0 \
     CXR_NODE_MODEL__CACHE_DIR=/models \
     TCP_NODELAY=1
 
-# Volume mount points, owned by the node's user: a new named volume copies this ownership.
+# Volume mount points, owned by the node's user: a new named volume copies this ownership
+# and these modes. The spool holds patient data: its folders are 0700, and `serve` applies
+# spool.umask (0077: files 0600). Nothing here sets a umask or chmods them open again.
 RUN mkdir -p /var/lib/cxr-node/spool /models \
- && chown -R 10001:10001 /var/lib/cxr-node /models
+ && chown -R 10001:10001 /var/lib/cxr-node /models \
+ && chmod 0700 /var/lib/cxr-node /var/lib/cxr-node/spool
 VOLUME ["/var/lib/cxr-node", "/models"]
 
 WORKDIR /var/lib/cxr-node

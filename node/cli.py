@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.cli")
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """The configuration; logging set up, and ``spool.umask`` applied to the process: every
+    file the command writes (spool, jobs.sqlite, results JSON, SRs) is the user's alone."""
     from node.config import load_config  # pydantic: ~0.15 s of import that push does not need
 
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
+    previous = os.umask(cfg.spool.umask)
+    log.debug("umask %04o (was %04o)", cfg.spool.umask, previous)
     return cfg
 
 
@@ -254,7 +258,7 @@ def _classify_batch(
         record = result_record(outcome, classifier.info)
         record["source"]["file"] = str(path)
         if sr_dir is not None:
-            sr_dir.mkdir(parents=True, exist_ok=True)
+            sr_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             out = sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
             out.write_bytes(outcome.sr.data)
             record["sr"]["file"] = str(out)
@@ -284,6 +288,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             associations=args.associations,
             max_member=args.max_member_mb * 2**20,
+            follow_symlinks=args.follow_symlinks,
         )
         sys.stdout.write(summary.describe() + "\n")
         if report is not None:
@@ -427,9 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--max-member-mb",
-        type=int,
-        default=2048,
-        help="refuse zip members declaring more than this (zip bombs)",
+        type=_positive_int,
+        default=1024,
+        help="refuse zip members declaring more than this many MiB uncompressed (default "
+        "1024), and those over 4 MiB declaring more than 200 times their compressed size "
+        "(zip bombs); the archive's other members are still sent",
+    )
+    u.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="follow symbolic links in folders to files and folders outside them (default: "
+        "skipped, named in the summary; a link named on the command line is always followed)",
     )
     u.add_argument("--dry-run", action="store_true", help="list what would be sent")
     u.add_argument(
@@ -451,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--state", help="only jobs in this state (retry: default dead)")
     j.set_defaults(func=cmd_jobs)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _peer_args(sp: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -113,11 +114,32 @@ class DestinationConfig(_Section):
     tls_key_file: Path | None = None
 
 
+_UMASK_RE = re.compile(r"^0?[0-7]{3}$")
+
+
+def _octal_umask(value: object) -> int:
+    """``spool.umask`` is written as an octal string, "0077": a TOML or environment integer
+    (``77`` is decimal 77, octal 0115) would be misread. The owner's bits must stay clear."""
+    if not isinstance(value, str) or not _UMASK_RE.match(value):
+        raise ValueError(
+            f'invalid umask {value!r}: an octal string of 3 or 4 digits, e.g. "0077" '
+            "(files 0600, folders 0700)"
+        )
+    mask = int(value, 8)
+    if mask & 0o700:
+        raise ValueError(f"umask {value!r} takes the node's own access to its files away")
+    return mask
+
+
+Umask = Annotated[int, BeforeValidator(_octal_umask)]
+
+
 class SpoolConfig(_Section):
     directory: Path = Path("var/spool")
     keep_delivered: bool = False
     fsync: bool = True
     min_free_mb: int = Field(default=256, ge=0, description="refuse C-STOREs below this")
+    umask: Umask = Field(default=0o077, description='the process umask, e.g. "0077"')
 
 
 class ModelConfig(_Section):

@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 
-from node.archive import MAX_MEMBER_BYTES, Item, iter_items
+from node.archive import MAX_MEMBER_BYTES, Item, Rejected, iter_items
 from node.dicomio import Encoded, split_encoded
 from node.errors import ContextsRefused, PreprocessError, SendError
 from node.precheck import problem
@@ -85,15 +85,22 @@ class Summary:
         per_s = self.sent / self.seconds if self.seconds > 0 else 0.0
         head = (
             f"sent {self.sent}, warnings {self.warnings}, failed {self.failed}, "
-            f"skipped {self.skipped} (non-DICOM); {mb:.1f} MB in {self.seconds:.1f} s "
+            f"skipped {self.skipped}; {mb:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} MB/s, {per_s:.0f} files/s)"
         )
+        failed = [(name, why) for name, what, why in self.outcomes if what == FAILED]
+        skipped = [(name, why) for name, what, why in self.outcomes if what == SKIPPED]
         return "\n".join(
-            [head, *self._listed(FAILED, "failed"), *self._listed(SKIPPED, "skipped (not DICOM)")]
+            [
+                head,
+                *self._listed(failed, "failed"),
+                *self._listed([row for row in skipped if row[1]], "skipped"),
+                *self._listed([row for row in skipped if not row[1]], "skipped (not DICOM)"),
+            ]
         )
 
-    def _listed(self, outcome: str, label: str) -> list[str]:
-        rows = [(name, why) for name, what, why in self.outcomes if what == outcome]
+    @staticmethod
+    def _listed(rows: list[tuple[str, str]], label: str) -> list[str]:
         lines = [f"  {label}: {name}: {why}" if why else f"  {label}: {name}" for name, why in rows]
         if len(rows) > SHOWN:
             lines[SHOWN:] = [f"  ... and {len(rows) - SHOWN} more {label} (--report lists all)"]
@@ -107,10 +114,11 @@ class Summary:
             self.failed += len(names)
             self.outcomes.extend((name, FAILED, reason) for name in names)
 
-    def skip(self, name: str) -> None:
+    def skip(self, name: str, reason: str = "") -> None:
+        """``reason`` "": not DICOM."""
         with self.lock:
             self.skipped += 1
-            self.outcomes.append((name, SKIPPED, ""))
+            self.outcomes.append((name, SKIPPED, reason))
 
     def stored(self, name: str, size: int, code: int) -> None:
         with self.lock:
@@ -340,13 +348,13 @@ def _record(p: Prepared, status: Dataset, summary: Summary) -> None:
         summary.stored(p.name, p.size, int(status.Status))
 
 
-def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared]:
-    """The objects to send; non-DICOM files are skipped, and those that cannot be read or
-    fail a check before sending (:mod:`node.precheck`) fail here, never sent."""
+def _prepare(items: Iterator[Item | Rejected], summary: Summary) -> Iterator[Prepared]:
+    """The objects to send; non-DICOM files and links not followed are skipped, and those
+    that cannot be read (a zip member refused) or fail a check before sending
+    (:mod:`node.precheck`) fail here, never sent."""
     for item in items:
-        if isinstance(item, str):
-            summary.skip(item)
-            log.debug("skipped non-DICOM %s", item)
+        if isinstance(item, Rejected):
+            _rejected(item, summary)
             continue
         try:
             encoded = _split(item)
@@ -357,6 +365,14 @@ def _prepare(items: Iterator[Item | str], summary: Summary) -> Iterator[Prepared
             summary.fail(item.name, f"not sent: {why}")
             continue
         yield Prepared(item.name, len(item.data), encoded)
+
+
+def _rejected(item: Rejected, summary: Summary) -> None:
+    if item.failed:
+        summary.fail(item.name, item.reason)
+    else:
+        summary.skip(item.name, item.reason)
+        log.debug("skipped %s: %s", item.name, item.reason or "not DICOM")
 
 
 def _split(item: Item) -> Encoded:
@@ -377,16 +393,21 @@ def push(
     dry_run: bool = False,
     associations: int = DEFAULT_ASSOCIATIONS,
     max_member: int = MAX_MEMBER_BYTES,
+    follow_symlinks: bool = False,
     progress_stream: TextIO | None = sys.stderr,
 ) -> Summary:
     """Send every DICOM object under ``paths``; bad files are counted, never fatal.
+    ``max_member`` and ``follow_symlinks``: see :mod:`node.archive`.
 
     Raises :class:`~node.errors.ArchiveError` for an unreadable path or archive.
     """
     summary = Summary()
     start = time.perf_counter()
     progress = Progress(progress_stream)
-    prepared = _prepare(iter_items(paths, recursive=recursive, max_member=max_member), summary)
+    items = iter_items(
+        paths, recursive=recursive, max_member=max_member, follow_symlinks=follow_symlinks
+    )
+    prepared = _prepare(items, summary)
     if dry_run:
         for p in prepared:
             summary.sent += 1

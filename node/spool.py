@@ -16,6 +16,9 @@ the work (:meth:`Spool.begin`): a job that kills the process is seen at the next
 
 Files in ``images/`` without a job row (a crash between rename and insert) are
 re-enqueued by :meth:`Spool.recover` at start-up.
+
+The spool holds patient data: its folders are created 0700; its files are created with the
+process's umask (``spool.umask``, 0077 by default, applied by ``serve``: files 0600).
 """
 
 from __future__ import annotations
@@ -92,6 +95,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+FOLDER_MODE = 0o700
+
+
+def _private_folder(path: Path) -> None:
+    """Create ``path`` (and its parents) as 0700; an existing one open to other users is
+    logged (it is the operator's to change, with the files already in it)."""
+    path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning(
+            "spool folder %s is open to other users (mode %04o): chmod -R go-rwx it", path, mode
+        )
+
+
 def _discard(path: Path) -> None:
     """Remove a temp file after a failed write; a failure to do so is logged, not raised."""
     try:
@@ -112,8 +129,8 @@ class Spool:
         self._min_free = min_free_mb * 1024 * 1024
         self._lock = threading.Lock()
         try:
-            for d in (self.incoming, self.images, self.reports):
-                d.mkdir(parents=True, exist_ok=True)
+            for d in (directory, self.incoming, self.images, self.reports):
+                _private_folder(d)
             self._db = sqlite3.connect(
                 directory / "jobs.sqlite", check_same_thread=False, isolation_level=None
             )

@@ -545,6 +545,23 @@ def test_dockerfile_env_is_valid_node_configuration() -> None:
     assert dockerfile_env().get("TCP_NODELAY") == "1"
 
 
+def test_dockerfile_keeps_the_spool_private(node_cfg: NodeConfig) -> None:
+    """The spool volume's folders are 0700 and owned by the node's user, no umask or chmod
+    opens them again, and the node runs with a umask that masks group and other bits."""
+    spool = PurePosixPath(node_cfg.spool.directory)
+    volumes = [PurePosixPath(v) for args in instructions("VOLUME") for v in exec_form(args)]
+    [volume] = [str(v) for v in volumes if v == spool or v in spool.parents]
+    commands = [c.split() for run in instructions("RUN") for c in run.split("&&")]
+    chmods = [c for c in commands if c and c[0] == "chmod"]
+    assert [c[1] for c in chmods] == ["0700"], chmods
+    assert {volume, str(spool)} <= set(chmods[0][2:])
+    assert any(c[:2] == ["chown", "-R"] and volume in c for c in commands)
+    everything = " ".join(i.args for i in dockerfile())
+    assert "umask" not in everything
+    assert node_cfg.spool.umask & 0o077 == 0o077
+    assert load_config(NODE_TOML, dockerfile_env()).spool.umask & 0o077 == 0o077
+
+
 # -- GPU override ------------------------------------------------------------------------
 def test_gpu_override_reserves_an_nvidia_gpu(compose: dict[str, Any], gpu: dict[str, Any]) -> None:
     service = gpu["services"][NODE]

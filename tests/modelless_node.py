@@ -1,0 +1,47 @@
+"""``python tests/modelless_node.py serve|classify ...``: the real command line with a
+stand-in classifier (no torch: the process starts in about a second).
+
+A test-only wrapper, like ``faulty_node.py``: every image scores 0.25 on each label; the
+rest (the SCP, the spool, the worker, the SR and JSON files, the CLI) is the node's own.
+Imported, it only defines the stand-in (``StandIn(None, INFO, "cpu")``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import node.model
+from node.cli import main
+from node.codes import PATHOLOGY_CODES
+from node.config import ModelConfig
+
+LABELS = tuple(PATHOLOGY_CODES)
+INFO = node.model.ModelInfo(
+    weights="densenet121-res224-all",
+    weights_file="",
+    weights_sha256="0" * 64,
+    library_version="stand-in",
+    trained=False,
+    pathologies=LABELS,
+    op_threshs=(0.5,) * len(LABELS),
+)
+
+
+class StandIn(node.model.Classifier):
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.full((len(batch), len(LABELS)), 0.25, dtype=np.float32)
+
+
+def load_classifier(cfg: ModelConfig) -> node.model.Classifier:
+    return StandIn(None, INFO, "cpu")
+
+
+if __name__ == "__main__":
+    node.model.load_classifier = load_classifier
+    sys.exit(main())
