@@ -95,50 +95,33 @@ def _write_status(spool: Spool, info: ModelInfo, port: int, metrics_port: int | 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.dicomio import read_uids
-    from node.metrics import Metrics
     from node.model import load_classifier
-    from node.scp import start_server
-    from node.watchdog import HangWatchdog, report_last_hang
-    from node.worker import Worker
+    from node.service import NodeService
+    from node.watchdog import report_last_hang
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
     cfg = _config(args, overrides)
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
-    log.info("model %s, weights sha256 %s", classifier.info.name, classifier.info.weights_sha256)
     spool = _spool(cfg, min_free_mb=cfg.spool.min_free_mb)
     if recovered := spool.recover(read_uids):
         log.warning("recovered %d spooled file(s) without a job record", recovered)
     for job_id in report_last_hang(spool.root):
         limit = cfg.worker.image_timeout
         spool.postpone(job_id, f"exceeded worker.image_timeout ({limit:g} s per image)", 0.0)
-    watchdog = HangWatchdog(spool.root, cfg.worker.image_timeout)
-    metrics = Metrics()
-    metrics.watch_jobs(spool.counts)
-    metrics_port = (
-        metrics.serve(cfg.metrics.bind_address, cfg.metrics.port) if (cfg.metrics.enabled) else None
-    )
-    worker = Worker(spool, classifier, cfg, _sender(cfg), metrics=metrics, watchdog=watchdog)
+    service = NodeService(cfg, classifier, _sender(cfg), spool)
     release_start_up_garbage()
     stop = _stop_on_signals()
-    server = start_server(cfg.scp, spool, metrics, cfg.tls)
-    port = int(server.server_address[1])
-    _write_status(spool, classifier.info, port, metrics_port)
+    threading.excepthook = _log_thread_death
+    port = service.start()
+    _write_status(spool, classifier.info, port, service.metrics_port)
     if args.ready_file:
         args.ready_file.write_text(str(port))
-    threading.excepthook = _log_thread_death
-    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
-    thread.start()
     try:
         while not stop.wait(0.5):
-            if not thread.is_alive():  # a bug: exit, so that a supervisor restarts the node
-                raise NodeError("the worker thread died; exiting (see the log above)")
+            service.check()
     finally:
-        server.shutdown()  # stop accepting; in-flight associations are aborted, not acked
-        stop.set()
-        thread.join(timeout=cfg.worker.shutdown_timeout)
-        watchdog.close()
-        spool.close()
+        service.stop()
     log.info("stopped")
     return 0
 

@@ -14,7 +14,7 @@ import threading
 import zlib
 from enum import IntEnum
 from io import SEEK_END, BytesIO
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -45,6 +45,9 @@ from node.metrics import Metrics
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
 from node.spool import Spool
+
+if TYPE_CHECKING:
+    from node.service import Intake
 from node.uids import is_safe_uid, is_valid_uid
 from node.wire import dataset_uids, file_meta_bytes
 
@@ -103,10 +106,29 @@ _UNREADABLE = (
 
 
 def handle_store(
-    event: Event, spool: Spool, metrics: Metrics | None = None, max_bytes: int = 2**31
+    event: Event,
+    spool: Spool,
+    metrics: Metrics | None = None,
+    max_bytes: int = 2**31,
+    intake: Intake | None = None,
 ) -> int:
-    """EVT_C_STORE handler: spool the bytes durably, then answer (and count the answer)."""
-    status = _store(event, spool, max_bytes)
+    """EVT_C_STORE handler: spool the bytes durably, then answer (and count the answer).
+    Once the node is stopping (``intake`` closed) a C-STORE is refused with 0xA700: the
+    sender keeps the image, and nothing touches the job store being closed."""
+    if intake is None:
+        status = _store(event, spool, max_bytes)
+    elif not intake.enter():
+        log.warning(
+            "C-STORE from %s of %s refused: the node is shutting down",
+            event.assoc.requestor.ae_title,
+            cast(C_STORE, event.request).AffectedSOPInstanceUID,
+        )
+        status = StoreStatus.OUT_OF_RESOURCES
+    else:
+        try:
+            status = _store(event, spool, max_bytes)
+        finally:
+            intake.leave()
     if metrics is not None:
         metrics.c_store.labels(f"0x{int(status):04X}").inc()
     return status
@@ -256,7 +278,11 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 def start_server(
-    cfg: ScpConfig, spool: Spool, metrics: Metrics | None = None, tls: TlsConfig | None = None
+    cfg: ScpConfig,
+    spool: Spool,
+    metrics: Metrics | None = None,
+    tls: TlsConfig | None = None,
+    intake: Intake | None = None,
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``.shutdown()`` stops it).
 
@@ -269,7 +295,7 @@ def start_server(
         request_timeout=cfg.association_request_timeout,
     )
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20]),
+        (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20, intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _log_rejection),
         (evt.EVT_CONN_OPEN, set_nodelay, [limits]),

@@ -1,0 +1,151 @@
+"""The node as one object: the spool, the worker, the SCP and the metrics, wired from the
+configuration, with ``start``, ``stop`` and ``check`` (``cxr-node serve`` is a thin shell
+around it; tests run it in-process).
+
+Stopping is graceful, in an order that never loses or half-answers an image:
+
+1. the listening socket is closed (no new connections);
+2. C-STOREs are refused from now on (0xA700, out of resources: the sender keeps the image),
+   and those being spooled are waited for (:class:`Intake`);
+3. the open associations are aborted (pynetdicom's ``shutdown`` leaves them, and their
+   threads, running), and their threads waited for;
+4. the worker finishes its batch;
+5. only then is the job store closed: nothing answers from a closed database.
+
+All of it within ``worker.shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.errors import NodeError
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from node.config import NodeConfig
+    from node.metrics import Metrics
+    from node.model import Classifier
+    from node.spool import Spool
+    from node.watchdog import HangWatchdog
+    from node.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[Path], None]
+
+
+class Intake:
+    """Whether C-STOREs are still taken, and how many are being spooled right now."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = True
+        self._busy = 0
+
+    def enter(self) -> bool:
+        """Begin a C-STORE; False once closing (the caller refuses it)."""
+        with self._cond:
+            if not self._open:
+                return False
+            self._busy += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Take no more C-STOREs; wait up to ``timeout`` s for those in progress."""
+        with self._cond:
+            self._open = False
+            return self._cond.wait_for(lambda: self._busy == 0, timeout)
+
+
+class NodeService:
+    """Everything ``serve`` runs. ``start`` returns the SCP's port."""
+
+    def __init__(self, cfg: NodeConfig, classifier: Classifier, send: Sender, spool: Spool) -> None:
+        self.cfg = cfg
+        self.classifier = classifier
+        self.send = send
+        self.spool = spool
+        self.intake = Intake()
+        self.stopping = threading.Event()
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self.worker: Worker | None = None
+        self._watchdog: HangWatchdog | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        from node.metrics import Metrics
+        from node.scp import start_server
+        from node.watchdog import HangWatchdog
+        from node.worker import Worker
+
+        cfg = self.cfg
+        self.metrics = Metrics()
+        self.metrics.watch_jobs(self.spool.counts)
+        if cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(cfg.metrics.bind_address, cfg.metrics.port)
+        self._watchdog = HangWatchdog(self.spool.root, cfg.worker.image_timeout)
+        self.worker = Worker(
+            self.spool,
+            self.classifier,
+            cfg,
+            self.send,
+            metrics=self.metrics,
+            watchdog=self._watchdog,
+        )
+        self.server = start_server(cfg.scp, self.spool, self.metrics, cfg.tls, self.intake)
+        self._thread = threading.Thread(
+            target=self.worker.run, args=(self.stopping,), name="worker", daemon=True
+        )
+        self._thread.start()
+        return int(self.server.server_address[1])
+
+    def check(self) -> None:
+        """Raise :class:`NodeError` if a part has died (a bug: a supervisor restarts us)."""
+        if self._thread is not None and not self._thread.is_alive() and not self.stopping.is_set():
+            raise NodeError("the worker thread died; exiting (see the log above)")
+
+    def stop(self) -> None:
+        """Stop gracefully (see the module docstring) within ``worker.shutdown_timeout``."""
+        deadline = time.monotonic() + self.cfg.worker.shutdown_timeout
+        self.stopping.set()  # the worker ends after its batch
+        if self.server is not None:
+            self.server.shutdown()  # closes the listening socket only
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if not self.intake.close(min(5.0, left())):
+            log.warning("C-STOREs still being spooled at shutdown: their peers get no answer")
+        self._end_associations(left)
+        if self._thread is not None:
+            self._thread.join(left())
+            if self._thread.is_alive():
+                log.warning("the worker did not finish its batch within worker.shutdown_timeout")
+        if self._watchdog is not None:
+            self._watchdog.close()
+        self.spool.close()
+
+    def _end_associations(self, left: Callable[[], float]) -> None:
+        if self.server is None:
+            return
+        open_ = [a for a in self.server.active_associations if a.is_alive()]
+        if open_:
+            log.info("aborting %d open association(s)", len(open_))
+        for assoc in open_:
+            assoc.abort()
+        for assoc in open_:
+            assoc.join(min(2.0, left()))
