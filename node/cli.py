@@ -13,8 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -153,102 +151,52 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 # -- classify ----------------------------------------------------------------------------
-@dataclass
-class _Classified:
-    """What ``classify`` did: the JSON records and the counts of its summary line."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    classified: int = 0
-    skipped: int = 0
-    failed: int = 0
-
-    def summary(self, seconds: float) -> str:
-        return (
-            f"classify: {self.classified} classified, {self.skipped} skipped (not chest "
-            f"radiographs), {self.failed} failed in {seconds:.1f} s"
-        )
-
-
-def _classify_input(path: Path, cfg: NodeConfig, no_filter: bool, done: _Classified) -> Any:
-    """The dataset to classify, or None (skipped or failed, counted and logged once)."""
-    from node.dicomio import read_dataset
-    from node.triage import skip_reason
-
-    try:
-        ds = read_dataset(path)  # its errors name the file
-        reason = None if no_filter else skip_reason(ds, cfg.filter)
-    except NodeError as exc:
-        log.error("%s", exc)
-        done.failed += 1
-        return None
-    except Exception as exc:  # the per-file boundary: a header no reader expected
-        log.error("%s: cannot read the header: %s: %s", path, type(exc).__name__, exc)
-        done.failed += 1
-        return None
-    if reason is not None:
-        log.info("%s: skipped: not a chest radiograph: %s", path, reason)
-        done.skipped += 1
-        return None
-    return ds
-
-
 def cmd_classify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from node.classify import Options, Outputs, Run, count_inputs
     from node.model import load_classifier
     from node.srtemplate import ReportEncoder
     from node.worker import report_context
 
     start = time.perf_counter()
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
+    if args.resume and args.csv is None and args.json is None:
+        raise ConfigError("--resume needs --csv or --json: the output to resume")
+    opts = Options(
+        no_filter=args.no_filter,
+        csv_path=args.csv,
+        json_path=None if args.json is None or str(args.json) == "-" else args.json,
+        sr_dir=args.sr_dir,
+        resume=args.resume,
+        recursive=args.recursive,
+    )
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     reports = ReportEncoder(classifier.info, report_context(cfg))
-    done = _Classified()
-    batch: list[tuple[Path, Any]] = []
-    for path in args.files:
-        if (ds := _classify_input(path, cfg, args.no_filter, done)) is not None:
-            batch.append((path, ds))
-        if len(batch) >= cfg.model.batch_size:
-            _classify_batch(batch, classifier, reports, args.sr_dir, done)
-            batch = []
-    _classify_batch(batch, classifier, reports, args.sr_dir, done)
-    text = json.dumps(done.records, indent=2) + "\n"
-    if args.json is None or str(args.json) == "-":
-        sys.stdout.write(text)
-    else:
-        args.json.write_text(text)
-    sys.stderr.write(done.summary(time.perf_counter() - start) + "\n")
-    return 1 if done.failed else 0
-
-
-def _classify_batch(
-    batch: list[tuple[Path, Any]],
-    classifier: Any,
-    reports: Any,
-    sr_dir: Path | None,
-    done: _Classified,
-) -> None:
-    from node.pipeline import analyze
-    from node.results import result_record
-
-    if not batch:
-        return
-    outcomes = analyze([ds for _, ds in batch], classifier, reports, datetime.now())
-    for (path, _), outcome in zip(batch, outcomes, strict=True):
-        if isinstance(outcome, NodeError):
-            log.error("%s: %s", path, outcome)
-            done.failed += 1
-            continue
-        record = result_record(outcome, classifier.info)
-        record["source"]["file"] = str(path)
-        if sr_dir is not None:
-            sr_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            out = sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
-            out.write_bytes(outcome.sr.data)
-            record["sr"]["file"] = str(out)
-        done.records.append(record)
-        done.classified += 1
-        present = [f.pathology for f in outcome.findings if f.present]
-        log.info("%s: present: %s", path, ", ".join(present) or "none")
+    outputs = Outputs(opts, classifier.info.pathologies, sys.stdout)
+    run = Run(cfg, classifier, reports, opts, outputs)
+    bar = tqdm(
+        total=count_inputs(args.paths, args.recursive),
+        unit="img",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    try:
+        with bar, logging_redirect_tqdm():
+            counts = run.run(args.paths, bar)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            run.counts.line(time.perf_counter() - start)
+            + "\nclassify: interrupted; what is written is kept (--resume goes on)\n"
+        )
+        return 130
+    finally:
+        outputs.close()
+    sys.stderr.write(counts.line(time.perf_counter() - start) + "\n")
+    return 1 if counts.failed else 0
 
 
 # -- push --------------------------------------------------------------------------------
@@ -384,10 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
     _peer_args(e)
     e.set_defaults(func=cmd_echo)
 
-    c = sub.add_parser("classify", help="classify DICOM files offline (no network)")
+    c = sub.add_parser(
+        "classify", help="classify DICOM files, folders and zip archives offline (no network)"
+    )
     common(c)
-    c.add_argument("files", nargs="+", type=Path)
-    c.add_argument("--json", type=Path, help="write the results here ('-' = stdout, default)")
+    c.add_argument("paths", nargs="+", type=Path, help="files, folders, zip archives")
+    c.add_argument(
+        "--json", type=Path, help="one record per classified image ('-' = stdout, default)"
+    )
+    c.add_argument(
+        "--csv",
+        type=Path,
+        help="one row per image: file, UIDs, modality, body part, view, each finding's "
+        "probability, score and label, status and reason",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the images already in --csv / --json (an interrupted run goes on)",
+    )
+    c.add_argument(
+        "--recursive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="walk sub-folders (default: yes)",
+    )
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
     c.add_argument("--allow-untrained", action="store_true")
     c.add_argument(

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -366,6 +367,16 @@ class Finding:
     score: float
     threshold: float
     present: bool
+
+    @property
+    def probability(self) -> float | None:
+        """The model's own sigmoid probability, before xrv's ``op_norm`` (which maps the
+        operating threshold ``threshold`` to 0.5); None where the threshold is undefined."""
+        t = self.threshold
+        if math.isnan(t) or not 0.0 < t < 1.0:
+            return None
+        s = self.score
+        return 2.0 * s * t if s < 0.5 else 1.0 - 2.0 * (1.0 - s) * (1.0 - t)
 
 
 def to_findings(scores: npt.NDArray[np.float32], info: ModelInfo) -> tuple[Finding, ...]:

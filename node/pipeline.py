@@ -79,21 +79,35 @@ def _encode(
         return unexpected(ReportError, f"{_uid(ds)}: building the SR failed", exc)
 
 
-def analyze(
-    datasets: Sequence[Dataset],
-    classifier: Classifier,
-    reports: ReportEncoder,
-    now: datetime,
-) -> list[Outcome | NodeError]:
-    """Classify a batch and build one SR per image; failures come back as errors."""
+@dataclass(frozen=True)
+class Prepared:
+    """A batch preprocessed (one model input or error per image), ready for :func:`finish`;
+    ``prepare`` and ``finish`` may run in different threads (decoding the next batch while
+    the model runs on this one)."""
+
+    datasets: Sequence[Dataset]
+    inputs: list[Preprocessed | NodeError]
+    seconds: float
+
+
+def prepare(datasets: Sequence[Dataset]) -> Prepared:
+    """Preprocess a batch; each image's failure is its own."""
     t0 = time.perf_counter()
-    prepared = [_prepare_one(ds) for ds in datasets]
+    inputs = [_prepare_one(ds) for ds in datasets]
+    return Prepared(datasets, inputs, time.perf_counter() - t0)
+
+
+def finish(
+    batch: Prepared, classifier: Classifier, reports: ReportEncoder, now: datetime
+) -> list[Outcome | NodeError]:
+    """Run the model on a prepared batch and build one SR per image."""
+    datasets, prepared = batch.datasets, batch.inputs
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
     scores = iter(_predict(classifier, ok))
     t2 = time.perf_counter()
     per_image = {
-        "preprocess_s": (t1 - t0) / len(datasets),
+        "preprocess_s": batch.seconds / max(1, len(datasets)),
         "inference_s": (t2 - t1) / max(1, len(ok)),
     }
     results: list[Outcome | NodeError] = []
@@ -114,3 +128,13 @@ def analyze(
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t3}
         results.append(Outcome(ds, findings, sr, prep.steps, timings))
     return results
+
+
+def analyze(
+    datasets: Sequence[Dataset],
+    classifier: Classifier,
+    reports: ReportEncoder,
+    now: datetime,
+) -> list[Outcome | NodeError]:
+    """Classify a batch and build one SR per image; failures come back as errors."""
+    return finish(prepare(datasets), classifier, reports, now)

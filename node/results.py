@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.model import UNTRAINED_LABEL, ModelInfo
+from node.model import UNTRAINED_LABEL, Finding, ModelInfo
 from node.pipeline import Outcome
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+SCORE_THRESHOLD = 0.5
+
+
+def finding_record(f: Finding) -> dict[str, Any]:
+    """One finding on both scales, each with its own threshold: the model's sigmoid
+    ``probability`` (present from ``probability_threshold``, xrv's operating point) and
+    the normalised ``score`` (present from 0.5), which the SR carries."""
+    return {
+        "pathology": f.pathology,
+        "probability": f.probability,
+        "probability_threshold": f.threshold,
+        "score": f.score,
+        "score_threshold": SCORE_THRESHOLD,
+        "label": "present" if f.present else "absent",
+    }
 
 
 def result_record(outcome: Outcome, model: ModelInfo) -> dict[str, Any]:
@@ -35,15 +52,7 @@ def result_record(outcome: Outcome, model: ModelInfo) -> dict[str, Any]:
             "clinical_use": False,
             "warning": None if model.trained else UNTRAINED_LABEL,
         },
-        "findings": [
-            {
-                "pathology": f.pathology,
-                "score": f.score,
-                "threshold": f.threshold,
-                "label": "present" if f.present else "absent",
-            }
-            for f in outcome.findings
-        ],
+        "findings": [finding_record(f) for f in outcome.findings],
         "preprocessing": list(outcome.steps),
         "timings": outcome.timings,
     }

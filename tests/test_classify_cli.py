@@ -89,12 +89,13 @@ def test_classify_refuses_untrained_without_flag(tmp_path, weights_dir):
     assert "refusing to load" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_classify_non_dicom_file_fails_clearly(tmp_path, weights_dir):
+def test_classify_names_a_non_dicom_file_as_skipped(tmp_path, weights_dir):
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image\n")
     done = classify(tmp_path, weights_dir, str(junk), "--allow-untrained")
-    assert done.returncode == 1
-    assert f"{junk}" in done.stderr and "not a DICOM" in done.stderr
+    assert done.returncode == 0  # skipped, as push skips it
+    assert f"{junk}: skipped: not a DICOM file" in done.stderr
+    assert "0 classified, 1 skipped, 0 failed" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -134,7 +135,7 @@ def test_classify_applies_the_serve_filter_and_counts(tmp_path, weights_dir):
     done = classify(tmp_path, weights_dir, *files, "--json", str(out), "--allow-untrained")
     assert done.returncode == 0, done.stderr  # every file classified or skipped
     assert len(json.loads(out.read_text())) == 1
-    assert "1 classified, 4 skipped (not chest radiographs), 0 failed" in done.stderr
+    assert "1 classified, 4 skipped, 0 failed" in done.stderr
     for path in (*skipped, sr):
         assert f"{path}: skipped: not a chest radiograph:" in done.stderr
     assert "no Pixel Data" not in done.stderr and "Modality SR" in done.stderr
@@ -164,7 +165,7 @@ def test_classify_fails_a_broken_image_alone_with_one_line(tmp_path, weights_dir
         "--allow-untrained",
     )
     assert done.returncode == 1  # some failed
-    assert "1 classified, 0 skipped (not chest radiographs), 2 failed" in done.stderr
+    assert "1 classified, 0 skipped, 2 failed" in done.stderr
     assert len(json.loads(out.read_text())) == 1
     assert "Pixel Data element is empty" in done.stderr
     assert "malformed Modality LUT Sequence" in done.stderr

@@ -79,7 +79,7 @@ def _classify_outcomes(stderr: str) -> dict[str, str]:
         for f in FILES:
             if str(f) not in line:
                 continue
-            if ": skipped: not a chest radiograph:" in line:
+            if ": skipped: " in line:
                 outcomes[f.name] = "skipped"
             elif ": present:" in line:
                 outcomes[f.name] = "sr"
@@ -119,7 +119,7 @@ def test_every_corpus_file_through_classify(tmp_path, weights_dir):
     assert outcomes == _expected("classify", outcomes)
     counts = Counter(outcomes.values())
     assert done.returncode == (1 if counts["failed"] else 0)
-    assert f"{counts['sr']} classified, {counts['skipped']} skipped" in done.stderr
+    assert f"{counts['sr']} classified, {counts['skipped']} skipped," in done.stderr
     assert len(list(srs.iterdir())) == counts["sr"]
     for sr in srs.iterdir():
         assert _dciodvfy_errors(sr) == [], sr
