@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
@@ -24,11 +24,13 @@ from node.logs import setup_logging
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
+    from node.delivery import PeerDestination
     from node.model import ModelInfo
     from node.scu import Peer
     from node.spool import Spool
 
 log = logging.getLogger("node.cli")
+
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """The configuration; logging set up, and ``spool.umask`` applied to the process: every
@@ -43,17 +45,13 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 
 
 # -- serve -------------------------------------------------------------------------------
-def _sender(cfg: NodeConfig) -> Callable[[Path], None]:
-    from node.scu import Peer, client_ssl_context, store_files
+def _destination(cfg: NodeConfig) -> PeerDestination:
+    from node.delivery import PeerDestination
+    from node.scu import Peer, client_ssl_context
 
     d = cfg.destination
     tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
-    peer = Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls)
-
-    def send(path: Path) -> None:
-        store_files(peer, [path])
-
-    return send
+    return PeerDestination(Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -107,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for job_id in report_last_hang(spool.root):
         limit = cfg.worker.image_timeout
         spool.postpone(job_id, f"exceeded worker.image_timeout ({limit:g} s per image)", 0.0)
-    service = NodeService(cfg, classifier, _sender(cfg), spool)
+    service = NodeService(cfg, classifier, _destination(cfg), spool)
     release_start_up_garbage()
     stop = _stop_on_signals()
     threading.excepthook = _log_thread_death
@@ -260,6 +258,16 @@ def _counts_line(spool: Spool) -> str:
     return " ".join(f"{state}={n}" for state, n in spool.counts().items())
 
 
+def _delivery_lines(cfg: NodeConfig, spool: Spool) -> list[str]:
+    """The destination as the node last found it, the SRs pending, the C-STOREs refused."""
+    from node.delivery import read_state
+
+    d = cfg.destination
+    counts = spool.counts()
+    state = read_state(spool.root, f"{d.ae_title}@{d.host}:{d.port}")
+    return state.lines(counts["classified"], counts["dead"])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     spool = _spool(cfg)
@@ -279,6 +287,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         out.write(f"node: never started with spool {spool.root}\n")
     out.write(f"jobs: {_counts_line(spool)}\n")
+    out.writelines(f"{line}\n" for line in _delivery_lines(cfg, spool))
     for job in spool.recent_errors(5):
         out.write(
             f"last error: job {job.id} ({job.state}) {job.sop_instance_uid}: {job.last_error}\n"

@@ -102,6 +102,29 @@ class TlsConfig(_Section):
         return self
 
 
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS: Final = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(value: object) -> float:
+    """A duration in seconds: a number (seconds) or a string with a unit, "72h", "30m",
+    "45s", "3d" (a bare string number is seconds, as environment variables come)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m[1]) * _UNIT_SECONDS[m[2]]
+    else:
+        raise ValueError(
+            f'invalid duration {value!r}: seconds, or a number with a unit s, m, h or d ("72h")'
+        )
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {value!r}: must be more than 0")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
 class DestinationConfig(_Section):
     ae_title: AETitle = "ORTHANC"
     host: str = "127.0.0.1"
@@ -112,6 +135,10 @@ class DestinationConfig(_Section):
     tls_ca_file: Path | None = None  # CA to verify the destination's certificate
     tls_cert_file: Path | None = None  # our client certificate, if the PACS asks for one
     tls_key_file: Path | None = None
+    # SRs refused with a C-STORE failure status are dead-lettered only after failing for this
+    # long (and worker.max_attempts times); an unreachable destination never dead-letters
+    retry_for: Duration = Field(default=72 * 3600.0, description='seconds, or "72h", "30m"')
+    probe_interval: float = Field(default=5.0, gt=0, description="C-ECHO while unreachable")
 
 
 _UMASK_RE = re.compile(r"^0?[0-7]{3}$")

@@ -36,6 +36,11 @@ class SendError(NodeError):
     """A DICOM association or C-STORE to a remote peer failed."""
 
 
+class Unreachable(SendError):
+    """No association could be had with the peer, or it ended before answering: refused,
+    timed out, aborted or rejected. Nothing was refused by status: it is not the data's fault."""
+
+
 class ContextsRefused(SendError):
     """The peer accepted the association request but none of its presentation contexts:
     it does not take those SOP classes (or their transfer syntaxes); others may go."""

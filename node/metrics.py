@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,10 +19,16 @@ class _JobsCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._counts()
         family = GaugeMetricFamily("cxr_node_jobs", "Jobs in the spool by state", labels=["state"])
-        for state, n in self._counts().items():
+        for state, n in counts.items():
             family.add_metric([state], n)
         yield family
+        yield GaugeMetricFamily(
+            "cxr_node_sr_pending",
+            "SRs waiting for delivery (jobs classified, not yet sent)",
+            value=counts.get("classified", 0),
+        )
 
 
 class Metrics:
@@ -40,7 +46,17 @@ class Metrics:
         self.classified = Counter("cxr_node_images_classified", "Images classified", registry=r)
         self.sr_sent = Counter("cxr_node_sr_sent", "SRs delivered to the destination", registry=r)
         self.sr_send_failures = Counter(
-            "cxr_node_sr_send_failures", "Failed SR delivery attempts", registry=r
+            "cxr_node_sr_send_failures",
+            "Failed SR deliveries by kind: connection (destination unreachable: per failed "
+            "association or C-ECHO probe; never counts toward dead-lettering) or status (per SR "
+            "refused with a C-STORE failure status)",
+            ["kind"],
+            registry=r,
+        )
+        self.destination_up = Gauge(
+            "cxr_node_destination_up",
+            "1 while the destination answers (C-STORE or C-ECHO), 0 while it is unreachable",
+            registry=r,
         )
         self.inference_seconds = Histogram(
             "cxr_node_inference_seconds", "Model inference time per image", registry=r
@@ -48,6 +64,16 @@ class Metrics:
         self.sr_send_seconds = Histogram(
             "cxr_node_sr_send_seconds", "Time to C-STORE one SR", registry=r
         )
+
+    def refused_c_stores(self) -> dict[str, int]:
+        """C-STOREs the SCP answered with a status other than success, by status."""
+        out: dict[str, int] = {}
+        for metric in self.c_store.collect():
+            for sample in metric.samples:
+                status = sample.labels.get("status", "")
+                if sample.name.endswith("_total") and status and status != "0x0000":
+                    out[status] = int(sample.value)
+        return out
 
     def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))

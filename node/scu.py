@@ -6,7 +6,7 @@ import logging
 import queue
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -19,13 +19,15 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
 
-from node.errors import ContextsRefused, SendError
+from node.dicomio import Encoded
+from node.errors import ContextsRefused, SendError, Unreachable
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
+CANNOT_UNDERSTAND = 0xC000
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
@@ -103,8 +105,7 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
         where = f"association to {peer.ae_title}@{peer.host}:{peer.port}"
         if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
             raise ContextsRefused(f"{where}: {_refused(assoc)}")
-        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        raise SendError(f"{where} {reason}")
+        raise Unreachable(f"{where} {_not_established(assoc)}")
     try:
         yield assoc
     finally:
@@ -112,6 +113,14 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
             assoc.release()
         elif assoc.is_established:  # ended while its reactor was paused: nothing to release
             assoc.kill()
+
+
+def _not_established(assoc: Association) -> str:
+    """Why an association request failed, with the peer's reason when it rejected it."""
+    rsp = assoc.acceptor.primitive
+    if assoc.is_rejected and rsp is not None:
+        return f"rejected ({rsp.result_str}: {rsp.reason_str})"
+    return "rejected" if assoc.is_rejected else "aborted or unreachable"
 
 
 def usable(assoc: Association) -> bool:
@@ -175,6 +184,74 @@ def store_files(peer: Peer, paths: Iterable[Path]) -> int:
     from node.dicomio import read_dataset
 
     return store_datasets(peer, (read_dataset(p) for p in paths))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What became of a batch sent over one association (:func:`store_encoded`)."""
+
+    failures: list[str]
+    """One per object answered, in order: "" when stored (success or warning), else the
+    failure status. Objects after these got no answer (see ``lost``) or were not sent."""
+    lost: str = ""
+    """Why the association ended before every object was answered; "" if it did not."""
+
+
+def store_encoded(
+    peer: Peer, items: Sequence[Encoded], stop: Callable[[], bool] = lambda: False
+) -> BatchResult:
+    """C-STORE every object as it is encoded (its bytes, no decode or re-encode) over ONE
+    association, proposing exactly each object's (SOP Class, Transfer Syntax); each response
+    is checked. Stops early, with the rest unsent, once ``stop()`` is true.
+
+    Raises :class:`Unreachable` when no association can be had, and
+    :class:`ContextsRefused` when the peer takes none of the objects' contexts.
+    """
+    contexts = sorted({(e.sop_class_uid, e.transfer_syntax) for e in items})
+    failures: list[str] = []
+    with associate(peer, [(c, [t]) for c, t in contexts]) as assoc, reactor_paused(assoc):
+        for msg_id, e in enumerate(items, start=1):
+            if stop():
+                break
+            status = _store_one(assoc, e, msg_id)
+            if status is None:
+                return BatchResult(failures, _lost(assoc, peer))
+            failures.append(_answer(status, f"C-STORE of {e.sop_instance_uid} to {peer.ae_title}"))
+    return BatchResult(failures)
+
+
+def _store_one(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
+    """The response status to one object, None when none came (the association ended);
+    an object whose context the peer refused gets 0xC000-like failure status text."""
+    try:
+        status = send_raw(
+            assoc,
+            e.sop_class_uid,
+            e.sop_instance_uid,
+            e.transfer_syntax,
+            e.dataset,
+            msg_id,
+            resume=False,
+        )
+    except ValueError as exc:  # this (class, syntax) refused while others were accepted
+        refused = Dataset()
+        refused.Status = CANNOT_UNDERSTAND
+        refused.ErrorComment = f"presentation context refused by the peer: {exc}"
+        return refused
+    return status if "Status" in status else None
+
+
+def _answer(status: Dataset, what: str) -> str:
+    failure = status_failure(status)
+    if not failure and int(status.Status) != SUCCESS:
+        log.warning("%s: warning status 0x%04X", what, int(status.Status))
+    return f"{what}: {failure}" if failure else ""
+
+
+def _lost(assoc: Association, peer: Peer) -> str:
+    where = f"association to {peer.ae_title}@{peer.host}:{peer.port}"
+    reason = lost_reason(assoc)
+    return f"{where}: {reason}" if reason else f"{where}: no response within {peer.timeout:g} s"
 
 
 def echo(peer: Peer) -> None:

@@ -1,6 +1,6 @@
-"""The node as one object: the spool, the worker, the SCP and the metrics, wired from the
-configuration, with ``start``, ``stop`` and ``check`` (``cxr-node serve`` is a thin shell
-around it; tests run it in-process).
+"""The node as one object: the spool, the worker, the delivery, the SCP and the metrics,
+wired from the configuration, with ``start``, ``stop`` and ``check`` (``cxr-node serve`` is a
+thin shell around it; tests run it in-process).
 
 Stopping is graceful, in an order that never loses or half-answers an image:
 
@@ -9,7 +9,7 @@ Stopping is graceful, in an order that never loses or half-answers an image:
    and those being spooled are waited for (:class:`Intake`);
 3. the open associations are aborted (pynetdicom's ``shutdown`` leaves them, and their
    threads, running), and their threads waited for;
-4. the worker finishes its batch;
+4. the worker finishes its batch, and the delivery its SR round;
 5. only then is the job store closed: nothing answers from a closed database.
 
 All of it within ``worker.shutdown_timeout``.
@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.errors import NodeError
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
     from node.config import NodeConfig
+    from node.delivery import Delivery, Destination
     from node.metrics import Metrics
     from node.model import Classifier
     from node.spool import Spool
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from node.worker import Worker
 
 log = logging.getLogger(__name__)
-
-Sender = Callable[[Path], None]
 
 
 class Intake:
@@ -72,10 +70,12 @@ class Intake:
 class NodeService:
     """Everything ``serve`` runs. ``start`` returns the SCP's port."""
 
-    def __init__(self, cfg: NodeConfig, classifier: Classifier, send: Sender, spool: Spool) -> None:
+    def __init__(
+        self, cfg: NodeConfig, classifier: Classifier, destination: Destination, spool: Spool
+    ) -> None:
         self.cfg = cfg
         self.classifier = classifier
-        self.send = send
+        self.destination = destination
         self.spool = spool
         self.intake = Intake()
         self.stopping = threading.Event()
@@ -85,8 +85,11 @@ class NodeService:
         self.worker: Worker | None = None
         self._watchdog: HangWatchdog | None = None
         self._thread: threading.Thread | None = None
+        self.delivery: Delivery | None = None
+        self._delivery_thread: threading.Thread | None = None
 
     def start(self) -> int:
+        from node.delivery import Delivery
         from node.metrics import Metrics
         from node.scp import start_server
         from node.watchdog import HangWatchdog
@@ -102,26 +105,31 @@ class NodeService:
             self.spool,
             self.classifier,
             cfg,
-            self.send,
             metrics=self.metrics,
             watchdog=self._watchdog,
         )
+        self.delivery = Delivery(self.spool, cfg, self.destination, metrics=self.metrics)
         self.server = start_server(cfg.scp, self.spool, self.metrics, cfg.tls, self.intake)
         self._thread = threading.Thread(
             target=self.worker.run, args=(self.stopping,), name="worker", daemon=True
         )
         self._thread.start()
+        self._delivery_thread = threading.Thread(
+            target=self.delivery.run, args=(self.stopping,), name="delivery", daemon=True
+        )
+        self._delivery_thread.start()
         return int(self.server.server_address[1])
 
     def check(self) -> None:
         """Raise :class:`NodeError` if a part has died (a bug: a supervisor restarts us)."""
-        if self._thread is not None and not self._thread.is_alive() and not self.stopping.is_set():
-            raise NodeError("the worker thread died; exiting (see the log above)")
+        for name, thread in (("worker", self._thread), ("delivery", self._delivery_thread)):
+            if thread is not None and not thread.is_alive() and not self.stopping.is_set():
+                raise NodeError(f"the {name} thread died; exiting (see the log above)")
 
     def stop(self) -> None:
         """Stop gracefully (see the module docstring) within ``worker.shutdown_timeout``."""
         deadline = time.monotonic() + self.cfg.worker.shutdown_timeout
-        self.stopping.set()  # the worker ends after its batch
+        self.stopping.set()  # the worker ends after its batch, the delivery after its SR
         if self.server is not None:
             self.server.shutdown()  # closes the listening socket only
 
@@ -135,6 +143,10 @@ class NodeService:
             self._thread.join(left())
             if self._thread.is_alive():
                 log.warning("the worker did not finish its batch within worker.shutdown_timeout")
+        if self._delivery_thread is not None:
+            self._delivery_thread.join(left())
+            if self._delivery_thread.is_alive():
+                log.warning("the delivery did not end within worker.shutdown_timeout")
         if self._watchdog is not None:
             self._watchdog.close()
         self.spool.close()

@@ -9,7 +9,9 @@ Job states::
              -> failed    (cannot be decoded or reported; kept for inspection)
              -> quarantined (the process died or hung each time it worked on the job:
                            ``worker.max_crash_attempts``; ``jobs retry`` puts it back)
-    classified -> dead    (SR could not be delivered after max attempts)
+    classified -> dead    (the destination refused the SR with a failure status for longer
+                           than destination.retry_for and worker.max_attempts times; an
+                           unreachable destination never dead-letters: the SR waits)
 
 A received job's ``attempts`` counts the times the worker *started* on it, recorded before
 the work (:meth:`Spool.begin`): a job that kills the process is seen at the next start.
@@ -137,8 +139,16 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_failing_since()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {directory}: {exc}") from exc
+
+    def _add_failing_since(self) -> None:
+        """``failing_since``: when the destination first refused the job's SR by status (0:
+        not refused). Added to a job table made before it existed."""
+        columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "failing_since" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN failing_since REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -272,6 +282,7 @@ class Spool:
             attempts=0,
             next_attempt=0.0,
             last_error="",
+            failing_since=0.0,
         )
 
     def mark_sent(self, job_id: int) -> None:
@@ -301,18 +312,28 @@ class Spool:
         """Leave a job in its state, to be tried again at ``next_attempt`` (e.g. disk full)."""
         self._update(job_id, next_attempt=next_attempt, last_error=error)
 
-    def retry_later(self, job: Job, error: str, next_attempt: float, max_attempts: int) -> str:
-        """Record a failed delivery; returns the new state (``classified`` or ``dead``)."""
-        attempts = job.attempts + 1
-        state = "dead" if attempts >= max_attempts else "classified"
+    def refused(
+        self, job_id: int, error: str, now: float, plan: Callable[[int, float], tuple[bool, float]]
+    ) -> tuple[str, int]:
+        """Record that the destination refused a job's SR by status at ``now``. ``plan(attempts,
+        failing_since)`` says whether it is dead and when to try again. Returns the new state
+        (``classified`` or ``dead``) and the attempts counted."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT attempts, failing_since FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        attempts, since = int(row[0]) + 1, float(row[1]) or now
+        dead, next_attempt = plan(attempts, since)
+        state = "dead" if dead else "classified"
         self._update(
-            job.id,
+            job_id,
             state=state,
             attempts=attempts,
             next_attempt=next_attempt,
             last_error=error,
+            failing_since=since,
         )
-        return state
+        return state, attempts
 
     def purge(self, state: str) -> int:
         """Delete the jobs in ``state`` and their files (an explicit operator action)."""
@@ -332,8 +353,8 @@ class Spool:
         target = "classified" if state == "dead" else "received"
         with self._lock:
             cur = self._db.execute(
-                "UPDATE jobs SET state = ?, attempts = 0, next_attempt = 0, updated = ?"
-                " WHERE state = ?",
+                "UPDATE jobs SET state = ?, attempts = 0, next_attempt = 0, failing_since = 0,"
+                " updated = ? WHERE state = ?",
                 (target, time.time(), state),
             )
         return int(cur.rowcount)

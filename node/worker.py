@@ -1,4 +1,5 @@
-"""The worker: classify received jobs in batches, then deliver their SRs with retries.
+"""The worker: classify received jobs in batches (their SRs are delivered by
+:mod:`node.delivery`, in a thread of its own).
 
 One job never stops the worker: whatever reading, filtering, classifying or saving one
 image raises fails that job alone, with the stage and the reason. A job that kills or hangs
@@ -11,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 
@@ -27,7 +26,6 @@ from node.errors import (
     NodeError,
     PreprocessError,
     ReportError,
-    SendError,
     SpoolError,
     unexpected,
 )
@@ -42,18 +40,12 @@ from node.triage import skip_reason
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[Path], None]
 Watchdog = Callable[[Sequence[Job]], AbstractContextManager[object]]
 """Guards the work on a batch of jobs (e.g. ends a process that hangs on it)."""
 
 
 def no_watchdog(_jobs: Sequence[Job]) -> AbstractContextManager[object]:
     return nullcontext()
-
-
-def backoff_delay(attempts: int, base: float, cap: float, jitter: float) -> float:
-    """Exponential backoff with jitter: ``min(cap, base * 2**(attempts-1))`` scaled by 0.5..1."""
-    return min(cap, base * 2.0 ** max(0, attempts - 1)) * (0.5 + 0.5 * jitter)
 
 
 def report_context(cfg: NodeConfig) -> ReportContext:
@@ -73,18 +65,14 @@ class Worker:
         spool: Spool,
         classifier: Classifier,
         cfg: NodeConfig,
-        send: Sender,
         clock: Callable[[], datetime] = datetime.now,
-        rng: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
         watchdog: Watchdog = no_watchdog,
     ) -> None:
         self.spool = spool
         self.classifier = classifier
         self.cfg = cfg
-        self.send = send
         self.clock = clock
-        self.rng = rng
         self.metrics = metrics
         self.watchdog = watchdog
         self.reports = ReportEncoder(classifier.info, report_context(cfg))
@@ -221,59 +209,10 @@ class Worker:
             text = json.dumps(record, indent=2).encode()
             self.spool.write_atomic(text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json")
 
-    # -- delivery ------------------------------------------------------------------------
-    def deliver_due(self, stop: threading.Event | None = None) -> int:
-        jobs = self.spool.due("classified", time.time(), 32)
-        for n, job in enumerate(jobs):
-            if stop is not None and stop.is_set():
-                return n
-            self._deliver(job)
-        return len(jobs)
-
-    def _deliver(self, job: Job) -> None:
-        if job.report is None:
-            self.spool.mark_failed(job.id, "classified job has no report file")
-            return
-        t0 = time.perf_counter()
-        try:
-            self.send(job.report)
-        except (SendError, NodeError, OSError) as exc:
-            if self.metrics is not None:
-                self.metrics.sr_send_failures.inc()
-            w = self.cfg.worker
-            delay = backoff_delay(job.attempts + 1, w.backoff_base, w.backoff_max, self.rng())
-            state = self.spool.retry_later(job, str(exc), time.time() + delay, w.max_attempts)
-            log.warning(
-                "job %d: SR %s not delivered (attempt %d): %s; %s",
-                job.id,
-                job.sr_uid,
-                job.attempts + 1,
-                exc,
-                "dead-lettered" if state == "dead" else f"retry in {delay:.1f}s",
-            )
-            return
-        self.spool.mark_sent(job.id)
-        if self.metrics is not None:
-            self.metrics.sr_send_seconds.observe(time.perf_counter() - t0)
-            self.metrics.sr_sent.inc()
-        log.info(
-            "job %d: SR %s delivered",
-            job.id,
-            job.sr_uid,
-            extra={
-                "job_id": job.id,
-                "sop_instance_uid": job.sop_instance_uid,
-                "sr_uid": job.sr_uid,
-            },
-        )
-        if not self.cfg.spool.keep_delivered:
-            job.image.unlink(missing_ok=True)
-            job.report.unlink(missing_ok=True)
-
     # -- loop ----------------------------------------------------------------------------
-    def step(self, stop: threading.Event | None = None) -> int:
-        """One round: classify a batch, then deliver what is due; returns the work done."""
-        return self.classify_due() + self.deliver_due(stop)
+    def step(self) -> int:
+        """One round: classify a batch; returns the jobs worked on."""
+        return self.classify_due()
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set. A round that fails (the job store, say) is logged
@@ -281,7 +220,7 @@ class Worker:
         failures = 0
         while not stop.is_set():
             try:
-                busy = self.step(stop)
+                busy = self.step()
                 failures = 0
             except Exception as exc:  # never let the worker thread die of one round
                 log.error("worker round failed: %s: %s", type(exc).__name__, exc)

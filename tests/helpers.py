@@ -142,3 +142,42 @@ class Sender:
                 self.failed.append(str(ds.SOPInstanceUID))
         if self._assoc is not None and self._assoc.is_established:
             self._assoc.release()
+
+
+class Recorder:
+    """A destination (``node.delivery.Destination``) in memory: takes every SR, hands each to
+    ``take`` as a Part 10 file (the data set bytes as sent, behind a File Meta group), or
+    raises ``down`` (a connection failure) while it is set."""
+
+    name = "RECORDER@127.0.0.1:0"
+
+    def __init__(self, take: Callable[[bytes], object] | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.take = take or self.sent.append
+        self.down: Exception | None = None
+        self.associations = 0
+
+    def store(self, items: Any, stop: Callable[[], bool]) -> Any:
+        from node.scu import BatchResult
+        from node.wire import file_meta_bytes
+
+        if self.down is not None:
+            raise self.down
+        self.associations += 1
+        for e in items:
+            self.take(
+                file_meta_bytes(e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax) + e.dataset
+            )
+        return BatchResult([""] * len(items))
+
+    def echo(self) -> None:
+        if self.down is not None:
+            raise self.down
+
+
+def drain(*parts: Any, rounds: int = 50) -> None:
+    """Step the worker (and delivery) until a round finds nothing to do."""
+    for _ in range(rounds):
+        if not sum(p.step() for p in parts):
+            return
+    raise AssertionError("the worker and delivery did not settle")

@@ -1,17 +1,21 @@
-"""Durability with a real Orthanc and the node as a real process: kill -9, PACS outage,
-dead letters, an unwritable spool, SIGTERM. An image answered 0x0000 is never lost."""
+"""Durability with a real Orthanc and the node as a real process: kill -9, PACS outages, a
+wrong destination, an unwritable spool, SIGTERM. An image answered 0x0000 is never lost, and
+an SR is never given up on because the PACS was away."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 import pytest
 from helpers import WEIGHTS_NAME, Sender, chest_images, free_port, wait_for
 
 from node.config import ReportConfig
+from node.errors import SendError
 from node.model import sha256_file
+from node.scu import Peer, echo
 from node.uids import sr_instance_uid
 
 pytestmark = pytest.mark.integration
@@ -64,9 +68,9 @@ def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factor
     sender.send(images)
     assert len(sender.acked) == 20
     wait_for(
-        lambda: node.jobs().get("classified", 0) == 20 and "attempt 2" in node.log_text(),
+        lambda: node.jobs().get("classified", 0) == 20 and "unreachable" in node.log_text(),
         120,
-        "20 SRs pending after failed delivery attempts",
+        "20 SRs pending, the destination found unreachable",
     )
     orthanc = orthanc_factory(node_port, dicom_port=dicom_port)
     want = expected_srs(sender.acked, weights_dir)
@@ -75,24 +79,95 @@ def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factor
     assert sorted(orthanc.sr_uids()) == sorted(want)
 
 
-def test_wrong_destination_dead_letters_then_retry_delivers(
+def _first_echo(port: int, stop: threading.Event, found: list[float]) -> None:
+    """Record when the PACS first answers C-ECHO (polled every 50 ms)."""
+    peer = Peer("127.0.0.1", port, "ORTHANC", "ECHO_PROBE", timeout=1.0)
+    while not stop.is_set():
+        try:
+            echo(peer)
+        except SendError:
+            stop.wait(0.05)
+            continue
+        found.append(time.monotonic())
+        return
+
+
+def test_an_outage_past_the_old_dead_letter_window_loses_no_sr_and_ends_within_10_s(
     orthanc_factory, node_factory, weights_dir
 ):
-    node_port = free_port()
+    """The issue's acceptance, scaled down: with 3 attempts and 0.2..1 s backoff the old
+    delivery dead-lettered every SR within ~2 s of the PACS going away; now a 10 s outage
+    counts nothing, ``status`` says the PACS is down, and every SR is in it within 10 s of
+    its first C-ECHO answer."""
+    node_port, dicom_port = free_port(), free_port()
+    node = node_factory(
+        dicom_port,
+        port=node_port,
+        worker={"max_attempts": 3, "backoff_base": 0.2, "backoff_max": 1.0},
+        destination={"probe_interval": 1.0, "timeout": 5.0},
+    )  # Orthanc is down: nothing listens on dicom_port
+    down_at = time.monotonic()
+    sender = Sender(node_port)
+    sender.send(chest_images(8, "window"))
+    assert len(sender.acked) == 8
+    wait_for(lambda: node.jobs().get("classified", 0) == 8, 120, "8 SRs pending")
+    while time.monotonic() - down_at < 10.0:
+        assert node.jobs().get("dead", 0) == 0, node.log_text()
+        time.sleep(0.5)
+    status = node.cli("status")
+    assert f"destination ORTHANC@127.0.0.1:{dicom_port}: unreachable since" in status.stdout
+    assert "SRs pending: 8 (dead-lettered: 0)" in status.stdout, status.stdout
+    metrics = node.metrics()
+    assert metrics["cxr_node_destination_up"] == 0 and metrics["cxr_node_sr_pending"] == 8
+    assert metrics['cxr_node_sr_send_failures_total{kind="connection"}'] >= 5
+    stop, first_echo = threading.Event(), []
+    prober = threading.Thread(target=_first_echo, args=(dicom_port, stop, first_echo))
+    prober.start()
+    try:
+        orthanc = orthanc_factory(node_port, dicom_port=dicom_port)
+        want = expected_srs(sender.acked, weights_dir)
+        wait_for(lambda: set(orthanc.sr_uids()) == want, 60, "all 8 SRs in Orthanc", every=0.05)
+        delivered_at = time.monotonic()
+        prober.join(10)
+    finally:
+        stop.set()
+    took = delivered_at - first_echo[0]
+    print(f"PACS back (first C-ECHO answered) to last SR in it: {took:.2f} s")
+    assert took <= 10.0
+    assert sorted(orthanc.sr_uids()) == sorted(want)
+    wait_for(lambda: node.jobs() == {"sent": 8}, 30, "all 8 jobs sent, none dead")
+    assert "reachable (since" in node.cli("status").stdout
+
+
+def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
+    orthanc_factory, node_factory, weights_dir
+):
+    """A wrong destination (nothing listens there) is a connection failure: the SRs wait,
+    nothing is dead-lettered however many attempts, and ``status`` says why; the node
+    restarted with the right destination delivers them without `jobs retry`."""
+    node_port, wrong = free_port(), free_port()
     orthanc = orthanc_factory(node_port)
-    node = node_factory(free_port(), port=node_port, worker={"max_attempts": 2})
+    node = node_factory(
+        wrong, port=node_port, worker={"max_attempts": 2}, destination={"probe_interval": 0.2}
+    )
     sender = Sender(node_port)
     sender.send(chest_images(3, "dead"))
-    wait_for(lambda: node.jobs().get("dead", 0) == 3, 120, "3 dead-lettered jobs")
+    wait_for(lambda: node.jobs().get("classified", 0) == 3, 120, "3 SRs pending")
+    wait_for(lambda: node.log_text().count("unreachable") >= 1, 30, "the destination found down")
+    time.sleep(2.0)  # ~10 probes: more than max_attempts
+    assert node.jobs() == {"classified": 3}
+    status = node.cli("status")
+    assert f"ORTHANC@127.0.0.1:{wrong}: unreachable since" in status.stdout
+    assert "aborted or unreachable" in status.stdout
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(30) == 0
-    listing = node.cli("jobs", "--state", "dead")
-    assert listing.returncode == 0 and "dead=3" in listing.stdout
-    fixed = node_factory(orthanc.dicom_port, port=node_port)  # config fixed: right port
-    retry = fixed.cli("jobs", "retry")
-    assert retry.returncode == 0 and "3 job(s) requeued" in retry.stdout
+    listing = node.cli("jobs", "--state", "classified")
+    assert (
+        listing.returncode == 0 and "classified=3" in listing.stdout and "dead=0" in listing.stdout
+    )
+    node_factory(orthanc.dicom_port, port=node_port)  # config fixed: right port
     want = expected_srs(sender.acked, weights_dir)
-    wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "the 3 SRs after retry")
+    wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "the 3 SRs after the fix")
 
 
 def _make_unwritable(path):

@@ -1,6 +1,6 @@
 """One image never stops the node: per-image failures, worker rounds, poison-job quarantine.
 
-The worker runs in-process with a real spool and model and a recording sender; faults are
+The worker runs in-process with a real spool and model and a recording destination; faults are
 injected by replacing one stage for one image.
 """
 
@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import chest_images, wait_for
+from helpers import Recorder, chest_images, drain, wait_for
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import node.pipeline
 import node.worker
 from node.config import NodeConfig
+from node.delivery import Delivery
 from node.model import load_classifier
 from node.spool import Spool
 from node.worker import Worker
@@ -53,11 +54,8 @@ def _store(spool: Spool, datasets: list[Dataset]) -> list[str]:
     return [str(ds.SOPInstanceUID) for ds in datasets]
 
 
-def _drain(worker: Worker) -> None:
-    for _ in range(50):
-        if not worker.step():
-            return
-    raise AssertionError("the worker did not settle")
+def _drain(worker: Worker, delivery: Delivery) -> None:
+    drain(worker, delivery)
 
 
 def _states(spool: Spool) -> dict[str, tuple[str, str]]:
@@ -68,8 +66,8 @@ def _states(spool: Spool) -> dict[str, tuple[str, str]]:
 def node_parts(tmp_path: Path, weights_dir: Path, classifier):
     cfg = _cfg(weights_dir)
     spool = Spool(tmp_path / "spool", fsync=False)
-    sent: list[bytes] = []
-    yield cfg, spool, Worker(spool, classifier, cfg, lambda p: sent.append(p.read_bytes())), sent
+    dest = Recorder()
+    yield cfg, spool, Worker(spool, classifier, cfg), dest.sent, Delivery(spool, cfg, dest)
     spool.close()
 
 
@@ -94,11 +92,11 @@ def _raise_for(uid: str, exc: BaseException, real):
 def test_whatever_one_image_raises_fails_that_image_alone(
     node_parts, monkeypatch, target, exc, stage
 ):
-    _cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent, delivery = node_parts
     uids = _store(spool, chest_images(3, seed=target))
     module = node.pipeline if target == "preprocess" else node.worker
     monkeypatch.setattr(module, target, _raise_for(uids[1], exc, getattr(module, target)))
-    _drain(worker)  # before: the exception left the worker (its thread died)
+    _drain(worker, delivery)  # before: the exception left the worker (its thread died)
     states = _states(spool)
     assert [states[u][0] for u in uids] == ["sent", "failed", "sent"]
     reason = states[uids[1]][1]
@@ -107,7 +105,7 @@ def test_whatever_one_image_raises_fails_that_image_alone(
 
 
 def test_an_sr_that_cannot_be_built_fails_that_image_alone(node_parts, monkeypatch):
-    _cfg, spool, worker, _sent = node_parts
+    _cfg, spool, worker, _sent, delivery = node_parts
     uids = _store(spool, chest_images(2, seed="sr"))
     real = worker.reports.encode
 
@@ -117,14 +115,14 @@ def test_an_sr_that_cannot_be_built_fails_that_image_alone(node_parts, monkeypat
         return real(ds, findings, now)
 
     monkeypatch.setattr(worker.reports, "encode", encode)
-    _drain(worker)
+    _drain(worker, delivery)
     states = _states(spool)
     assert states[uids[0]][0] == "failed" and "KeyError" in states[uids[0]][1]
     assert "SR" in states[uids[0]][1] and states[uids[1]][0] == "sent"
 
 
 def test_a_failing_batch_inference_retries_image_by_image(node_parts, monkeypatch):
-    _cfg, spool, worker, _sent = node_parts
+    _cfg, spool, worker, _sent, delivery = node_parts
     uids = _store(spool, chest_images(3, seed="batch"))
     real = worker.classifier.predict
     poison = 7.0  # the second image's input is marked so that the model 'fails' on it
@@ -144,42 +142,46 @@ def test_a_failing_batch_inference_retries_image_by_image(node_parts, monkeypatc
 
     monkeypatch.setattr(worker.classifier, "predict", predict)
     monkeypatch.setattr(node.pipeline, "preprocess", mark)
-    _drain(worker)
+    _drain(worker, delivery)
     states = _states(spool)
     assert [states[u][0] for u in uids] == ["sent", "failed", "sent"]
     assert "inference failed: RuntimeError: CUDA error" in states[uids[1]][1]
 
 
 def test_the_worker_thread_survives_a_failed_round(node_parts, monkeypatch):
-    _cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent, delivery = node_parts
     _store(spool, chest_images(1, seed="round"))
-    real, calls = spool.due, []
+    real, failed = spool.due, set()
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+    def flaky(state, *args, **kwargs):  # the first round of each thread fails
+        if state not in failed:
+            failed.add(state)
             raise sqlite3.OperationalError("database is locked")
-        return real(*args, **kwargs)
+        return real(state, *args, **kwargs)
 
     monkeypatch.setattr(spool, "due", flaky)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    delivering = threading.Thread(target=delivery.run, args=(stop,), daemon=True)
     thread.start()
+    delivering.start()
     try:
         wait_for(lambda: sent, 30, "the SR after a failed round")
-        assert thread.is_alive()
+        assert thread.is_alive() and delivering.is_alive()
+        assert failed == {"received", "classified"}
     finally:
         stop.set()
         thread.join(10)
+        delivering.join(10)
 
 
 def test_a_job_that_kept_killing_the_process_is_quarantined(node_parts):
-    cfg, spool, worker, _sent = node_parts
+    cfg, spool, worker, _sent, delivery = node_parts
     uids = _store(spool, chest_images(3, seed="poison"))
     poison = spool.jobs()[1]
     for _ in range(cfg.worker.max_crash_attempts):  # three starts that never finished
         spool.begin([poison.id])
-    _drain(worker)
+    _drain(worker, delivery)
     states = _states(spool)
     assert [states[u][0] for u in uids] == ["sent", "quarantined", "sent"]
     assert "never finished in 3 attempt(s)" in states[uids[1]][1]
@@ -190,7 +192,7 @@ def test_a_job_that_kept_killing_the_process_is_quarantined(node_parts):
 
 
 def test_a_job_started_before_is_worked_on_alone(node_parts, monkeypatch):
-    _cfg, spool, worker, _sent = node_parts
+    _cfg, spool, worker, _sent, delivery = node_parts
     _store(spool, chest_images(4, seed="suspect"))
     suspect = spool.jobs()[2]
     spool.begin([suspect.id])  # the process died once while this batch ran
@@ -202,13 +204,13 @@ def test_a_job_started_before_is_worked_on_alone(node_parts, monkeypatch):
         return real(datasets, *args)
 
     monkeypatch.setattr(node.worker, "analyze", recording)
-    _drain(worker)
+    _drain(worker, delivery)
     assert batches[0] == [suspect.sop_instance_uid] and len(batches[1]) == 3
     assert spool.counts()["sent"] == 4
 
 
 def test_attempts_are_counted_before_the_work(node_parts, monkeypatch):
-    _cfg, spool, worker, _sent = node_parts
+    _cfg, spool, worker, _sent, _delivery = node_parts
     _store(spool, chest_images(1, seed="count"))
     seen: list[int] = []
 
@@ -223,17 +225,17 @@ def test_attempts_are_counted_before_the_work(node_parts, monkeypatch):
 
 
 def test_a_data_set_with_another_sop_instance_uid_than_received_fails(node_parts):
-    _cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent, delivery = node_parts
     [ds] = chest_images(1, seed="two-uids")
     spool.store(_bytes(ds), "1.2.3.4.5", ds.SOPClassUID, "TEST")
-    _drain(worker)
+    _drain(worker, delivery)
     [job] = spool.jobs()
     assert job.state == "failed" and "not the one it was received as" in job.last_error
     assert not sent
 
 
 def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
-    _cfg, spool, worker, _sent = node_parts
+    _cfg, spool, worker, _sent, delivery = node_parts
     [deep, good] = chest_images(2, seed="deep")
     inner = Dataset()
     for _ in range(2500):
@@ -249,14 +251,14 @@ def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
         sys.setrecursionlimit(limit)
     spool.store(data, deep.SOPInstanceUID, deep.SOPClassUID, "TEST")
     _store(spool, [good])
-    _drain(worker)
+    _drain(worker, delivery)
     states = _states(spool)
     assert states[str(good.SOPInstanceUID)][0] == "sent"
     assert states[str(deep.SOPInstanceUID)][0] in ("sent", "failed")
 
 
 def test_a_real_cr_with_a_modality_lut_sequence_is_classified(node_parts):
-    _cfg, spool, worker, sent = node_parts
+    _cfg, spool, worker, sent, delivery = node_parts
     [ds] = chest_images(1, seed="mlut")
     px = ds.pixel_array.astype(np.uint16)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 8, 7
@@ -268,7 +270,7 @@ def test_a_real_cr_with_a_modality_lut_sequence_is_classified(node_parts):
     item.add_new(0x00283006, "US", table)
     ds.ModalityLUTSequence = [item]
     _store(spool, [ds])
-    _drain(worker)  # before: IndexError in preprocess._value_range, the worker died
+    _drain(worker, delivery)  # before: IndexError in preprocess._value_range, the worker died
     [job] = spool.jobs()
     assert job.state == "sent", job.last_error
     assert pydicom.dcmread(BytesIO(sent[0])).Modality == "SR"

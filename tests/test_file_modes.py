@@ -13,10 +13,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import stop_process, write_config
-from helpers import NIH, ROOT, Sender, chest_images, free_port, wait_for
+from helpers import NIH, ROOT, Recorder, Sender, chest_images, drain, free_port, wait_for
 
 from node.config import load_config
-from node.errors import ConfigError, SendError
+from node.delivery import Delivery
+from node.errors import ConfigError, Unreachable
 from node.spool import Spool
 
 WRAPPER = ROOT / "tests" / "modelless_node.py"
@@ -92,16 +93,12 @@ def test_spool_and_worker_in_process_with_the_configured_umask(tmp_path, loose_u
     os.umask(cfg.spool.umask)  # as the command line does
     spool = Spool(cfg.spool.directory, fsync=False)
 
-    def unreachable(path: Path) -> None:  # the SR stays in the spool
-        raise SendError("the destination is down")
-
+    dest = Recorder()  # down: the SR stays in the spool
+    dest.down = Unreachable("the destination is down")
     try:
         ds = pydicom.dcmread(NIH)
         spool.store(NIH.read_bytes(), ds.SOPInstanceUID, ds.SOPClassUID, "TEST")
-        worker = Worker(spool, StandIn(None, INFO, "cpu"), cfg, unreachable)
-        for _ in range(10):
-            if not worker.step():
-                break
+        drain(Worker(spool, StandIn(None, INFO, "cpu"), cfg), Delivery(spool, cfg, dest))
         assert spool.jobs()[0].state == "classified"
         found = modes(spool.root, json_dir, sr_dir)
         assert {Path(p).parent.name for p in found if p.endswith(".dcm")} == {

@@ -10,7 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from helpers import NIH, send_raw_c_store, wait_for
+from helpers import NIH, Recorder, drain, send_raw_c_store, wait_for
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
 )
 
 from node.config import NodeConfig, ScpConfig
+from node.delivery import Delivery
 from node.model import load_classifier
 from node.scp import StoreStatus, start_server
 from node.spool import Spool
@@ -132,8 +133,9 @@ def test_a_non_conformant_uid_is_accepted_warned_and_referenced_as_it_is(scp, we
         assert status.Status == StoreStatus.SUCCESS
         assert f"UID {uid} is not conformant" in caplog.text
         cfg, classifier = _classifier(weights_dir)
-        sent: list[pydicom.Dataset] = []  # the SR as the worker hands it over
-        Worker(spool, classifier, cfg, lambda path: sent.append(pydicom.dcmread(path))).step()
+        sent: list[pydicom.Dataset] = []  # the SR as the delivery hands it over
+        dest = Recorder(lambda data: sent.append(pydicom.dcmread(BytesIO(data))))
+        drain(Worker(spool, classifier, cfg), Delivery(spool, cfg, dest))
     [job] = spool.jobs()
     assert (job.sop_instance_uid, job.state) == (uid, "sent"), job.last_error
     [sr] = sent
@@ -212,10 +214,9 @@ def test_ct_and_sr_are_accepted_but_not_classified(scp, weights_dir, tmp_path):
     assert assoc.send_c_store(sr).Status == StoreStatus.SUCCESS
     assoc.release()
 
-    sent: list[Path] = []
-    worker = Worker(spool, classifier, cfg, sent.append)
-    while worker.step():
-        pass
+    dest = Recorder()
+    sent = dest.sent
+    drain(Worker(spool, classifier, cfg), Delivery(spool, cfg, dest))
     states = {j.sop_instance_uid: (j.state, j.last_error) for j in spool.jobs()}
     assert states[ct.SOPInstanceUID][0] == "skipped"
     assert "Modality CT" in states[ct.SOPInstanceUID][1]

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
 from node.config import FilterConfig, load_config
+from node.delivery import backoff_delay, dead_letter_due
 from node.dicomio import read_dataset
 from node.errors import ConfigError, SpoolError
 from node.spool import Spool
 from node.triage import skip_reason
-from node.worker import backoff_delay
 
 
 def test_config_precedence_cli_over_env_over_file(tmp_path):
@@ -127,13 +127,42 @@ def test_retry_then_dead_letter_then_requeue(tmp_path):
     spool.store(b"x", "1.2.3", "1.2", "AE")
     [job] = spool.jobs()
     spool.mark_classified(job.id, spool.reports / "r.dcm", "1.2.4")
-    for _ in range(3):
-        [job] = spool.jobs("classified")
-        state = spool.retry_later(job, "down", 0.0, max_attempts=3)
+    seen: list[tuple[int, float]] = []
+
+    def plan(attempts: int, since: float) -> tuple[bool, float]:
+        seen.append((attempts, since))
+        return attempts >= 3, 0.0
+
+    for now in (100.0, 200.0, 300.0):
+        state, _ = spool.refused(job.id, "0xA700", now, plan)
     assert state == "dead" and spool.counts()["dead"] == 1
+    assert seen == [(1, 100.0), (2, 100.0), (3, 100.0)]  # failing since the first refusal
     assert spool.requeue("dead") == 1
     [job] = spool.jobs("classified")
     assert job.attempts == 0
+    spool.refused(job.id, "0xA700", 400.0, plan)
+    assert seen[-1] == (1, 400.0)  # the window starts again
+
+
+def test_dead_letter_needs_both_the_attempts_and_the_window():
+    hours = 3600.0
+    assert not dead_letter_due(100, 0.0, 71 * hours, 8, 72 * hours)  # window not spent
+    assert not dead_letter_due(7, 0.0, 100 * hours, 8, 72 * hours)  # attempts not spent
+    assert dead_letter_due(8, 0.0, 72 * hours, 8, 72 * hours)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("72h", 259200.0), ("30m", 1800.0), ("45s", 45.0), ("3d", 259200.0), ("90", 90.0), (2.5, 2.5)],
+)
+def test_retry_for_takes_seconds_or_a_unit(text, seconds):
+    assert load_config(None, {}, {"destination.retry_for": text}).destination.retry_for == seconds
+
+
+@pytest.mark.parametrize("bad", ["72 hours", "-1h", "0", "h", True, "1w"])
+def test_retry_for_refuses_what_is_not_a_duration(bad):
+    with pytest.raises(ConfigError, match="retry_for"):
+        load_config(None, {}, {"destination.retry_for": bad})
 
 
 def test_backoff_grows_and_is_capped():

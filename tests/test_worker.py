@@ -1,17 +1,19 @@
-"""The worker with a real spool and model and a fake sender: states, files, retries."""
+"""The worker and the delivery with a real spool and model and a fake destination: states,
+files, deliveries (the delivery's retry rules: tests/test_delivery.py)."""
 
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from pathlib import Path
 
 import jsonschema
 import pydicom
 import pytest
-from helpers import NIH, ROOT
+from helpers import NIH, ROOT, Recorder, drain
 
 from node.config import NodeConfig
-from node.errors import SendError
+from node.delivery import Delivery
 from node.model import load_classifier
 from node.spool import Spool
 from node.worker import Worker
@@ -40,50 +42,25 @@ def setup(tmp_path: Path, weights_dir: Path):
 
 def test_classify_writes_sr_json_and_delivers(setup, tmp_path):
     cfg, spool, clf, ds = setup
-    sent: list[bytes] = []
-    worker = Worker(spool, clf, cfg, lambda p: sent.append(p.read_bytes()))
-    while worker.step():
-        pass
+    dest = Recorder()
+    sent = dest.sent
+    drain(Worker(spool, clf, cfg), Delivery(spool, cfg, dest))
     [job] = spool.jobs()
     assert job.state == "sent" and job.sr_uid
-    assert (
-        len(sent) == 1
-        and pydicom.dcmread(__import__("io").BytesIO(sent[0])).SOPInstanceUID == job.sr_uid
-    )
+    assert len(sent) == 1 and pydicom.dcmread(BytesIO(sent[0])).SOPInstanceUID == job.sr_uid
     record = json.loads((tmp_path / "json" / f"{ds.SOPInstanceUID}.json").read_text())
     jsonschema.validate(record, SCHEMA)
     assert (tmp_path / "SR" / f"{job.sr_uid}.dcm").is_file()
     assert not job.image.exists() and list(spool.reports.iterdir()) == []  # retention: removed
 
 
-def test_delivery_failures_dead_letter_then_retry_delivers(setup):
-    cfg, spool, clf, _ = setup
-    calls: list[Path] = []
-
-    def down(path: Path) -> None:
-        calls.append(path)
-        raise SendError("association to ORTHANC@127.0.0.1:4242 aborted or unreachable")
-
-    worker = Worker(spool, clf, cfg, down)
-    for _ in range(50):
-        worker.step()
-        if spool.counts()["dead"]:
-            break
-    [job] = spool.jobs()
-    assert job.state == "dead" and job.attempts == 3 and "unreachable" in job.last_error
-    assert len(calls) == 3 and job.image.exists() and job.report and job.report.exists()
-    spool.requeue("dead")
-    ok: list[Path] = []
-    Worker(spool, clf, cfg, ok.append).step()
-    assert spool.jobs()[0].state == "sent" and len(ok) == 1
-
-
 def test_same_image_twice_gives_two_deliveries_of_one_sr_uid(setup):
     cfg, spool, clf, ds = setup
     spool.store(NIH.read_bytes(), ds.SOPInstanceUID, ds.SOPClassUID, "TEST")  # again
     sent: list[str] = []
-    worker = Worker(spool, clf, cfg, lambda p: sent.append(pydicom.dcmread(p).SOPInstanceUID))
-    while worker.step():
-        pass
+    dest = Recorder(
+        lambda b: sent.append(pydicom.dcmread(__import__("io").BytesIO(b)).SOPInstanceUID)
+    )
+    drain(Worker(spool, clf, cfg), Delivery(spool, cfg, dest))
     assert [j.state for j in spool.jobs()] == ["sent", "sent"]
     assert len(sent) == 2 and sent[0] == sent[1]
