@@ -308,6 +308,58 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     }
 
 
+def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str, Any]:
+    """``cxr-node classify`` over a folder (CSV + JSON out) vs raw model(x) at the same
+    threads and batch size; the command's start-up (imports, model load) is measured on 4
+    images and taken off."""
+    import torch
+    import torchxrayvision as xrv
+
+    folder = work / "classify-in"
+    folder.mkdir(exist_ok=True)
+    for p in images:
+        (folder / p.name).symlink_to(p)
+    small = work / "classify-small"
+    small.mkdir(exist_ok=True)
+    for p in images[:4]:
+        (small / p.name).symlink_to(p)
+    env = {
+        **NODELAY,
+        "CXR_NODE_MODEL__CACHE_DIR": str(work / "models"),
+        "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
+        "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
+        "CXR_NODE_LOGGING__LEVEL": "WARNING",
+    }
+
+    def run(src: Path) -> float:
+        out = work / "classify-out"
+        cmd = [PY, "-m", "node", "classify", str(src), "--follow-symlinks"]
+        cmd += ["--csv", str(out.with_suffix(".csv")), "--json", str(out.with_suffix(".json"))]
+        return timed(lambda: subprocess.run(cmd, env=env, check=True, capture_output=True))
+
+    module = xrv.models.DenseNet(weights=None).eval()
+    x = torch.zeros((4, 1, 224, 224))
+    with torch.inference_mode():
+        module(x)
+        reps = 25
+        raw = 4 * reps / timed(lambda: [module(x) for _ in range(reps)])
+    results = []
+    for _ in range(rounds):
+        startup = run(small)
+        whole = run(folder)
+        rate = (len(images) - 4) / max(1e-6, whole - startup)
+        results.append({"startup_s": startup, "total_s": whole, "images_per_s": rate})
+    rate = statistics.median(r["images_per_s"] for r in results)
+    return {
+        "images": len(images),
+        "threads": torch.get_num_threads(),
+        "raw_images_per_s": raw,
+        "rounds": results,
+        "classify_images_per_s": rate,
+        "classify_vs_raw": rate / raw,
+    }
+
+
 def _node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
     ready = work / "node.ready"
     env = {
@@ -422,7 +474,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = make_images(args.n, work / "images", "bench")
-        backlog = "memory" in args.which
+        backlog = "memory" in args.which or "classify" in args.which
         images = make_images(1000, work / "backlog", "backlog") if backlog else []
         steps = {
             "push": lambda: bench_push(base, work),
@@ -430,6 +482,7 @@ def main() -> int:
             "inference": lambda: bench_inference(base),
             "e2e": lambda: bench_e2e(base, work),
             "memory": lambda: bench_memory(images, work),
+            "classify": lambda: bench_classify(images, work),
         }
         for name in args.which:
             t = time.perf_counter()

@@ -65,6 +65,7 @@ class Options:
     sr_dir: Path | None = None
     resume: bool = False
     recursive: bool = True
+    follow_symlinks: bool = False
 
 
 @dataclass
@@ -301,7 +302,10 @@ class Run:
         self.counts = Counts()
 
     def run(self, paths: Sequence[Path], progress: Any) -> Counts:
-        items = iter_items(list(paths), recursive=self.opts.recursive)
+        opts = self.opts
+        items = iter_items(
+            list(paths), recursive=opts.recursive, follow_symlinks=opts.follow_symlinks
+        )
         skip = self.outputs.done
         for batch in ahead(_batches(items, self.opts, self.cfg, skip)):
             self._finish(batch)

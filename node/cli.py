@@ -169,6 +169,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         sr_dir=args.sr_dir,
         resume=args.resume,
         recursive=args.recursive,
+        follow_symlinks=args.follow_symlinks,
     )
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
@@ -365,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="walk sub-folders (default: yes)",
+    )
+    c.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="follow links in a folder that point outside it (default: skipped, named)",
     )
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
     c.add_argument("--allow-untrained", action="store_true")
