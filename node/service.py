@@ -29,6 +29,7 @@ from node.errors import NodeError
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
+    from node.catchup import CatchUp
     from node.config import NodeConfig
     from node.metrics import Metrics
     from node.model import Classifier
@@ -85,6 +86,8 @@ class NodeService:
         self.worker: Worker | None = None
         self._watchdog: HangWatchdog | None = None
         self._thread: threading.Thread | None = None
+        self.catchup: CatchUp | None = None
+        self._catchup_thread: threading.Thread | None = None
 
     def start(self) -> int:
         from node.metrics import Metrics
@@ -111,12 +114,39 @@ class NodeService:
             target=self.worker.run, args=(self.stopping,), name="worker", daemon=True
         )
         self._thread.start()
+        self._start_catchup()
         return int(self.server.server_address[1])
+
+    def _start_catchup(self) -> None:
+        """Query/retrieve what the PACS holds and the node never received (node/catchup.py)."""
+        from node.catchup import CatchUp
+
+        if not self.cfg.catchup.enabled:
+            log.info("catch-up disabled (catchup.enabled = false)")
+            return
+        self.catchup = CatchUp(self.cfg, self.spool, self.metrics)
+        self._warn_if_peer_refused(self.catchup.peer.ae_title)
+        self._catchup_thread = threading.Thread(
+            target=self.catchup.run, args=(self.stopping,), name="catchup", daemon=True
+        )
+        self._catchup_thread.start()
+
+    def _warn_if_peer_refused(self, pacs: str) -> None:
+        scp = self.cfg.scp
+        if not scp.accept_any_calling_aet and pacs not in scp.allowed_calling_aets:
+            log.warning(
+                "catch-up: the PACS %s is not in scp.allowed_calling_aets: the images it "
+                "moves to the node will be refused",
+                pacs,
+            )
 
     def check(self) -> None:
         """Raise :class:`NodeError` if a part has died (a bug: a supervisor restarts us)."""
         if self._thread is not None and not self._thread.is_alive() and not self.stopping.is_set():
             raise NodeError("the worker thread died; exiting (see the log above)")
+        thread = self._catchup_thread
+        if thread is not None and not thread.is_alive() and not self.stopping.is_set():
+            raise NodeError("the catch-up thread died; exiting (see the log above)")
 
     def stop(self) -> None:
         """Stop gracefully (see the module docstring) within ``worker.shutdown_timeout``."""
@@ -130,11 +160,17 @@ class NodeService:
 
         if not self.intake.close(min(5.0, left())):
             log.warning("C-STOREs still being spooled at shutdown: their peers get no answer")
+        if self.catchup is not None:
+            self.catchup.interrupt()  # its C-FIND/C-MOVE need not run to their timeout
         self._end_associations(left)
         if self._thread is not None:
             self._thread.join(left())
             if self._thread.is_alive():
                 log.warning("the worker did not finish its batch within worker.shutdown_timeout")
+        if self._catchup_thread is not None:
+            self._catchup_thread.join(left())
+            if self._catchup_thread.is_alive():
+                log.warning("the catch-up round did not end within worker.shutdown_timeout")
         if self._watchdog is not None:
             self._watchdog.close()
         self.spool.close()
