@@ -1,4 +1,4 @@
-"""Command line: ``cxr-node serve | echo | classify | push | jobs``."""
+"""Command line: ``cxr-node serve | echo | classify | push | status | jobs | backfill``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
+from datetime import date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -293,7 +294,83 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.write(
             f"last error: job {job.id} ({job.state}) {job.sop_instance_uid}: {job.last_error}\n"
         )
+    out.write(_catchup_line(spool.root))
     return 0 if running else 3
+
+
+def _catchup_line(root: Path) -> str:
+    """The last catch-up round, as the node saved it (node/catchup.py)."""
+    from node.catchup import STATUS_FILE as CATCHUP_FILE
+
+    path = root / CATCHUP_FILE
+    if not path.is_file():
+        return "catch-up: no round yet\n"
+    last = json.loads(path.read_text())
+    when = datetime.fromtimestamp(float(last["time"])).isoformat(sep=" ", timespec="seconds")
+    line = (
+        f"catch-up: last round {when} ({time.time() - float(last['time']):.0f} s ago): "
+        f"found {last['found']}, fetched {last['fetched']}, errors {last['errors']}"
+    )
+    if last.get("error"):
+        line += f" (last: {last['error']})"
+    return line + "\n"
+
+
+# -- backfill ----------------------------------------------------------------------------
+class _Bar:
+    """A tqdm progress bar on a terminal (stderr), nothing otherwise."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def start(self, total: int) -> None:
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="image", desc="backfill", file=sys.stderr)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _date(text: str) -> date:
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD or YYYYMMDD)")
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from node.catchup import backfill, date_range
+    from node.spool import SpoolIndex
+
+    cfg = _config(args)
+    if args.since is None and not args.study:
+        raise ConfigError("backfill needs --since DATE, or --study UID")
+    status_path = cfg.spool.directory / STATUS_FILE
+    if not status_path.is_file() or not _alive(int(json.loads(status_path.read_text())["pid"])):
+        raise ConfigError(
+            f"the node (spool {cfg.spool.directory}) is not running: it receives what "
+            "backfill moves; start cxr-node serve first"
+        )
+    index = SpoolIndex(cfg.spool.directory)
+    bar = _Bar()
+    try:
+        report = backfill(cfg, index, date_range(args.since, args.until), args.study or [], bar)
+    finally:
+        bar.close()
+        index.close()
+    sys.stdout.write(report.describe() + "\n")
+    if report.last_error:
+        sys.stdout.write(f"backfill: last error: {report.last_error}\n")
+    return 0 if report.errors == 0 else 1
 
 
 # -- jobs --------------------------------------------------------------------------------
@@ -424,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="queue depth, last errors, model, uptime")
     common(st)
     st.set_defaults(func=cmd_status)
+
+    b = sub.add_parser(
+        "backfill",
+        help="fetch from the PACS (C-FIND, C-MOVE) the CR/DX images the running node never "
+        "received, over a date range or a list of studies",
+    )
+    common(b)
+    b.add_argument("--since", type=_date, help="first StudyDate (YYYY-MM-DD)")
+    b.add_argument("--until", type=_date, help="last StudyDate (YYYY-MM-DD; default: no limit)")
+    b.add_argument(
+        "--study",
+        action="append",
+        metavar="UID",
+        help="only this StudyInstanceUID (repeat for several)",
+    )
+    b.set_defaults(func=cmd_backfill)
 
     j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
     common(j)

@@ -291,6 +291,26 @@ class MetricsConfig(_Section):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
+class CatchupConfig(_Section):
+    """Catch-up over DICOM query/retrieve: what the PACS holds and the node never received
+    (routed while the node was down, refused for lack of space) is fetched with C-MOVE."""
+
+    enabled: bool = True
+    interval: float = Field(default=60.0, gt=0, description="seconds between rounds")
+    window_hours: float = Field(
+        default=24.0, gt=0, description="studies whose StudyDate falls within this many hours"
+    )
+    grace: float = Field(
+        default=120.0, ge=0, description="seconds an instance is seen missing before a fetch"
+    )
+    max_per_round: int = Field(default=200, ge=1)
+    # the query/retrieve peer: the [destination] PACS unless set here
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    ae_title: AETitle | None = None
+    calling_ae_title: AETitle | None = None
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -307,6 +327,7 @@ class NodeConfig(_Section):
     report: ReportConfig = ReportConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    catchup: CatchupConfig = CatchupConfig()
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

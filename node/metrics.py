@@ -64,6 +64,17 @@ class Metrics:
         self.sr_send_seconds = Histogram(
             "cxr_node_sr_send_seconds", "Time to C-STORE one SR", registry=r
         )
+        self.catchup_rounds = Counter(
+            "cxr_node_catchup_rounds", "Catch-up rounds run (query/retrieve)", registry=r
+        )
+        self.catchup_fetched = Counter(
+            "cxr_node_catchup_fetched", "Instances fetched by the catch-up (C-MOVE)", registry=r
+        )
+        self.catchup_errors = Counter(
+            "cxr_node_catchup_errors",
+            "Catch-up errors: failed C-MOVEs and failed rounds",
+            registry=r,
+        )
 
     def refused_c_stores(self) -> dict[str, int]:
         """C-STOREs the SCP answered with a status other than success, by status."""

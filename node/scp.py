@@ -143,6 +143,7 @@ def _store(event: Event, spool: Spool, max_bytes: int) -> StoreStatus:
     syntax = str(event.context.transfer_syntax)
     refused = _refusal(received, syntax, max_bytes, (calling, sop_uid, sop_class))
     if refused is not None:
+        _remember_refusal(spool, sop_uid, refused, calling)
         return refused
     meta = file_meta_bytes(sop_class, sop_uid, syntax)
     # the received bytes as they are: no copy (Event.encoded_dataset() would make two)
@@ -160,6 +161,16 @@ def _store(event: Event, spool: Spool, max_bytes: int) -> StoreStatus:
         extra={"calling_ae": calling, "sop_instance_uid": sop_uid, "job_id": job_id},
     )
     return StoreStatus.SUCCESS
+
+
+def _remember_refusal(spool: Spool, sop_uid: str, status: StoreStatus, calling: str) -> None:
+    """Record a refusal decided by the data set itself (too large, invalid UIDs, unreadable
+    or mismatched header): sending it again cannot succeed, so the catch-up never fetches it.
+    A full spool or a stopping node (0xA700, transient) is not recorded."""
+    try:
+        spool.record_refusal(sop_uid, int(status), status.name.lower(), calling)
+    except SpoolError as exc:
+        log.warning("refusal of %s not recorded: %s", sop_uid, exc)
 
 
 def _refusal(

@@ -28,6 +28,7 @@ from node.errors import NodeError
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
+    from node.catchup import CatchUp
     from node.config import NodeConfig
     from node.delivery import Delivery, Destination
     from node.metrics import Metrics
@@ -87,6 +88,8 @@ class NodeService:
         self._thread: threading.Thread | None = None
         self.delivery: Delivery | None = None
         self._delivery_thread: threading.Thread | None = None
+        self.catchup: CatchUp | None = None
+        self._catchup_thread: threading.Thread | None = None
 
     def start(self) -> int:
         from node.delivery import Delivery
@@ -118,13 +121,45 @@ class NodeService:
             target=self.delivery.run, args=(self.stopping,), name="delivery", daemon=True
         )
         self._delivery_thread.start()
+        self._start_catchup()
         return int(self.server.server_address[1])
+
+    def _start_catchup(self) -> None:
+        """Query/retrieve what the PACS holds and the node never received (node/catchup.py)."""
+        from node.catchup import CatchUp
+
+        if not self.cfg.catchup.enabled:
+            log.info("catch-up disabled (catchup.enabled = false)")
+            return
+        self.catchup = CatchUp(self.cfg, self.spool, self.metrics)
+        self._warn_if_peer_refused(self.catchup.peer.ae_title)
+        self._catchup_thread = threading.Thread(
+            target=self.catchup.run, args=(self.stopping,), name="catchup", daemon=True
+        )
+        self._catchup_thread.start()
+
+    def _warn_if_peer_refused(self, pacs: str) -> None:
+        scp = self.cfg.scp
+        if not scp.accept_any_calling_aet and pacs not in scp.allowed_calling_aets:
+            log.warning(
+                "catch-up: the PACS %s is not in scp.allowed_calling_aets: the images it "
+                "moves to the node will be refused",
+                pacs,
+            )
 
     def check(self) -> None:
         """Raise :class:`NodeError` if a part has died (a bug: a supervisor restarts us)."""
-        for name, thread in (("worker", self._thread), ("delivery", self._delivery_thread)):
-            if thread is not None and not thread.is_alive() and not self.stopping.is_set():
+        for name, thread in self._threads():
+            if not thread.is_alive() and not self.stopping.is_set():
                 raise NodeError(f"the {name} thread died; exiting (see the log above)")
+
+    def _threads(self) -> list[tuple[str, threading.Thread]]:
+        named = (
+            ("worker", self._thread),
+            ("delivery", self._delivery_thread),
+            ("catch-up", self._catchup_thread),
+        )
+        return [(name, thread) for name, thread in named if thread is not None]
 
     def stop(self) -> None:
         """Stop gracefully (see the module docstring) within ``worker.shutdown_timeout``."""
@@ -138,15 +173,13 @@ class NodeService:
 
         if not self.intake.close(min(5.0, left())):
             log.warning("C-STOREs still being spooled at shutdown: their peers get no answer")
+        if self.catchup is not None:
+            self.catchup.interrupt()  # its C-FIND/C-MOVE need not run to their timeout
         self._end_associations(left)
-        if self._thread is not None:
-            self._thread.join(left())
-            if self._thread.is_alive():
-                log.warning("the worker did not finish its batch within worker.shutdown_timeout")
-        if self._delivery_thread is not None:
-            self._delivery_thread.join(left())
-            if self._delivery_thread.is_alive():
-                log.warning("the delivery did not end within worker.shutdown_timeout")
+        for name, thread in self._threads():  # the worker finishes its batch first
+            thread.join(left())
+            if thread.is_alive():
+                log.warning("the %s thread did not end within worker.shutdown_timeout", name)
         if self._watchdog is not None:
             self._watchdog.close()
         self.spool.close()

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,19 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt);
 """
+
+_CATCHUP_SCHEMA = """
+CREATE INDEX IF NOT EXISTS jobs_sop ON jobs (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS refusals (
+    sop_instance_uid TEXT PRIMARY KEY,
+    status INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+"""What the catch-up (node/catchup.py) asks: the instances the node has a job for, and those
+its SCP refused for good (the data set itself was refused: fetching it again would not help)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,7 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._add_failing_since()
+            self._db.executescript(_CATCHUP_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {directory}: {exc}") from exc
 
@@ -379,3 +393,72 @@ class Spool:
         for tmp in self.incoming.glob("*.part"):  # never acknowledged: safe to remove
             tmp.unlink(missing_ok=True)
         return added
+
+    # -- catch-up ------------------------------------------------------------------------
+    def record_refusal(self, sop_uid: str, status: int, reason: str, calling_ae: str) -> None:
+        """Remember an instance the SCP refused for good (the catch-up never fetches it)."""
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO refusals VALUES (?, ?, ?, ?, ?)",
+                    (sop_uid, status, reason, calling_ae, time.time()),
+                )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot record the refusal of {sop_uid}: {exc}") from exc
+
+    def known_uids(self, uids: Collection[str]) -> set[str]:
+        """Those of ``uids`` that have a job, in any state."""
+        with self._lock:
+            return _matching(self._db, "jobs", uids)
+
+    def refused_uids(self, uids: Collection[str]) -> set[str]:
+        """Those of ``uids`` the SCP refused for good."""
+        with self._lock:
+            return _matching(self._db, "refusals", uids)
+
+
+_CHUNK = 500  # host parameters per query (SQLite allows 999 at least)
+
+
+def _matching(db: sqlite3.Connection, table: str, uids: Collection[str]) -> set[str]:
+    found: set[str] = set()
+    items = list(uids)
+    for i in range(0, len(items), _CHUNK):
+        chunk = items[i : i + _CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT DISTINCT sop_instance_uid FROM {table} WHERE sop_instance_uid IN ({marks})",
+            chunk,
+        )
+        found.update(str(r[0]) for r in rows)
+    return found
+
+
+class SpoolIndex:
+    """A read-only view of a node's job table and refusals (``cxr-node backfill``, a separate
+    process, asks what the running node already has)."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / "jobs.sqlite"
+        if not path.is_file():
+            raise SpoolError(f"no job table at {path}: start the node (cxr-node serve) first")
+        try:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            self._db.execute("SELECT 1 FROM refusals LIMIT 1")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the job table {path}: {exc}") from exc
+
+    def known_uids(self, uids: Collection[str]) -> set[str]:
+        return self._read("jobs", uids)
+
+    def refused_uids(self, uids: Collection[str]) -> set[str]:
+        return self._read("refusals", uids)
+
+    def _read(self, table: str, uids: Collection[str]) -> set[str]:
+        try:
+            return _matching(self._db, table, uids)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the job table: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()

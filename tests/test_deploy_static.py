@@ -440,6 +440,33 @@ def test_orthanc_routes_to_the_node_service(
     assert accepts_calling_aet(node_cfg.scp, orthanc_cfg["DicomAet"]), "node refuses Orthanc"
 
 
+def test_orthanc_lets_the_node_catch_up_over_query_retrieve(
+    node_cfg: NodeConfig, orthanc_cfg: dict[str, Any]
+) -> None:
+    """The catch-up (node/catchup.py) C-FINDs and C-MOVEs as the node's calling AE title, to
+    the node's own AE title: Orthanc must know it by that title and allow both, and the node
+    must accept the C-STOREs Orthanc then makes as its DicomAet."""
+    from node.catchup import qr_peer
+
+    assert node_cfg.catchup.enabled
+    peer = qr_peer(node_cfg)
+    assert (peer.host, peer.port, peer.ae_title) == ("orthanc", 4242, orthanc_cfg["DicomAet"])
+    entries = [
+        m for m in orthanc_cfg["DicomModalities"].values() if m["AET"] == peer.calling_ae_title
+    ]
+    assert entries, f"Orthanc does not know the catch-up's calling AE {peer.calling_ae_title}"
+    for entry in entries:
+        assert entry.get("AllowFind", True) and entry.get("AllowMove", True), entry
+    movers = [
+        m for m in orthanc_cfg["DicomModalities"].values() if m["AET"] == node_cfg.scp.ae_title
+    ]
+    assert movers, "Orthanc does not know the node's AE title as a C-MOVE destination"
+    # nobody else may query or move: a stranger's calling AE is refused
+    assert orthanc_cfg.get("DicomAlwaysAllowFind") is False
+    assert orthanc_cfg.get("DicomAlwaysAllowMove") is False
+    assert accepts_calling_aet(node_cfg.scp, orthanc_cfg["DicomAet"])
+
+
 def test_services_share_a_declared_network(compose: dict[str, Any]) -> None:
     shared = networks(compose["services"][ORTHANC]) & networks(compose["services"][NODE])
     assert shared, "orthanc and cxr-node are on no common network"
