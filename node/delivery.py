@@ -35,6 +35,7 @@ from node.config import NodeConfig
 from node.dicomio import Encoded, split_encoded
 from node.errors import ContextsRefused, NodeError, ReportError, SendError, unexpected
 from node.metrics import Metrics
+from node.rounds import run_rounds
 from node.scu import BatchResult, Peer, echo, store_encoded
 from node.spool import Job, Spool
 from node.wire import split_part10
@@ -349,17 +350,7 @@ class Delivery:
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set. A round that fails (the job store, say) is logged
-        and the next one tried."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                busy = self.step(stop)
-                failures = 0
-            except Exception as exc:  # never let the delivery thread die of one round
-                log.error("delivery round failed: %s: %s", type(exc).__name__, exc)
-                log.debug("delivery round failed", exc_info=True)
-                busy, failures = 0, failures + 1
-            if not busy:  # after failed rounds, wait longer (up to 30 s): no log flood
-                poll = self.cfg.worker.poll_interval
-                stop.wait(min(30.0, max(poll, poll * 2.0**failures)))
+        """Deliver until ``stop`` is set; a failed round is logged and the next one tried
+        (:mod:`node.rounds`)."""
+        poll = self.cfg.worker.poll_interval
+        run_rounds(lambda: self.step(stop), stop, poll, "delivery", log)

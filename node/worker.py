@@ -34,6 +34,7 @@ from node.model import Classifier
 from node.pipeline import Outcome, analyze
 from node.report import ReportContext
 from node.results import result_record
+from node.rounds import run_rounds
 from node.spool import Job, Spool
 from node.srtemplate import ReportEncoder
 from node.triage import skip_reason
@@ -215,17 +216,6 @@ class Worker:
         return self.classify_due()
 
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set. A round that fails (the job store, say) is logged
-        and the next one tried; jobs are failed one by one inside the round."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                busy = self.step()
-                failures = 0
-            except Exception as exc:  # never let the worker thread die of one round
-                log.error("worker round failed: %s: %s", type(exc).__name__, exc)
-                log.debug("worker round failed", exc_info=True)
-                busy, failures = 0, failures + 1
-            if not busy:  # after failed rounds, wait longer (up to 30 s): no log flood
-                poll = self.cfg.worker.poll_interval
-                stop.wait(min(30.0, max(poll, poll * 2.0**failures)))
+        """Work until ``stop`` is set; jobs are failed one by one inside a round, and a
+        failed round is logged and the next one tried (:mod:`node.rounds`)."""
+        run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)

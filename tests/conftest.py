@@ -31,6 +31,21 @@ def shared_files() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA, server and client certificates (scripts/make-test-certs.sh)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run(
+        [str(ROOT / "scripts" / "make-test-certs.sh"), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained DenseNet saved exactly as torchxrayvision's weights file is.
 

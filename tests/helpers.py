@@ -181,3 +181,43 @@ def drain(*parts: Any, rounds: int = 50) -> None:
         if not sum(p.step() for p in parts):
             return
     raise AssertionError("the worker and delivery did not settle")
+
+
+def storescp(out: Path, port: int, *extra: str) -> Any:
+    """dcmtk's storescp as the PACS (AE ORTHANC), writing what it receives into ``out``."""
+    import os
+    import subprocess
+
+    out.mkdir()
+    return subprocess.Popen(
+        ["storescp", *extra, "-aet", "ORTHANC", "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def sr_source(path: Path) -> str:
+    """The SOP Instance UID of the image an SR file reports on (its evidence)."""
+    import pydicom
+
+    sr = pydicom.dcmread(path)
+    series = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    return str(series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def sr_sources(folder: Path) -> set[str]:
+    return {sr_source(p) for p in folder.iterdir()}
+
+
+def deeply_nested(ds: Dataset, depth: int = 2500) -> Dataset:
+    """``ds`` with a Referenced Image Sequence nested ``depth`` deep (hostile input)."""
+    from pydicom.sequence import Sequence
+
+    inner = Dataset()
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ReferencedImageSequence = Sequence([inner])
+        inner = outer
+    ds.ReferencedImageSequence = Sequence([inner])
+    return ds

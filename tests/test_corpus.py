@@ -22,7 +22,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import REPORTS, write_config
-from helpers import CORPUS, ROOT, Sender, chest_images, free_port, wait_for
+from helpers import (
+    CORPUS,
+    ROOT,
+    Sender,
+    chest_images,
+    free_port,
+    sr_sources,
+    storescp,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -173,16 +182,6 @@ def _storescu(port: int, path: Path) -> str:
     return "stored" if done.returncode == 0 else "not stored"
 
 
-def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
-    out.mkdir()
-    return subprocess.Popen(
-        ["storescp", "-aet", "ORTHANC", "-od", str(out), str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _settled(node) -> bool:
     jobs = node.jobs()
     return not jobs.get("received") and not jobs.get("classified")
@@ -190,7 +189,7 @@ def _settled(node) -> bool:
 
 def test_every_corpus_file_through_the_scp_and_push(node_factory, tmp_path):
     pacs_port = free_port()
-    pacs = _storescp(tmp_path / "pacs", pacs_port)
+    pacs = storescp(tmp_path / "pacs", pacs_port)
     try:
         node = node_factory(pacs_port)
         started = time.monotonic()
@@ -221,17 +220,11 @@ def test_every_corpus_file_through_the_scp_and_push(node_factory, tmp_path):
         sender = Sender(node.port)
         sender.send([chest])
         assert sender.acked == [str(chest.SOPInstanceUID)]
-        sources = lambda: {  # noqa: E731
-            str(
-                pydicom.dcmread(p)
-                .CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence[0]
-                .ReferencedSOPSequence[0]
-                .ReferencedSOPInstanceUID
-            )
-            for p in (tmp_path / "pacs").iterdir()
-        }
-        wait_for(lambda: str(chest.SOPInstanceUID) in sources(), 60, "the SR after the corpus")
+        wait_for(
+            lambda: str(chest.SOPInstanceUID) in sr_sources(tmp_path / "pacs"),
+            60,
+            "the SR after the corpus",
+        )
         text = node.log_text()
         assert "Traceback" not in text and "CRITICAL" not in text
         for sr in (tmp_path / "pacs").iterdir():

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import Recorder, chest_images, drain, wait_for
+from helpers import Recorder, chest_images, deeply_nested, drain, wait_for
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 import node.pipeline
 import node.worker
@@ -237,12 +236,7 @@ def test_a_data_set_with_another_sop_instance_uid_than_received_fails(node_parts
 def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
     _cfg, spool, worker, _sent, delivery = node_parts
     [deep, good] = chest_images(2, seed="deep")
-    inner = Dataset()
-    for _ in range(2500):
-        outer = Dataset()
-        outer.ReferencedImageSequence = Sequence([inner])
-        inner = outer
-    deep.ReferencedImageSequence = Sequence([inner])
+    deeply_nested(deep)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(30000)  # writing it needs the depth
     try:

@@ -5,43 +5,20 @@ restart, and nothing is ever answered from a closed database."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
-import pydicom
 import pytest
-from helpers import Sender, chest_images, free_port, wait_for
+from helpers import Sender, chest_images, free_port, sr_sources, storescp, wait_for
 
 pytestmark = pytest.mark.integration
 SHUTDOWN = 10.0
 
 
-def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
-    out.mkdir()
-    return subprocess.Popen(
-        ["storescp", "-aet", "ORTHANC", "-od", str(out), str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _sources(folder: Path) -> set[str]:
-    out = set()
-    for path in folder.iterdir():
-        sr = pydicom.dcmread(path)
-        series = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-        out.add(str(series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
-    return out
-
-
 def test_sigterm_under_traffic_exits_0_in_time_and_loses_nothing(node_factory, tmp_path):
     pacs_port, node_port = free_port(), free_port()
-    pacs = _storescp(tmp_path / "pacs", pacs_port)
+    pacs = storescp(tmp_path / "pacs", pacs_port)
     try:
         node = node_factory(pacs_port, port=node_port, worker={"shutdown_timeout": SHUTDOWN})
         images = chest_images(80, "sigterm")
@@ -60,8 +37,8 @@ def test_sigterm_under_traffic_exits_0_in_time_and_loses_nothing(node_factory, t
         assert "stopped" in text
         acked = set(sender.acked)
         node_factory(pacs_port, port=node_port)  # the restart delivers what was pending
-        wait_for(lambda: acked <= _sources(tmp_path / "pacs"), 120, "an SR per acked image")
-        assert _sources(tmp_path / "pacs") <= {str(d.SOPInstanceUID) for d in images}
+        wait_for(lambda: acked <= sr_sources(tmp_path / "pacs"), 120, "an SR per acked image")
+        assert sr_sources(tmp_path / "pacs") <= {str(d.SOPInstanceUID) for d in images}
     finally:
         pacs.terminate()
         pacs.wait(10)

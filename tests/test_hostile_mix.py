@@ -4,19 +4,24 @@ ends refused at the SCP (a named status) or in a final job state with its reason
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from helpers import Sender, chest_images, free_port, send_raw_c_store, wait_for
+from helpers import (
+    Sender,
+    chest_images,
+    deeply_nested,
+    free_port,
+    send_raw_c_store,
+    sr_sources,
+    storescp,
+    wait_for,
+)
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 pytestmark = pytest.mark.integration
@@ -43,16 +48,6 @@ def _sixteen_bit(ds: Dataset) -> Dataset:
     return ds
 
 
-def _deep(ds: Dataset) -> Dataset:
-    inner = Dataset()
-    for _ in range(2500):
-        outer = Dataset()
-        outer.ReferencedImageSequence = Sequence([inner])
-        inner = outer
-    ds.ReferencedImageSequence = Sequence([inner])
-    return ds
-
-
 def _odd(ds: Dataset, kind: str) -> Dataset:
     ds.Modality = "CR"
     if kind == "modality lut sequence":  # the real crasher: a valid image
@@ -70,7 +65,7 @@ def _odd(ds: Dataset, kind: str) -> Dataset:
     elif kind == "short pixels":
         ds.PixelData = ds.PixelData[:1000]
     elif kind == "2500-deep nesting":
-        _deep(ds)
+        deeply_nested(ds)
     elif kind == "dotted study date":
         ds.StudyDate = "1993.04.30"
     elif kind == "56-char accession":
@@ -127,27 +122,11 @@ KINDS = [
 ]
 
 
-def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
-    out.mkdir()
-    return subprocess.Popen(
-        ["storescp", "-aet", "ORTHANC", "-od", str(out), str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _referenced(path: Path) -> str:
-    sr = pydicom.dcmread(path)
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-    return str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-
-
 def test_odd_and_hostile_data_sets_between_valid_chest_images(node_factory, tmp_path):
     valid = chest_images(len(KINDS) + 1, "valid")
     odd = [_odd(ds, kind) for ds, kind in zip(chest_images(len(KINDS), "odd"), KINDS, strict=True)]
     pacs_port = free_port()
-    pacs = _storescp(tmp_path / "pacs", pacs_port)
+    pacs = storescp(tmp_path / "pacs", pacs_port)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(30000)  # pynetdicom encodes the 2,500-deep data set recursively
     try:
@@ -160,7 +139,7 @@ def test_odd_and_hostile_data_sets_between_valid_chest_images(node_factory, tmp_
         assert set(map(str, (d.SOPInstanceUID for d in valid))) <= set(sender.acked)
         want = {str(d.SOPInstanceUID) for d in valid}
         wait_for(
-            lambda: want <= {_referenced(p) for p in (tmp_path / "pacs").iterdir()},
+            lambda: want <= sr_sources(tmp_path / "pacs"),
             180,
             "an SR for every valid chest image",
         )

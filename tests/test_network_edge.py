@@ -5,7 +5,6 @@ are aborted before they are read, and a silent TLS client never stops the others
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NIH, ROOT, free_port
+from helpers import NIH, free_port
 
 pytestmark = pytest.mark.integration
 ARTIM = 2.0  # scp.association_request_timeout, scaled down
@@ -172,20 +171,6 @@ def test_oversized_pdus_and_endless_messages_are_aborted_in_bounded_memory(edge_
     assert grown <= 64, f"peak RSS grew by {grown:.0f} MiB"
     ok, _ = _storescu(node.port)
     assert ok and node.proc.poll() is None
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    out = tmp_path_factory.mktemp("certs")
-    subprocess.run(
-        [str(ROOT / "scripts" / "make-test-certs.sh"), str(out)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return out
 
 
 def test_a_silent_tls_connection_never_stops_other_tls_senders(node_factory, certs):

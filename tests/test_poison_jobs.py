@@ -7,26 +7,12 @@ the supervisor (systemd, Docker) that restarts it; dcmtk's storescp is the PACS.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from pathlib import Path
 
-import pydicom
 import pytest
-from helpers import ROOT, Sender, chest_images, free_port, wait_for
+from helpers import ROOT, Sender, chest_images, free_port, sr_sources, storescp, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
-    out.mkdir()
-    return subprocess.Popen(
-        ["storescp", "-aet", "ORTHANC", "-od", str(out), "--fork", str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])
@@ -34,7 +20,7 @@ def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(node_factory, 
     images = chest_images(5, f"poison-{mode}")
     poison = str(images[2].SOPInstanceUID)
     pacs_port, node_port = free_port(), free_port()
-    pacs = _storescp(tmp_path / "pacs", pacs_port)
+    pacs = storescp(tmp_path / "pacs", pacs_port, "--fork")
     start = lambda: node_factory(  # noqa: E731
         pacs_port,
         port=node_port,
@@ -66,16 +52,7 @@ def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(node_factory, 
             assert list(node.spool.glob("hang-*.txt"))
         status = node.cli("status")
         assert "quarantined=1" in status.stdout and "quarantined" in status.stdout
-        srs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
-        sources = {
-            str(
-                sr.CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence[0]
-                .ReferencedSOPSequence[0]
-                .ReferencedSOPInstanceUID
-            )
-            for sr in srs
-        }
+        sources = sr_sources(tmp_path / "pacs")
         assert sources == {str(d.SOPInstanceUID) for d in images} - {poison}
         wait_for(lambda: node.jobs().get("sent", 0) == 4, 10, "four jobs sent")
     finally:

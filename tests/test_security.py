@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH, ROOT
+from helpers import NIH
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
@@ -24,20 +24,6 @@ from node.spool import Spool
 
 pytestmark = pytest.mark.network
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    out = tmp_path_factory.mktemp("certs")
-    subprocess.run(
-        [str(ROOT / "scripts" / "make-test-certs.sh"), str(out)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return out
 
 
 @pytest.fixture
