@@ -643,3 +643,20 @@ def test_docker_compose_config(tmp_path: Path) -> None:
         env = merged["services"][NODE]["environment"]
         want = "cuda" if len(files) == 2 else "auto"
         assert env["CXR_NODE_MODEL__DEVICE"] == want
+
+
+def test_the_node_admits_dicom_from_orthancs_address_alone(compose):
+    """A calling AE title is not authentication: compose pins Orthanc's address and the
+    node's scp.allowed_hosts admits it (and its own healthcheck) only."""
+    import ipaddress
+
+    orthanc_net = compose["services"][ORTHANC]["networks"]["dicom"]
+    orthanc_ip = ipaddress.ip_address(orthanc_net["ipv4_address"])
+    [subnet] = [c["subnet"] for c in compose["networks"]["dicom"]["ipam"]["config"]]
+    assert orthanc_ip in ipaddress.ip_network(subnet)
+    scp = node_config(environment(compose["services"][NODE])).scp
+    allowed = [ipaddress.ip_network(a) for a in scp.allowed_hosts]
+    assert any(orthanc_ip in net for net in allowed)
+    assert any(ipaddress.ip_address("127.0.0.1") in net for net in allowed)
+    gateway = next(ipaddress.ip_network(subnet).hosts())  # where published-port peers appear
+    assert not any(gateway in net for net in allowed)

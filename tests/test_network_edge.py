@@ -193,3 +193,14 @@ def test_a_silent_tls_connection_never_stops_other_tls_senders(node_factory, cer
             ok, took = _storescu(node.port, *client)
             assert ok and took < ARTIM + 2, took
     assert node.proc.poll() is None
+
+
+def test_a_calling_ae_title_with_control_characters_is_logged_escaped(edge_node):
+    node = edge_node()
+    with _connect(node.port, _associate_rq(calling=b"EV\nFORGED\x1b[31m")) as s:
+        reply = _aborted(s)
+    assert reply[:1] in (b"\x03", b"\x07", b"")  # rejected (or aborted)
+    time.sleep(0.5)
+    text = node.log_text()
+    assert "\x1b" not in text and "\nFORGED" not in text
+    assert "EV\\nFORGED\\x1b[31m" in text
