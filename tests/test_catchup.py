@@ -211,3 +211,44 @@ def test_an_instance_refused_for_good_is_not_fetched_again(orthanc_factory, node
         r"3 instances found, 2 already known, 1 refused, 0 waiting \(grace\), 0 fetched, 0 errors",
         node.log_text(),
     )
+
+
+def test_five_restarts_under_a_steady_stream_lose_nothing_and_duplicate_nothing(
+    orthanc_factory, node_factory, tmp_path
+):
+    """300 images stored into Orthanc at a steady rate while the node is restarted five
+    times as a supervisor does it (TERM, then KILL after a few seconds): 300 SRs in Orthanc,
+    none twice — the route drops what arrives while the node is down, the catch-up fetches
+    it."""
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    images = _images(tmp_path / "in", 300, "restarts", _today())
+    start = lambda: node_factory(orthanc.dicom_port, port=node_port, catchup=FAST)  # noqa: E731
+    node = start()
+    sender = subprocess.Popen(  # ~15 images/s, one association per second of images
+        [
+            "bash",
+            "-c",
+            " ; ".join(
+                f"storescu -aec ORTHANC 127.0.0.1 {orthanc.dicom_port} "
+                + " ".join(map(str, images[i : i + 15]))
+                + " ; sleep 0.5"
+                for i in range(0, 300, 15)
+            ),
+        ],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(5):
+        time.sleep(3)
+        stop_process(node.proc, 3)  # TERM, KILL after 3 s
+        node = start()
+    assert sender.wait(180) == 0
+    assert len(orthanc.rest.find("Instance", {"Modality": "DX"})) == 300
+    wait_for(lambda: len(_srs(orthanc)) >= 300, 240, "300 SRs in Orthanc")
+    srs = _srs(orthanc)
+    assert len(srs) == 300
+    uids = {orthanc.rest.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in srs}
+    assert len(uids) == 300
+    assert node.proc.poll() is None
