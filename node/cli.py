@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from node.spool import Spool
 
 log = logging.getLogger("node.cli")
+# node.spool.STATES, without importing sqlite3 into every command's start-up
+JOB_STATES = ("received", "classified", "sent", "skipped", "failed", "quarantined", "dead")
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
@@ -101,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     spool = _spool(cfg, min_free_mb=cfg.spool.min_free_mb)
+    spool.claim()  # one node per spool: a second one refuses to start
     if recovered := spool.recover(read_uids):
         log.warning("recovered %d spooled file(s) without a job record", recovered)
     for job_id in report_last_hang(spool.root):
@@ -391,11 +394,29 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{n} job(s) purged\n")
         return 0
     sys.stdout.write(f"{_counts_line(spool)}\n")
+    sys.stdout.write("\t".join(JOB_COLUMNS) + "\n")
     for job in spool.jobs(args.state):
-        sys.stdout.write(
-            f"{job.id}\t{job.state}\t{job.attempts}\t{job.sop_instance_uid}\t{job.last_error}\n"
-        )
+        sys.stdout.write("\t".join(_job_row(job)) + "\n")
     return 0
+
+
+JOB_COLUMNS = (
+    "id",
+    "state",
+    "attempts",
+    "next_retry",
+    "sop_instance_uid",
+    "sr_uid",
+    "last_error",
+)
+
+
+def _job_row(job: Any) -> list[str]:
+    nxt = job.next_attempt
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(nxt)) if nxt > time.time() else "-"
+    error = job.last_error.replace("\t", " ").replace("\n", " ")
+    ids = [str(job.id), job.state, str(job.attempts), when]
+    return [*ids, job.sop_instance_uid, job.sr_uid, error]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
     common(j)
     j.add_argument("action", nargs="?", choices=["list", "retry", "purge"], default="list")
-    j.add_argument("--state", help="only jobs in this state (retry: default dead)")
+    j.add_argument(
+        "--state",
+        choices=JOB_STATES,
+        help="only jobs in this state (retry: default dead). States: received (waiting), "
+        "classified (SR waiting for delivery), sent, skipped (not a frontal chest radiograph), "
+        "failed (cannot be decoded or reported), quarantined (the node died or hung on it), "
+        "dead (SR refused by the PACS past destination.retry_for)",
+    )
     j.set_defaults(func=cmd_jobs)
     return p
 
@@ -555,9 +583,14 @@ def _peer_args(sp: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except NodeError as exc:
         sys.stderr.write(f"cxr-node {args.command}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `cxr-node status | head -1`: the reader left, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -39,7 +39,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import ScpConfig, TlsConfig
-from node.errors import MalformedDataset, SpoolError
+from node.errors import ConfigError, MalformedDataset, SpoolError
 from node.gate import ConnectionGate, NodeAssociationServer
 from node.metrics import Metrics
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
@@ -315,14 +315,20 @@ def start_server(
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
     context = server_ssl_context(tls) if tls is not None and tls.enabled else None
     gate = ConnectionGate(cfg.max_pending_connections, cfg.max_pending_per_host, cfg.allowed_hosts)
-    server = ae.make_server(
-        (cfg.bind_address, cfg.port),
-        evt_handlers=handlers,
-        server_class=NodeAssociationServer,
-        gate=gate,
-        tls=context,
-        handshake_timeout=cfg.association_request_timeout,
-    )
+    try:
+        server = ae.make_server(
+            (cfg.bind_address, cfg.port),
+            evt_handlers=handlers,
+            server_class=NodeAssociationServer,
+            gate=gate,
+            tls=context,
+            handshake_timeout=cfg.association_request_timeout,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {cfg.bind_address}:{cfg.port} (scp.bind_address, scp.port): "
+            f"{exc.strerror or exc}" + (" - another cxr-node?" if exc.errno == 98 else "")
+        ) from exc
     thread = threading.Thread(target=server.serve_forever, name="scp-listener", daemon=True)
     thread.start()
     ae._servers.append(server)  # as ae.start_server does: server.shutdown() removes it

@@ -25,6 +25,7 @@ process's umask (``spool.umask``, 0077 by default, applied by ``serve``: files 0
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -163,6 +164,26 @@ class Spool:
         columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "failing_since" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN failing_since REAL NOT NULL DEFAULT 0")
+
+    LOCK_FILE = "serve.lock"
+
+    def claim(self) -> None:
+        """Take the spool for this process alone (``serve``): another node on the same
+        spool would answer from the same job table; raises :class:`SpoolError` naming it."""
+        path = self.root / self.LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpoolError(
+                f"spool {self.root} is in use by another cxr-node (pid {holder}): one node "
+                "per spool (`cxr-node status` shows it)"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._claim = fd  # held open (and locked) until the process ends
 
     def close(self) -> None:
         with self._lock:
