@@ -212,9 +212,11 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         port: int | None = None,
         entry: tuple[str, ...] = ("-m", "node"),
         env: dict[str, str] | None = None,
+        may_exit: bool = False,
         **extra: dict[str, object],
     ) -> NodeProc:
-        """``entry``: what follows ``python`` (a fault-injecting wrapper, say)."""
+        """``entry``: what follows ``python`` (a fault-injecting wrapper, say); ``may_exit``:
+        the node may already have exited once it listened (it met a poison job)."""
         port = port or free_port()
         spool = tmp_path / "spool"
         sections: dict[str, dict[str, object]] = {
@@ -233,6 +235,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
             },
             "worker": {"poll_interval": 0.05, "backoff_base": 0.2, "backoff_max": 2.0},
             "metrics": {"port": 0},
+            "catchup": {"enabled": False},  # on where a test says so (tests/test_catchup.py)
         }
         for section, values in extra.items():
             sections.setdefault(section, {}).update(values)
@@ -257,7 +260,7 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         )
         procs.append(proc)
         wait_for(lambda: proc.poll() is not None or ready.exists(), 60, "the node to listen")
-        assert proc.poll() is None, log.read_text()
+        assert may_exit or proc.poll() is None, log.read_text()
         return NodeProc(proc, port, conf, spool, log)
 
     yield start

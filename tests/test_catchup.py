@@ -21,7 +21,7 @@ from helpers import NIH, free_port, wait_for
 from pydicom.uid import generate_uid
 
 pytestmark = pytest.mark.integration
-FAST = {"interval": 1.0, "grace": 2.0, "window_hours": 24.0}
+FAST = {"enabled": True, "interval": 1.0, "grace": 2.0, "window_hours": 24.0}
 """Catch-up timers scaled down: a round a second, fetched after 2 s missing."""
 
 
@@ -194,7 +194,7 @@ def test_an_instance_refused_for_good_is_not_fetched_again(orthanc_factory, node
     bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
     storescu(orthanc.dicom_port, tmp_path / "bad.dcm", good[1], good[0])
     _route_failures(orthanc, 3)
-    quick = {"interval": 0.5, "grace": 0.0, "window_hours": 24.0}
+    quick = {"enabled": True, "interval": 0.5, "grace": 0.0, "window_hours": 24.0}
     node = node_factory(orthanc.dicom_port, port=node_port, catchup=quick)
     wait_for(lambda: len(_srs(orthanc)) == 2, 60, "the 2 valid images' SRs")
     rounds = node.metrics()["cxr_node_catchup_rounds_total"]

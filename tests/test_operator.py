@@ -17,7 +17,7 @@ WRAPPER = ROOT / "tests" / "modelless_node.py"  # the real CLI, no torch: starts
 
 @pytest.fixture
 def running(node_factory):
-    return node_factory(free_port(), entry=(str(WRAPPER),), catchup={"enabled": False})
+    return node_factory(free_port(), entry=(str(WRAPPER),))
 
 
 def _cli(config, *args: str) -> subprocess.CompletedProcess[str]:
