@@ -7,7 +7,6 @@ injected by replacing one stage for one image.
 from __future__ import annotations
 
 import sqlite3
-import sys
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import Recorder, chest_images, deeply_nested, drain, wait_for
+from helpers import Recorder, chest_images, drain, wait_for
 from pydicom.dataset import Dataset
 
 import node.pipeline
@@ -231,24 +230,6 @@ def test_a_data_set_with_another_sop_instance_uid_than_received_fails(node_parts
     [job] = spool.jobs()
     assert job.state == "failed" and "not the one it was received as" in job.last_error
     assert not sent
-
-
-def test_deeply_nested_sequences_end_in_a_final_state(node_parts):
-    _cfg, spool, worker, _sent, delivery = node_parts
-    [deep, good] = chest_images(2, seed="deep")
-    deeply_nested(deep)
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(30000)  # writing it needs the depth
-    try:
-        data = _bytes(deep)
-    finally:
-        sys.setrecursionlimit(limit)
-    spool.store(data, deep.SOPInstanceUID, deep.SOPClassUID, "TEST")
-    _store(spool, [good])
-    _drain(worker, delivery)
-    states = _states(spool)
-    assert states[str(good.SOPInstanceUID)][0] == "sent"
-    assert states[str(deep.SOPInstanceUID)][0] in ("sent", "failed")
 
 
 def test_a_real_cr_with_a_modality_lut_sequence_is_classified(node_parts):
