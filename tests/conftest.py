@@ -213,10 +213,15 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         entry: tuple[str, ...] = ("-m", "node"),
         env: dict[str, str] | None = None,
         may_exit: bool = False,
+        model: bool = True,
         **extra: dict[str, object],
     ) -> NodeProc:
         """``entry``: what follows ``python`` (a fault-injecting wrapper, say); ``may_exit``:
-        the node may already have exited once it listened (it met a poison job)."""
+        the node may already have exited once it listened (it met a poison job); ``model``
+        False: a stand-in classifier (tests/modelless_node.py) where the model is not what
+        the test is about - the node starts in a second instead of several."""
+        if not model and entry == ("-m", "node"):
+            entry = (str(ROOT / "tests" / "modelless_node.py"),)
         port = port or free_port()
         spool = tmp_path / "spool"
         sections: dict[str, dict[str, object]] = {

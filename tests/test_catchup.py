@@ -96,7 +96,7 @@ def test_images_routed_while_the_node_was_down_are_fetched_once(
     _route_failures(orthanc, 50)  # Orthanc never retries these
 
     started = time.monotonic()
-    node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST)
+    node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST, model=False)
     srs = wait_for(
         lambda: len(_srs(orthanc)) >= 50 and _srs(orthanc), FAST["interval"] + 30, "50 SRs"
     )
@@ -127,7 +127,7 @@ def test_images_refused_while_the_spool_was_full_are_fetched_after(
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
     full = node_factory(
-        orthanc.dicom_port, port=node_port, catchup=FAST, spool={"min_free_mb": 2**30}
+        orthanc.dicom_port, port=node_port, catchup=FAST, spool={"min_free_mb": 2**30}, model=False
     )
     storescu(orthanc.dicom_port, *_images(tmp_path / "in", 12, "full", _today()))
     _route_failures(orthanc, 12)
@@ -140,7 +140,7 @@ def test_images_refused_while_the_spool_was_full_are_fetched_after(
     assert full.jobs() == {} and _refusals(full.spool) == []  # 0xA700 is not for good
     stop_process(full.proc, 20)
 
-    node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST)
+    node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST, model=False)
     wait_for(lambda: len(_srs(orthanc)) == 12, FAST["interval"] + 30, "12 SRs")
     assert node.jobs() == {"sent": 12}
     assert node.metrics()["cxr_node_catchup_fetched_total"] == 12.0
@@ -152,7 +152,7 @@ def test_backfill_fetches_exactly_the_missing_studies_and_nothing_twice(
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
     off = {"enabled": False}
-    live = node_factory(orthanc.dicom_port, port=node_port, catchup=off)
+    live = node_factory(orthanc.dicom_port, port=node_port, catchup=off, model=False)
     old = "20190301"  # far outside any catch-up window
     storescu(orthanc.dicom_port, *_images(tmp_path / "a", 3, "study-a", old))
     wait_for(lambda: len(_srs(orthanc)) == 3, 60, "the routed study's 3 SRs")
@@ -163,7 +163,7 @@ def test_backfill_fetches_exactly_the_missing_studies_and_nothing_twice(
     _route_failures(orthanc, 6)
     study_b, study_c = (str(pydicom.dcmread(p[0]).StudyInstanceUID) for p in (b, c))
 
-    node = node_factory(orthanc.dicom_port, port=node_port, catchup=off)
+    node = node_factory(orthanc.dicom_port, port=node_port, catchup=off, model=False)
     run = node.cli("backfill", "--study", study_b)
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(
@@ -195,7 +195,7 @@ def test_an_instance_refused_for_good_is_not_fetched_again(orthanc_factory, node
     storescu(orthanc.dicom_port, tmp_path / "bad.dcm", good[1], good[0])
     _route_failures(orthanc, 3)
     quick = {"enabled": True, "interval": 0.5, "grace": 0.0, "window_hours": 24.0}
-    node = node_factory(orthanc.dicom_port, port=node_port, catchup=quick)
+    node = node_factory(orthanc.dicom_port, port=node_port, catchup=quick, model=False)
     wait_for(lambda: len(_srs(orthanc)) == 2, 60, "the 2 valid images' SRs")
     rounds = node.metrics()["cxr_node_catchup_rounds_total"]
     wait_for(
@@ -223,7 +223,7 @@ def test_five_restarts_under_a_steady_stream_lose_nothing_and_duplicate_nothing(
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
     images = _images(tmp_path / "in", 300, "restarts", _today())
-    start = lambda: node_factory(orthanc.dicom_port, port=node_port, catchup=FAST)  # noqa: E731
+    start = lambda: node_factory(orthanc.dicom_port, port=node_port, catchup=FAST, model=False)  # noqa: E731
     node = start()
     sender = subprocess.Popen(  # ~15 images/s, one association per second of images
         [

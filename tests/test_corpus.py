@@ -191,7 +191,7 @@ def test_every_corpus_file_through_the_scp_and_push(node_factory, tmp_path):
     pacs_port = free_port()
     pacs = storescp(tmp_path / "pacs", pacs_port)
     try:
-        node = node_factory(pacs_port)
+        node = node_factory(pacs_port, model=False)
         started = time.monotonic()
         by_dcmtk = {f.name: _storescu(node.port, f) for f in FILES}
         report = tmp_path / "push.tsv"

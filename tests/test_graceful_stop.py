@@ -20,7 +20,9 @@ def test_sigterm_under_traffic_exits_0_in_time_and_loses_nothing(node_factory, t
     pacs_port, node_port = free_port(), free_port()
     pacs = storescp(tmp_path / "pacs", pacs_port)
     try:
-        node = node_factory(pacs_port, port=node_port, worker={"shutdown_timeout": SHUTDOWN})
+        node = node_factory(
+            pacs_port, port=node_port, worker={"shutdown_timeout": SHUTDOWN}, model=False
+        )
         images = chest_images(80, "sigterm")
         sender = Sender(node_port)
         thread = threading.Thread(target=sender.send, args=(images, 0.1))  # ~10 images/s
@@ -36,7 +38,9 @@ def test_sigterm_under_traffic_exits_0_in_time_and_loses_nothing(node_factory, t
         assert "closed database" not in text and "Traceback" not in text
         assert "stopped" in text
         acked = set(sender.acked)
-        node_factory(pacs_port, port=node_port)  # the restart delivers what was pending
+        node_factory(
+            pacs_port, port=node_port, model=False
+        )  # the restart delivers what was pending
         wait_for(lambda: acked <= sr_sources(tmp_path / "pacs"), 120, "an SR per acked image")
         assert sr_sources(tmp_path / "pacs") <= {str(d.SOPInstanceUID) for d in images}
     finally:

@@ -130,7 +130,7 @@ def test_odd_and_hostile_data_sets_between_valid_chest_images(node_factory, tmp_
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(30000)  # pynetdicom encodes the 2,500-deep data set recursively
     try:
-        node = node_factory(pacs_port)
+        node = node_factory(pacs_port, model=False)
         sender = Sender(node.port)
         for i, ds in enumerate(odd):
             sender.send([valid[i]])

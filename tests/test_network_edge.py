@@ -54,6 +54,7 @@ def edge_node(node_factory):
     return lambda **scp: node_factory(
         free_port(),  # no PACS: only the SCP is under test
         scp={"association_request_timeout": ARTIM, "max_dataset_mb": 4, **scp},
+        model=False,  # the network edge is under test, not the model
     )
 
 
@@ -180,7 +181,9 @@ def test_a_silent_tls_connection_never_stops_other_tls_senders(node_factory, cer
         "key_file": str(certs / "server.key"),
         "ca_file": str(certs / "ca.pem"),
     }
-    node = node_factory(free_port(), scp={"association_request_timeout": ARTIM}, tls=tls)
+    node = node_factory(
+        free_port(), scp={"association_request_timeout": ARTIM}, tls=tls, model=False
+    )
     client = [
         "+tls",
         str(certs / "client.key"),
