@@ -446,7 +446,9 @@ def main() -> int:
     )
     parser.add_argument("--route-rounds", type=int, default=3)
     parser.add_argument(
-        "--route-scenarios", default="kill,burst,storescp", help="route: which scenarios"
+        "--route-scenarios",
+        default="kill,burst,storescp",
+        help="route: kill, burst, storescp, direct",
     )
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}

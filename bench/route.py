@@ -204,15 +204,19 @@ def burst_round(
     variant: Variant, images: list[Path], work: Path, sink: str = "node"
 ) -> dict[str, float]:
     """Seconds from the burst's start until Orthanc stored it and until every SR is back
-    (``sink="storescp"``: until dcmtk's storescp received every image)."""
+    (``sink="storescp"``: until dcmtk's storescp received every image; ``sink="direct"``:
+    storescu sends to the node itself, not through Orthanc, whose route is then unused)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
     n = len(images)
-    with orthanc(
-        work / "orthanc", node_port=port, lua=variant.script(work), settings=variant.settings
-    ) as o:
-        if sink == "node":
+    lua = False if sink == "direct" else variant.script(work)
+    with orthanc(work / "orthanc", node_port=port, lua=lua, settings=variant.settings) as o:
+        target = ["-aet", "STORESCU", "-aec", "CXR_NODE", "127.0.0.1", str(port)]
+        if sink == "direct":
+            proc = start_node(work, o.dicom, port)
+            done = lambda: len(_studies_with_sr(o)) >= n  # noqa: E731
+        elif sink == "node":
             proc = start_node(work, o.dicom, port)
             done = lambda: len(_studies_with_sr(o)) >= n  # noqa: E731
         else:
@@ -226,15 +230,33 @@ def burst_round(
             done = lambda: sum(1 for _ in out.iterdir()) >= n  # noqa: E731
         try:
             t0 = time.perf_counter()
-            _storescu(o.dicom, images)
+            if sink == "direct":
+                subprocess.run(
+                    ["storescu", *target, *map(str, images)],
+                    env=NODELAY,
+                    check=True,
+                    capture_output=True,
+                    timeout=300,
+                )
+            else:
+                _storescu(o.dicom, images)
             stored = time.perf_counter() - t0
             wait_for(done, 600, f"{n} images through the route", every=0.05)
             total = time.perf_counter() - t0
+            cpu = {"sink_cpu_s": _cpu_seconds(proc.pid), "orthanc_cpu_s": _cpu_seconds(o.proc.pid)}
         finally:
             proc.terminate()
             proc.wait(60)
     settle(work)
-    return {"stored_in_orthanc_s": stored, "total_s": total, "images_per_s": n / total}
+    return {"stored_in_orthanc_s": stored, "total_s": total, "images_per_s": n / total, **cpu}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (start-up included: compare like with like)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _listening(port: int) -> bool:
@@ -253,7 +275,8 @@ def bench_route(
     burst: int = 150,
     scenarios: tuple[str, ...] = ("kill", "burst", "storescp"),
 ) -> dict[str, Any]:
-    """The scenarios (kill, burst into the node, burst into storescp) for every variant,
+    """The scenarios (kill, burst into the node, burst into storescp, burst straight into the
+    node: "direct") for every variant,
     ``rounds`` times, alternating."""
     from bench.common import make_images
 
@@ -266,6 +289,7 @@ def bench_route(
     kills: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
     bursts: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     ceilings: dict[str, list[dict[str, float]]] = {k: [] for k in names}
+    direct: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names:
             v = VARIANTS[name]
@@ -280,6 +304,11 @@ def bench_route(
                     burst_round(v, files[:burst], work / "route-sink", sink="storescp")
                 )
                 _say(f"round {r + 1} {name}: burst into storescp {ceilings[name][-1]}")
+            if "direct" in scenarios:
+                direct[name].append(
+                    burst_round(v, files[:burst], work / "route-direct", sink="direct")
+                )
+                _say(f"round {r + 1} {name}: burst straight into the node {direct[name][-1]}")
     summary: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = {}
@@ -298,6 +327,12 @@ def bench_route(
             row["route_into_storescp_images_per_s"] = [
                 round(c["images_per_s"], 1) for c in ceilings[name]
             ]
+        if direct[name]:
+            rate = statistics.median(b["images_per_s"] for b in direct[name])
+            row["direct_total_s"] = [round(b["total_s"], 2) for b in direct[name]]
+            row["direct_images_per_s_median"] = rate
+            if pipeline_images_per_s:
+                row["direct_vs_pipeline"] = rate / pipeline_images_per_s
         summary[name] = row
     return {
         "kill_images": kill_images,
@@ -308,6 +343,7 @@ def bench_route(
         "kill_rounds": kills,
         "burst_rounds": bursts,
         "storescp_rounds": ceilings,
+        "direct_rounds": direct,
     }
 
 
