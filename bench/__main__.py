@@ -2,7 +2,9 @@
 
 Every peer runs on loopback with TCP_NODELAY=1 (dcmtk reads it from the environment; the
 node sets it on its own sockets). Results: a table on stdout and bench/results/*.json.
-Usage: python -m bench [push] [ingest] [inference] [e2e] [memory] [--n N]
+Usage: python -m bench [push] [ingest] [inference] [e2e] [memory] [classify] [route] [--n N]
+``python -m bench inference route``: Orthanc's auto-route (bench/route.py), with the burst
+through Orthanc compared to the pipeline's images/s measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from bench.common import (
     make_images,
     orthanc,
     settle,
+    start_node,
     table,
     timed,
     wait_for,
 )
+from bench.route import bench_route
 
 PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
@@ -360,44 +364,11 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
     }
 
 
-def _node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
-    ready = work / "node.ready"
-    env = {
-        **NODELAY,
-        "CXR_NODE_SCP__PORT": str(port),
-        "CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["ORTHANC", "STORESCU"]',
-        "CXR_NODE_DESTINATION__PORT": str(dest_port),
-        "CXR_NODE_SPOOL__DIRECTORY": str(work / "spool"),
-        "CXR_NODE_MODEL__CACHE_DIR": str(work / "models"),
-        "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
-        "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
-        "CXR_NODE_METRICS__PORT": "0",
-        "CXR_NODE_LOGGING__LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "node",
-            "serve",
-            "--config",
-            str(ROOT / "config" / "node.toml"),
-            "--ready-file",
-            str(ready),
-        ],
-        env=env,
-        stderr=(work / "node.log").open("wb"),
-    )
-    wait_for(lambda: ready.exists() or proc.poll() is not None, 120, "the node")
-    assert proc.poll() is None, (work / "node.log").read_text()
-    return proc
-
-
 def bench_e2e(images: list[Path], work: Path, singles: int = 50) -> dict[str, Any]:
     """Orthanc stored the image -> the SR is stored in Orthanc: p50/p95, and a burst."""
     node_port = free_port()
     with orthanc(work / "orthanc-e2e", node_port=node_port, lua=True) as o:
-        node = _node(work, o.dicom, node_port)
+        node = start_node(work, o.dicom, node_port)
         try:
             lat = []
             for p in images[:singles]:
@@ -452,7 +423,7 @@ def bench_memory(images: list[Path], work: Path) -> dict[str, Any]:
         sub = work / f"mem{n}"
         sub.mkdir()
         port = free_port()
-        node = _node(sub, free_port(), port)  # destination down: SRs pile up too
+        node = start_node(sub, free_port(), port)  # destination down: SRs pile up too
         try:
             _storescu_time(port, images[:n])
             time.sleep(5)  # the worker is busy classifying the backlog
@@ -469,6 +440,16 @@ def main() -> int:
         "which", nargs="*", default=["push", "ingest", "inference", "e2e", "memory"]
     )
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument(
+        "--route-variants",
+        help="route: comma-separated names from bench/route.py VARIANTS (default: all)",
+    )
+    parser.add_argument("--route-rounds", type=int, default=3)
+    parser.add_argument(
+        "--route-scenarios",
+        default="kill,burst,storescp",
+        help="route: kill, burst, storescp, direct",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -483,6 +464,13 @@ def main() -> int:
             "e2e": lambda: bench_e2e(base, work),
             "memory": lambda: bench_memory(images, work),
             "classify": lambda: bench_classify(images, work),
+            "route": lambda: bench_route(
+                work,
+                results.get("inference", {}).get("pipeline_images_per_s"),
+                args.route_variants.split(",") if args.route_variants else None,
+                args.route_rounds,
+                scenarios=tuple(args.route_scenarios.split(",")),
+            ),
         }
         for name in args.which:
             t = time.perf_counter()

@@ -50,8 +50,9 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float =
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def make_images(n: int, out: Path, seed: str) -> list[Path]:
-    """``n`` copies of the 1 MB NIH radiograph with new UIDs (one study per 50 images)."""
+def make_images(n: int, out: Path, seed: str, study_size: int = 50) -> list[Path]:
+    """``n`` copies of the 1 MB NIH radiograph with new UIDs (one study per ``study_size``
+    images)."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -63,7 +64,7 @@ def make_images(n: int, out: Path, seed: str) -> list[Path]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
             entropy_srcs=[seed, str(i)]
         )
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study", str(i // 50)])
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study", str(i // study_size)])
         path = out / f"{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -71,24 +72,36 @@ def make_images(n: int, out: Path, seed: str) -> list[Path]:
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, node_port: int | None = None, lua: bool = False) -> None:
+    """The repo's orthanc.json on free ports. ``lua``: True for the repo's routing script, or
+    the path of another script; ``settings``: keys that replace orthanc.json's."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        node_port: int | None = None,
+        lua: bool | Path = False,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.http, self.dicom = free_port(), free_port()
         cfg = json.loads((ROOT / "orthanc.json").read_text())
+        script = ROOT / "config" / "route-to-node.lua" if lua is True else lua
+        cfg.update(settings or {})
         cfg.update(
             StorageDirectory=str(workdir / "db"),
             IndexDirectory=str(workdir / "db"),
             HttpPort=self.http,
             DicomPort=self.dicom,
-            LuaScripts=[str(ROOT / "config" / "route-to-node.lua")] if lua else [],
+            LuaScripts=[str(script)] if script else [],
         )
         cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port or 1)
         workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "orthanc.log"
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
         env = {**NODELAY, "ORTHANC_USER": "bench", "ORTHANC_PASSWORD": "bench"}
         self.proc = subprocess.Popen(
             [ORTHANC, str(workdir / "orthanc.json")],
             env=env,
-            stdout=(workdir / "orthanc.log").open("wb"),
+            stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
         self.auth = base64.b64encode(b"bench:bench").decode()
@@ -106,12 +119,51 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return json.loads(self.request(path))
 
+    def post(self, path: str, body: Any) -> Any:
+        return json.loads(self.request(path, json.dumps(body).encode()))
+
     def count(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
+    """``cxr-node serve`` (untrained model, spool in ``work``) sending SRs to ``dest_port``;
+    returns once it listens."""
+    ready = work / "node.ready"
+    ready.unlink(missing_ok=True)
+    env = {
+        **NODELAY,
+        "CXR_NODE_SCP__PORT": str(port),
+        "CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["ORTHANC", "STORESCU"]',
+        "CXR_NODE_DESTINATION__PORT": str(dest_port),
+        "CXR_NODE_SPOOL__DIRECTORY": str(work / "spool"),
+        "CXR_NODE_MODEL__CACHE_DIR": str(work / "models"),
+        "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
+        "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
+        "CXR_NODE_METRICS__PORT": "0",
+        "CXR_NODE_LOGGING__LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "serve",
+            "--config",
+            str(ROOT / "config" / "node.toml"),
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        stderr=(work / "node.log").open("ab"),
+    )
+    wait_for(lambda: ready.exists() or proc.poll() is not None, 120, "the node")
+    assert proc.poll() is None, (work / "node.log").read_text()
+    return proc
 
 
 def settle(*outputs: Path) -> None:

@@ -18,6 +18,12 @@ local function isNonImage(sopClass)
   return false
 end
 
+-- How one instance is sent (python -m bench route swaps this function to compare ways).
+local function route(instanceId)
+  SendToModality(instanceId, "cxr-node")
+end
+-- end of route
+
 function OnStoredInstance(instanceId, tags, metadata, origin)
   local modality = tags["Modality"]
   if not ROUTED_MODALITIES[modality] then
@@ -27,5 +33,5 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
     return
   end
   print("cxr-node: routing " .. instanceId .. " (" .. modality .. ") to cxr-node")
-  SendToModality(instanceId, "cxr-node")
+  route(instanceId)
 end

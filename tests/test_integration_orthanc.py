@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from io import BytesIO
 
 import pydicom
@@ -100,3 +101,52 @@ def test_orthanc_routes_chest_xray_and_receives_sr_in_same_study(
     assert "jobs: received=0 classified=0 sent=2" in status.stdout
     assert "UNTRAINED" in status.stdout
     assert sha256_file(weights_dir / WEIGHTS_NAME) in status.stdout
+
+
+def test_route_reaches_a_node_restarted_after_kill_9_while_images_keep_coming(
+    orthanc_factory, node_factory, tmp_path
+):
+    """Orthanc's Lua route keeps no association to the node between images: images 0.5 s
+    apart kept Orthanc 1.10's cached association (DicomAssociationCloseDelay, default 5 s)
+    in use after the node died, and every later image failed on it ("Broken pipe") although
+    the restarted node answered. Images routed after the restart must reach it."""
+    import signal
+    import threading
+
+    from helpers import chest_images, free_port
+
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port)
+    files = []
+    for i, ds in enumerate(chest_images(40, "route-kill")):
+        ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["route-kill", str(i)])
+        path = tmp_path / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append((path, str(ds.StudyInstanceUID)))
+
+    def has_sr(study: str) -> bool:
+        return bool(orthanc.rest.find("Instance", {"StudyInstanceUID": study, "Modality": "SR"}))
+
+    assert storescu(orthanc.dicom_port, files[0][0]).returncode == 0
+    wait_for(lambda: has_sr(files[0][1]), 90, "the first SR")  # the route has used the node
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    restarted = threading.Thread(
+        target=node_factory, args=(orthanc.dicom_port,), kwargs={"port": node_port}
+    )
+    restarted.start()
+    sent = 1
+    after_restart: list[str] = []
+    while len(after_restart) < 4:  # bounded: 39 images at most
+        assert sent < len(files), "the node did not come back within 39 images"
+        up = not restarted.is_alive()
+        path, study = files[sent]
+        assert storescu(orthanc.dicom_port, path).returncode == 0
+        sent += 1
+        if up:
+            after_restart.append(study)
+        time.sleep(0.5)
+    restarted.join()
+    for study in after_restart:
+        wait_for(lambda: has_sr(study), 90, "the SR of an image routed after the restart")  # noqa: B023
