@@ -146,6 +146,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server behind a :class:`ConnectionGate`, with read timeouts
     on accepted sockets and the TLS handshake in each connection's own thread."""
 
+    # socketserver's listen backlog is 5: a burst of connections beyond it waits a second
+    # each for the client's SYN retransmission before the gate can even judge it
+    request_queue_size = 128
+
     def __init__(
         self,
         *args: Any,

@@ -116,7 +116,7 @@ def test_folders_and_zips_give_one_row_per_image_with_reasons(tmp_path, weights_
 def test_sigint_then_resume_gives_the_csv_of_an_uninterrupted_run(tmp_path, weights_dir):
     source = tmp_path / "in"
     source.mkdir()
-    for i, ds in enumerate(chest_images(40, "resume")):
+    for i, ds in enumerate(chest_images(24, "resume")):
         ds.save_as(source / f"{i:03d}.dcm")
     conf = _config(tmp_path, weights_dir, batch=1)  # the same computation for every image
     whole = tmp_path / "whole.csv"
@@ -124,20 +124,19 @@ def test_sigint_then_resume_gives_the_csv_of_an_uninterrupted_run(tmp_path, weig
     assert proc.wait(300) == 0
     cut, cut_json = tmp_path / "cut.csv", tmp_path / "cut.json"
     proc = _run(conf, str(source), "--csv", str(cut), "--json", str(cut_json))
-    wait_for(lambda: cut.exists() and len(_rows(cut)) >= 10, 120, "10 rows written")
+    wait_for(lambda: cut.exists() and len(_rows(cut)) >= 6, 120, "6 rows written")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     done = len(_rows(cut))
-    assert 10 <= done < 40
+    assert 6 <= done < 24
     assert len(json.loads(cut_json.read_text())) == done  # the JSON array was closed
     proc = _run(conf, str(source), "--csv", str(cut), "--json", str(cut_json), "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert f"{done} already done" not in err or True
     assert cut.read_text() == whole.read_text()
     uids = [r["source"]["sop_instance_uid"] for r in json.loads(cut_json.read_text())]
-    assert len(uids) == 40 == len(set(uids))
+    assert len(uids) == 24 == len(set(uids))
     again = _run(conf, str(source), "--csv", str(cut), "--resume")
     _, err = again.communicate(timeout=300)
     assert "0 classified, 0 skipped, 0 failed" in err and cut.read_text() == whole.read_text()

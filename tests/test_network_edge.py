@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import NIH, free_port
 
+from node.gate import MIN_PENDING_AGE
+
 pytestmark = pytest.mark.integration
 ARTIM = 2.0  # scp.association_request_timeout, scaled down
 
@@ -72,6 +74,7 @@ def test_idle_and_half_open_sockets_never_lock_a_sender_out(edge_node):
             idle.append(_connect(node.port))
         except OSError:  # the backlog is full: the flood is as big as it gets
             break
+    time.sleep(MIN_PENDING_AGE)  # the flood is open and idle now (not renewing itself)
     try:
         for _ in range(3):  # at every attempt, within ARTIM + 2 s
             ok, took = _storescu(node.port)
