@@ -43,7 +43,7 @@ from node.scu import (
     associate,
     lost_reason,
     reactor_paused,
-    send_raw,
+    send_encoded,
     status_failure,
     usable,
 )
@@ -309,19 +309,10 @@ def _send_over(
 def _store(assoc: Association, p: Prepared, msg_id: int) -> Dataset:
     """Send the bytes as encoded; if the peer refused that syntax, let pynetdicom convert
     between uncompressed syntaxes (it refuses compressed ones: ``ValueError``)."""
-    e = p.encoded
     try:
-        return send_raw(
-            assoc,
-            e.sop_class_uid,
-            e.sop_instance_uid,
-            e.transfer_syntax,
-            e.dataset,
-            msg_id,
-            resume=False,
-        )
+        return send_encoded(assoc, p.encoded, msg_id)
     except ValueError:
-        return _store_converted(assoc, e)
+        return _store_converted(assoc, p.encoded)
 
 
 def _store_converted(assoc: Association, e: Encoded) -> Dataset:

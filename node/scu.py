@@ -224,15 +224,7 @@ def _store_one(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
     """The response status to one object, None when none came (the association ended);
     an object whose context the peer refused gets 0xC000-like failure status text."""
     try:
-        status = send_raw(
-            assoc,
-            e.sop_class_uid,
-            e.sop_instance_uid,
-            e.transfer_syntax,
-            e.dataset,
-            msg_id,
-            resume=False,
-        )
+        status = send_encoded(assoc, e, msg_id)
     except ValueError as exc:  # this (class, syntax) refused while others were accepted
         refused = Dataset()
         refused.Status = CANNOT_UNDERSTAND
@@ -281,6 +273,20 @@ def _pause_reactor(assoc: Association) -> None:
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused and assoc.is_alive():
         time.sleep(0.0001)
+
+
+def send_encoded(assoc: Association, e: Encoded, msg_id: int) -> Dataset:
+    """:func:`send_raw` of an :class:`Encoded` object, the reactor left paused (several
+    objects go in a row); raises ``ValueError`` when no accepted context fits it."""
+    return send_raw(
+        assoc,
+        e.sop_class_uid,
+        e.sop_instance_uid,
+        e.transfer_syntax,
+        e.dataset,
+        msg_id,
+        resume=False,
+    )
 
 
 def send_raw(
