@@ -38,6 +38,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.assocwords import rejection, titles
 from node.config import ScpConfig, TlsConfig
 from node.errors import ConfigError, MalformedDataset, SpoolError
 from node.gate import ConnectionGate, NodeAssociationServer
@@ -338,5 +339,17 @@ def start_server(
 
 
 def _log_rejection(event: Event) -> None:
-    rq = event.assoc.requestor
-    log.warning("association from %s (%s) rejected", rq.ae_title, rq.address)
+    """Why we rejected a peer, in the words its SCU shows, with both AE titles it sent."""
+    assoc = event.assoc
+    rq, rj = assoc.requestor.primitive, assoc.acceptor.primitive
+    calling = str(rq.calling_ae_title) if rq is not None else str(assoc.requestor.ae_title)
+    called = str(rq.called_ae_title) if rq is not None else "?"
+    why = rejection(rj.result, rj.result_source, rj.diagnostic) if rj is not None else "rejected"
+    log.warning(
+        "association from %s %s (%s; we are %s)",
+        assoc.requestor.address,
+        why,
+        titles(calling, called),
+        assoc.acceptor.ae_title,
+        extra={"calling_ae": calling},
+    )
