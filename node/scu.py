@@ -19,7 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
-from pynetdicom.transport import AddressInformation, AssociationSocket, T_CONNECT
+from pynetdicom.transport import T_CONNECT, AddressInformation, AssociationSocket
 
 from node.assocwords import (
     aborted,
@@ -30,7 +30,7 @@ from node.assocwords import (
     unknown_host,
 )
 from node.dicomio import Encoded
-from node.errors import ContextsRefused, SendError, Unreachable
+from node.errors import ConfigError, ContextsRefused, SendError, Unreachable
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,23 @@ def client_ssl_context(
 ) -> ssl.SSLContext:
     """TLS for the SCU: verify the peer against ``ca_file`` (system CAs if None), and
     present a client certificate when given."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS: cannot load the CA file {ca_file}: {_why(exc)}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None:
-        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        try:
+            ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"{cert_file}" + (f", {key_file}" if key_file else "")
+            raise ConfigError(f"TLS: cannot load our certificate ({files}): {_why(exc)}") from exc
     return ctx
+
+
+def _why(exc: OSError) -> str:
+    """ "No such file or directory", or the SSL library's reason."""
+    return str(exc) if isinstance(exc, ssl.SSLError) or not exc.strerror else exc.strerror
 
 
 def check_status(status: Dataset | None, what: str) -> int:
