@@ -19,7 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
-from pynetdicom.transport import T_CONNECT, AddressInformation, AssociationSocket
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from node.assocwords import (
     aborted,
@@ -99,30 +99,34 @@ def status_failure(status: Dataset | None) -> str:
     return f"C-STORE failed with status 0x{code:04X} {comment}".rstrip()
 
 
-class _Transport(AssociationSocket):
-    """pynetdicom's association socket, keeping why its connect() failed (pynetdicom logs
-    the ``OSError`` and drops it): refused and timed out are told apart in the message."""
+class _AE(AE):
+    """An AE for one association that keeps why its connection failed (pynetdicom logs the
+    ``OSError`` and drops it): refused and timed out are told apart in the message. Its
+    association socket stays pynetdicom's own class (node.netopts swaps that one)."""
 
     connect_error: OSError | None = None
 
-    def _create_socket(self, address: AddressInformation) -> socket.socket:
-        plain = super()._create_socket(address)
-        sock = _RecordingSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
-        sock.settimeout(plain.gettimeout())
-        sock.owner = self
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: AddressInformation,
+        tls_args: tuple[ssl.SSLContext, str] | None,
+    ) -> AssociationSocket:
+        if tls_args is not None:  # the TLS socket made from ours connects: it records
+            tls_args = (cast(ssl.SSLContext, _RecordingContext(tls_args[0], self)), tls_args[1])
+        sock = super()._create_socket(assoc, address, tls_args)
+        plain = cast(socket.socket, sock.socket)
+        recording = _RecordingSocket(plain.family, plain.type, plain.proto, plain.detach())
+        recording.settimeout(plain.gettimeout())
+        recording.owner = self
+        sock.socket = recording
         return sock
-
-    def connect(self, primitive: T_CONNECT) -> None:
-        if self.tls_args:  # the TLS socket made from ours connects: it records the error
-            context, hostname = self.tls_args
-            self.tls_args = (cast(ssl.SSLContext, _RecordingContext(context, self)), hostname)
-        super().connect(primitive)
 
 
 class _RecordingSocket(socket.socket):
-    """A TCP socket that hands the error of a failed connect() to its :class:`_Transport`."""
+    """A TCP socket that hands the error of a failed connect() to its :class:`_AE`."""
 
-    owner: _Transport | None = None
+    owner: _AE | None = None
 
     def connect(self, address: object) -> None:
         try:
@@ -136,7 +140,7 @@ class _RecordingSocket(socket.socket):
 class _RecordingContext:
     """Wraps an SSL context: the TLS socket it makes records a failed connect() too."""
 
-    def __init__(self, context: ssl.SSLContext, owner: _Transport) -> None:
+    def __init__(self, context: ssl.SSLContext, owner: _AE) -> None:
         self._context, self._owner = context, owner
 
     def wrap_socket(self, sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
@@ -154,21 +158,7 @@ class _RecordingContext:
         return tls
 
 
-class _AE(AE):
-    """An AE whose associations use :class:`_Transport`."""
-
-    def _create_socket(
-        self,
-        assoc: Association,
-        address: AddressInformation,
-        tls_args: tuple[ssl.SSLContext, str] | None,
-    ) -> AssociationSocket:
-        sock = _Transport(assoc, address=address)
-        sock.tls_args = tls_args
-        return sock
-
-
-def _ae(peer: Peer) -> AE:
+def _ae(peer: Peer) -> _AE:
     quiet_pynetdicom()
     ae = _AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = peer.timeout
@@ -199,7 +189,7 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
             raise ContextsRefused(f"{where}: {_refused(assoc)}")
-        raise Unreachable(f"{where}: {_not_established(assoc, peer)}")
+        raise Unreachable(f"{where}: {_not_established(assoc, peer, ae.connect_error)}")
     try:
         yield assoc
     finally:
@@ -209,13 +199,12 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
             assoc.kill()
 
 
-def _not_established(assoc: Association, peer: Peer) -> str:
+def _not_established(assoc: Association, peer: Peer, connect_error: OSError | None) -> str:
     """Why an association request failed: refused, timed out, aborted, or rejected (the
     peer's reason in words, with both AE titles)."""
     address = f"{peer.host}:{peer.port}"
-    sock = assoc.dul.socket
-    if isinstance(sock, _Transport) and sock.connect_error is not None:
-        return connect_failure(sock.connect_error, address, peer.timeout)
+    if connect_error is not None:
+        return connect_failure(connect_error, address, peer.timeout)
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:
         why = rejection(rsp.result, rsp.result_source, rsp.diagnostic)

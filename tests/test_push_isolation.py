@@ -246,4 +246,5 @@ def test_summary_names_the_first_failures_and_counts_the_rest():
     assert "  ... and 5 more failed (--report lists all)" in lines
     assert "  skipped (not DICOM): s19.txt" in lines
     assert "  ... and 5 more skipped (not DICOM) (--report lists all)" in lines
-    assert len(lines) == 1 + 2 * 21
+    assert lines[-1] == "nothing sent: every DICOM object failed (see above)"
+    assert len(lines) == 1 + 2 * 21 + 1
