@@ -161,12 +161,13 @@ PUSH_CALLING_AET = "CXR_PUSH"
 
 def _destination_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``[destination]`` section (defaults < file < environment), read only when a
-    config file or a ``CXR_NODE_`` variable is there to read."""
+    config file or a ``CXR_NODE_`` variable is there to read; other sections are not
+    checked (a healthcheck's echo does not fail for a key only serve uses)."""
     if args.config is None and not any(k.startswith(ENV_PREFIX) for k in os.environ):
         return {**PEER_DEFAULTS, "tls": False}
-    from node.config import load_config
+    from node.config import load_destination
 
-    return load_config(args.config, os.environ).destination.model_dump()
+    return load_destination(args.config, os.environ).model_dump()
 
 
 def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> Peer:

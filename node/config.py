@@ -395,17 +395,40 @@ def load_config(
     and the command line from the current directory. An invalid value is a
     :class:`ConfigError` of one line per problem, naming the key and where it came from."""
     environ = os.environ if environ is None else environ
+    data = _layers(path, environ, overrides or {})
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, (), _Sources(path, environ, overrides or {})) from None
+
+
+def load_destination(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> DestinationConfig:
+    """Only ``[destination]`` (defaults < file < environment), as :func:`load_config` reads
+    it, for ``echo`` and ``push``: the other sections are the node's business."""
+    environ = os.environ if environ is None else environ
+    data = _layers(path, environ, {}).get("destination", {})
+    try:
+        return DestinationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, ("destination",), _Sources(path, environ, {})) from None
+
+
+def _layers(
+    path: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     from_file: dict[str, Any] = read_toml(path) if path is not None else {}
     if path is not None:
         from_file = anchor_paths(from_file, path.parent)
     data = _merge(from_file, env_overrides(environ))
-    data = _merge(data, dotted_overrides(overrides or {}))
-    try:
-        return NodeConfig.model_validate(data)
-    except ValidationError as exc:
-        where = _Sources(path, environ, overrides or {})
-        lines = [where.explain(err) for err in exc.errors(include_url=False)]
-        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+    return _merge(data, dotted_overrides(overrides))
+
+
+def _config_error(exc: ValidationError, prefix: tuple[str, ...], where: _Sources) -> ConfigError:
+    """One line per problem (the same problem once), each naming its key and source."""
+    lines = [where.explain({**e, "loc": prefix + e["loc"]}) for e in exc.errors(include_url=False)]
+    return ConfigError("\n".join(dict.fromkeys(lines)))
 
 
 def _path_fields() -> set[tuple[str, str]]:

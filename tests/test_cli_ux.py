@@ -100,6 +100,19 @@ def test_echo_flags_override_the_config_and_the_environment_overrides_the_file(p
     assert env.returncode == 0 and f":{pacs} (calling AE NODE_Y)" in env.stdout
 
 
+def test_echo_checks_only_the_destination_and_names_its_errors(pacs, tmp_path):
+    """A key only serve uses does not fail echo (a healthcheck); the destination's do."""
+    config = destination(tmp_path, pacs)
+    config.write_text(config.read_text() + "[tls]\nenabled = true\n")  # no cert files
+    done = cli("echo", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    bad = cli("echo", "--config", str(config), CXR_NODE_DESTINATION__PORT="x")
+    assert bad.returncode == 2
+    assert bad.stderr == (
+        "cxr-node echo: error: CXR_NODE_DESTINATION__PORT='x': destination.port: not an integer\n"
+    )
+
+
 def test_push_sends_to_the_configured_destination(pacs, tmp_path):
     done = cli("push", str(NIH), "--config", str(destination(tmp_path, pacs)))
     assert done.returncode == 0, done.stdout + done.stderr
