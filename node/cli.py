@@ -498,11 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the Storage SCP and the worker")
     common(s)
     s.add_argument("--port", type=int, help="override scp.port (default: scp.port, else 11112)")
-    s.add_argument(
-        "--allow-untrained",
-        action="store_true",
-        help="override model.allow_untrained (default: model.allow_untrained, else off)",
-    )
+    _allow_untrained(s)
     s.add_argument(
         "--ready-file", type=Path, help="write the listening port here when ready (default: none)"
     )
@@ -557,11 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow links in a folder that point outside it (default: skipped, named)",
     )
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here (default: none)")
-    c.add_argument(
-        "--allow-untrained",
-        action="store_true",
-        help="override model.allow_untrained (default: model.allow_untrained, else off)",
-    )
+    _allow_untrained(c)
     c.add_argument(
         "--no-filter",
         action="store_true",
@@ -667,6 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.set_defaults(func=cmd_jobs)
     return p
+
+
+def _allow_untrained(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="override model.allow_untrained (default: model.allow_untrained, else off)",
+    )
 
 
 def _positive_int(text: str) -> int:
