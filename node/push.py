@@ -314,13 +314,14 @@ def _send_over(
             continue
         lost = lost_reason(assoc)
         link.close()
+        peer = f"{link.peer.ae_title}@{link.peer.host}:{link.peer.port}"
         if lost is None:
             pending.popleft()
             waited = f"{link.peer.timeout:g} s"
-            summary.fail(p.name, f"no response within {waited} (association aborted)")
+            summary.fail(p.name, f"no response from {peer} within {waited} (association aborted)")
         elif id(p) in aborted_once:
             pending.popleft()
-            summary.fail(p.name, f"{lost} while receiving it (twice, on new associations)")
+            summary.fail(p.name, f"{peer}: {lost} while receiving it (twice, on new associations)")
         else:
             aborted_once.add(id(p))
             log.info("%s: %s while receiving it; trying it on a new association", p.name, lost)
