@@ -420,7 +420,7 @@ def _layers(
 ) -> dict[str, Any]:
     from_file: dict[str, Any] = read_toml(path) if path is not None else {}
     if path is not None:
-        from_file = anchor_paths(from_file, path.parent)
+        from_file = anchor_paths(from_file, path.absolute().parent)  # `--config etc/x.toml` too
     data = _merge(from_file, env_overrides(environ))
     return _merge(data, dotted_overrides(overrides))
 

@@ -297,6 +297,15 @@ def test_relative_paths_in_the_file_are_taken_from_its_folder(tmp_path):
     assert env.spool.directory == Path("here/spool")
 
 
+def test_a_relative_config_path_anchors_its_paths_absolutely(tmp_path, monkeypatch):
+    """`--config etc/node.toml`: the spool is where the file says, not where the command
+    happens to run later (a path kept relative would move with the current directory)."""
+    node_toml(tmp_path / "etc", '[spool]\ndirectory = "var/spool"\n')
+    monkeypatch.chdir(tmp_path)
+    directory = load_config(Path("etc/node.toml"), {}).spool.directory
+    assert directory == tmp_path / "etc" / "var" / "spool"
+
+
 # -- push --dry-run ---------------------------------------------------------------------------
 def test_a_dry_run_lists_each_object_and_names_skipped_files(tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
