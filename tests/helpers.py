@@ -89,6 +89,22 @@ class OrthancRest:
         return True
 
 
+def http_status(port: int, auth: tuple[str, str] | None, path: str = "/system") -> int:
+    """The HTTP status Orthanc answers to GET ``path`` with these credentials (user,
+    password; None: no Authorization header)."""
+    import urllib.error
+
+    headers = {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with _LOCAL.open(req, timeout=10) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def chest_images(n: int, seed: str = "t") -> list[Dataset]:
     """``n`` copies of the NIH radiograph as distinct instances (new SOP Instance UIDs)."""
     import pydicom
