@@ -89,6 +89,21 @@ class OrthancRest:
         return True
 
 
+def move_orthanc(cfg: dict[str, Any], folder: Path, lua_dir: Path) -> int:
+    """An orthanc.json (``cfg``, changed in place) moved to free ports, its storage into
+    ``folder``, its LuaScripts to the files of the same names in ``lua_dir``; returns the
+    HTTP port."""
+    http = free_port()
+    cfg.update(
+        StorageDirectory=str(folder / "db"),
+        IndexDirectory=str(folder / "db"),
+        HttpPort=http,
+        DicomPort=free_port(),
+        LuaScripts=[str(lua_dir / Path(p).name) for p in cfg["LuaScripts"]],
+    )
+    return http
+
+
 def http_status(port: int, auth: tuple[str, str] | None, path: str = "/system") -> int:
     """The HTTP status Orthanc answers to GET ``path`` with these credentials (user,
     password; None: no Authorization header)."""

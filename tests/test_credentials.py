@@ -9,22 +9,15 @@ import os
 import subprocess
 
 import pytest
-from conftest import repo_lua_scripts, stop_process
-from helpers import ROOT, free_port, http_status, wait_for
+from conftest import stop_process
+from helpers import ROOT, http_status, move_orthanc, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_orthanc_without_the_credential_variables_lets_nobody_in(tmp_path):
     cfg = json.loads((ROOT / "orthanc.json").read_text())
-    http = free_port()
-    cfg.update(
-        StorageDirectory=str(tmp_path / "db"),
-        IndexDirectory=str(tmp_path / "db"),
-        HttpPort=http,
-        DicomPort=free_port(),
-        LuaScripts=repo_lua_scripts(cfg),
-    )
+    http = move_orthanc(cfg, tmp_path, ROOT / "config")
     assert cfg["RemoteAccessAllowed"] and cfg["AuthenticationEnabled"]
     conf = tmp_path / "orthanc.json"
     conf.write_text(json.dumps(cfg))

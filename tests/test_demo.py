@@ -50,9 +50,7 @@ def test_demo_pushes_the_image_shows_the_sr_and_keeps_orthanc_up_until_enter(tmp
         assert explorer and login, text
         port, auth = int(explorer[1]), (login[1], login[2])
         assert http_status(port, auth, "/app/explorer.html") == 200  # still up, login works
-        proc.stdin.write("\n")
-        proc.stdin.close()
-        rest, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate("\n", timeout=60)  # Enter
     finally:
         timer.cancel()
         proc.kill()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import stop_process
-from helpers import ROOT, OrthancRest, free_port, http_status, wait_for
+from helpers import ROOT, OrthancRest, free_port, http_status, move_orthanc, wait_for
 from pynetdicom import AE
 
 from node.config import load_config
@@ -230,14 +230,7 @@ def test_installed_orthanc_lets_in_the_generated_login_alone(staged, tmp_path):
     conf = tmp_path / "orthanc"
     conf.mkdir()
     cfg = json.loads((etc / "orthanc.json").read_text())
-    http = free_port()
-    cfg.update(
-        StorageDirectory=str(tmp_path / "db"),
-        IndexDirectory=str(tmp_path / "db"),
-        HttpPort=http,
-        DicomPort=free_port(),
-        LuaScripts=[str(etc / Path(p).name) for p in cfg["LuaScripts"]],
-    )
+    http = move_orthanc(cfg, tmp_path, etc)
     assert all(Path(p).is_file() for p in cfg["LuaScripts"])  # installed beside it
     (conf / "orthanc.json").write_text(json.dumps(cfg))
     shutil.copy(etc / "credentials.json", conf / "credentials.json")
