@@ -346,24 +346,42 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
     keep_freed_memory(4)  # as classify sets it: raw model(x) under the same malloc tuning
     module = xrv.models.DenseNet(weights=None).eval()
     x = torch.zeros((4, 1, 224, 224))
-    with torch.inference_mode():
-        module(x)
-        reps = 25
-        raw = 4 * reps / timed(lambda: [module(x) for _ in range(reps)])
+
+    def raw_rate() -> float:
+        with torch.inference_mode():
+            module(x)
+            reps = 25
+            return 4 * reps / timed(lambda: [module(x) for _ in range(reps)])
+
+    # raw is measured right before and after each classify round, and each round's ratio is
+    # taken against the mean of the two: on a shared machine the load drifts within minutes
     results = []
     for _ in range(rounds):
+        before = raw_rate()
         startup = run(small)
         whole = run(folder)
+        after = raw_rate()
         rate = (len(images) - 4) / max(1e-6, whole - startup)
-        results.append({"startup_s": startup, "total_s": whole, "images_per_s": rate})
-    rate = statistics.median(r["images_per_s"] for r in results)
+        raw = (before + after) / 2
+        results.append(
+            {
+                "startup_s": startup,
+                "total_s": whole,
+                "images_per_s": rate,
+                "raw_before": before,
+                "raw_after": after,
+                "ratio": rate / raw,
+            }
+        )
     return {
         "images": len(images),
         "threads": torch.get_num_threads(),
-        "raw_images_per_s": raw,
+        "raw_images_per_s": statistics.median(
+            (r["raw_before"] + r["raw_after"]) / 2 for r in results
+        ),
         "rounds": results,
-        "classify_images_per_s": rate,
-        "classify_vs_raw": rate / raw,
+        "classify_images_per_s": statistics.median(r["images_per_s"] for r in results),
+        "classify_vs_raw": statistics.median(r["ratio"] for r in results),
     }
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``cxr-node serve | echo | classify | push | status | jobs | backfill``."""
+"""Command line: ``cxr-node serve | check | echo | classify | push | status | jobs | backfill``."""
 
 from __future__ import annotations
 
@@ -208,6 +208,31 @@ def cmd_echo(args: argparse.Namespace) -> int:
         f"(calling AE {peer.calling_ae_title}{', TLS' if peer.tls else ''}): success\n"
     )
     return 0
+
+
+# -- check -------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    """The pre-flight (node/check.py): one line per check, exit 1 if any FAILs."""
+    from node.check import Result, run_checks
+    from node.config import load_config
+
+    setup_logging(args.log_level or "ERROR")
+    if args.log_level != "DEBUG":  # a failed C-ECHO is reported on its check's line, once
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    source = str(args.config) if args.config else "the defaults and environment"
+    try:
+        cfg = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        fix = "correct the key named above (config/node.toml documents every key)"
+        detail = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+        sys.stdout.write(Result("FAIL", "config", detail, fix).line() + "\n")
+        return 1
+    failed = False
+    for result in run_checks(cfg, source):
+        sys.stdout.write(result.line() + "\n")
+        sys.stdout.flush()  # each line as soon as it is known (the C-ECHOs take time)
+        failed = failed or result.level == "FAIL"
+    return 1 if failed else 0
 
 
 # -- classify ----------------------------------------------------------------------------
@@ -521,6 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{PEER_DEFAULTS['calling_ae_title']})",
     )
     e.set_defaults(func=cmd_echo)
+
+    k = sub.add_parser(
+        "check",
+        help="pre-flight: config, weights, spool, ports, destination and catch-up peer "
+        "(C-ECHO); one line per check with the fix; exit 1 if any FAILs",
+    )
+    common(k)
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser(
         "classify", help="classify DICOM files, folders and zip archives offline (no network)"

@@ -31,6 +31,24 @@ class _JobsCollector(Collector):
         )
 
 
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): (source, diagnostic) -> the reason label
+REJECTION_REASONS = {
+    (1, 1): "no_reason_given",
+    (1, 2): "application_context_not_supported",
+    (1, 3): "calling_ae_title_not_recognized",
+    (1, 7): "called_ae_title_not_recognized",
+    (2, 1): "no_reason_given",
+    (2, 2): "protocol_version_not_supported",
+    (3, 1): "temporary_congestion",
+    (3, 2): "local_limit_exceeded",
+}
+
+
+def rejection_reason(source: int | None, diagnostic: int | None) -> str:
+    """The metric label of an association rejection (``other`` for an unlisted pair)."""
+    return REJECTION_REASONS.get((source or 0, diagnostic or 0), "other")
+
+
 class Metrics:
     """The node's counters and histograms."""
 
@@ -39,6 +57,18 @@ class Metrics:
         r = self.registry
         self.associations = Counter(
             "cxr_node_associations", "Associations accepted by the SCP", registry=r
+        )
+        self.rejected = Counter(
+            "cxr_node_associations_rejected",
+            "Associations the SCP rejected, by reason (calling_ae_title_not_recognized, "
+            "called_ae_title_not_recognized, local_limit_exceeded, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.model_trained = Gauge(
+            "cxr_node_model_trained",
+            "1 when the published weights are loaded, 0 when the model runs UNTRAINED",
+            registry=r,
         )
         self.c_store = Counter(
             "cxr_node_c_store", "C-STORE requests answered, by status", ["status"], registry=r
@@ -69,6 +99,11 @@ class Metrics:
         )
         self.catchup_fetched = Counter(
             "cxr_node_catchup_fetched", "Instances fetched by the catch-up (C-MOVE)", registry=r
+        )
+        self.catchup_last_round = Gauge(
+            "cxr_node_catchup_last_round_timestamp_seconds",
+            "When the last catch-up round started (Unix time; alert when it stops moving)",
+            registry=r,
         )
         self.catchup_errors = Counter(
             "cxr_node_catchup_errors",

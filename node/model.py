@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 OFFICIAL_SHA256 = {
     "densenet121-res224-all": "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899",
 }
+# where torchxrayvision downloads it from (xrv.models.model_urls, pinned with the hash above,
+# so that `cxr-node check` names the file without importing torch; tests/test_model.py
+# checks it against xrv's own)
+OFFICIAL_URL = {
+    "densenet121-res224-all": "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0"
+    "-best.pt",
+}
 UNTRAINED_LABEL = "UNTRAINED - NOT FOR CLINICAL USE"
 
 
@@ -122,9 +130,7 @@ def _dynamo_utils_deferred() -> Iterator[None]:
 
 def expected_weights_path(cfg: ModelConfig) -> tuple[Path, str]:
     """Return (the file torchxrayvision loads, the URL it downloads it from)."""
-    xrv = import_xrv()
-
-    url: str = xrv.models.model_urls[cfg.weights]["weights_url"]
+    url = OFFICIAL_URL[cfg.weights]
     name = os.path.basename(url)
     if cfg.weights_file is not None:
         path = cfg.weights_file.expanduser()

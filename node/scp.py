@@ -42,7 +42,7 @@ from node.assocwords import rejection, titles
 from node.config import ScpConfig, TlsConfig
 from node.errors import ConfigError, MalformedDataset, SpoolError
 from node.gate import ConnectionGate, NodeAssociationServer
-from node.metrics import Metrics
+from node.metrics import Metrics, rejection_reason
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
 from node.spool import Spool
@@ -314,6 +314,7 @@ def start_server(
     ]
     if metrics is not None:
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
+        handlers.append((evt.EVT_REJECTED, _count_rejection, [metrics]))
     context = server_ssl_context(tls) if tls is not None and tls.enabled else None
     gate = ConnectionGate(cfg.max_pending_connections, cfg.max_pending_per_host, cfg.allowed_hosts)
     try:
@@ -336,6 +337,12 @@ def start_server(
     host, port = server.server_address[:2]
     log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port, " (TLS)" if context else "")
     return server
+
+
+def _count_rejection(event: Event, metrics: Metrics) -> None:
+    rj = event.assoc.acceptor.primitive
+    reason = rejection_reason(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+    metrics.rejected.labels(reason).inc()
 
 
 def _log_rejection(event: Event) -> None:

@@ -63,6 +63,20 @@ def test_missing_weights_message_names_file_url_and_place(tmp_path):
     assert "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + WEIGHTS_NAME in text
 
 
+def test_the_pinned_weights_url_is_torchxrayvisions(tmp_path):
+    """expected_weights_path names the file without importing torch (cxr-node check)."""
+    from node.model import OFFICIAL_URL, import_xrv
+
+    for name, url in OFFICIAL_URL.items():
+        assert import_xrv().models.model_urls[name]["weights_url"] == url
+    code = (
+        "import sys; from node.config import ModelConfig; "
+        "from node.model import expected_weights_path as e; e(ModelConfig()); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_missing_weights_without_file_runs_untrained_when_allowed(tmp_path):
     clf = load_classifier(
         ModelConfig(cache_dir=tmp_path, allow_untrained=True, allow_download=False)
