@@ -15,15 +15,15 @@ SOURCES: Final = {
     2: "the service provider (ACSE)",
     3: "the service provider (presentation)",
 }
-REASONS: Final = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised",
-    (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
+REASONS: Final = {  # (source, diagnostic) -> (in words, the metric's label)
+    (1, 1): ("no reason given", "no_reason_given"),
+    (1, 2): ("application context name not supported", "application_context_not_supported"),
+    (1, 3): ("calling AE title not recognised", "calling_ae_title_not_recognized"),
+    (1, 7): ("called AE title not recognised", "called_ae_title_not_recognized"),
+    (2, 1): ("no reason given", "no_reason_given"),
+    (2, 2): ("protocol version not supported", "protocol_version_not_supported"),
+    (3, 1): ("temporary congestion", "temporary_congestion"),
+    (3, 2): ("local limit exceeded", "local_limit_exceeded"),
 }
 
 
@@ -32,8 +32,13 @@ def rejection(result: int | None, source: int | None, reason: int | None) -> str
     title not recognised"."""
     how = RESULTS.get(result or 0, f"result {result}")
     who = SOURCES.get(source or 0, f"source {source}")
-    why = REASONS.get((source or 0, reason or 0), f"reason {reason}")
+    why = REASONS.get((source or 0, reason or 0), (f"reason {reason}", ""))[0]
     return f"rejected ({how}) by {who}: {why}"
+
+
+def reason_label(source: int | None, reason: int | None) -> str:
+    """A rejection's reason as a metric label (``other`` for an unlisted pair)."""
+    return REASONS.get((source or 0, reason or 0), ("", "other"))[1]
 
 
 def titles(calling: str, called: str) -> str:

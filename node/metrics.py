@@ -31,24 +31,6 @@ class _JobsCollector(Collector):
         )
 
 
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): (source, diagnostic) -> the reason label
-REJECTION_REASONS = {
-    (1, 1): "no_reason_given",
-    (1, 2): "application_context_not_supported",
-    (1, 3): "calling_ae_title_not_recognized",
-    (1, 7): "called_ae_title_not_recognized",
-    (2, 1): "no_reason_given",
-    (2, 2): "protocol_version_not_supported",
-    (3, 1): "temporary_congestion",
-    (3, 2): "local_limit_exceeded",
-}
-
-
-def rejection_reason(source: int | None, diagnostic: int | None) -> str:
-    """The metric label of an association rejection (``other`` for an unlisted pair)."""
-    return REJECTION_REASONS.get((source or 0, diagnostic or 0), "other")
-
-
 class Metrics:
     """The node's counters and histograms."""
 

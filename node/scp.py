@@ -38,11 +38,11 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.assocwords import rejection, titles
+from node.assocwords import reason_label, rejection, titles
 from node.config import ScpConfig, TlsConfig
 from node.errors import ConfigError, MalformedDataset, SpoolError
 from node.gate import ConnectionGate, NodeAssociationServer
-from node.metrics import Metrics, rejection_reason
+from node.metrics import Metrics
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
 from node.spool import Spool
@@ -341,7 +341,7 @@ def start_server(
 
 def _count_rejection(event: Event, metrics: Metrics) -> None:
     rj = event.assoc.acceptor.primitive
-    reason = rejection_reason(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+    reason = reason_label(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
     metrics.rejected.labels(reason).inc()
 
 
