@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 from bench.common import (
     NODELAY,
     ROOT,
+    WAIT_POLICY_ENV,
     free_port,
     machine,
     make_images,
@@ -31,8 +33,11 @@ from bench.common import (
     table,
     timed,
     wait_for,
+    wait_policy_env,
 )
 from bench.route import bench_route
+from node.config import ModelConfig
+from node.threads import apply_wait_policy
 
 PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
@@ -333,6 +338,7 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
         "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
         "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
         "CXR_NODE_LOGGING__LEVEL": "WARNING",
+        **wait_policy_env(),
     }
 
     def run(src: Path) -> float:
@@ -472,7 +478,16 @@ def main() -> int:
         help="route: kill, burst, storescp, direct",
     )
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}
+    # torch's threads wait in this process as in the node's: model.omp_wait_policy, or
+    # CXR_NODE_MODEL__OMP_WAIT_POLICY / OMP_WAIT_POLICY from the environment for an A/B (the
+    # node processes the bench starts get them too)
+    policy = os.environ.get(WAIT_POLICY_ENV, ModelConfig().omp_wait_policy)
+    wait_policy = apply_wait_policy(ModelConfig(omp_wait_policy=policy).omp_wait_policy)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "tcp_nodelay": "1 for every peer",
+        "omp_wait_policy": wait_policy,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = make_images(args.n, work / "images", "bench")

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.threads import WaitPolicy
 
 ENV_PREFIX = "CXR_NODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
@@ -179,6 +180,7 @@ class ModelConfig(_Section):
     unsafe_unpickle_unverified_weights: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="0 = torch default")
+    omp_wait_policy: WaitPolicy = "passive"
     batch_size: int = Field(default=4, ge=1, le=256)
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from node.config import ModelConfig
 from node.errors import ModelError
+from node.threads import apply_wait_policy
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ def _load_file(cfg: ModelConfig, path: Path) -> tuple[Any, str, bool, str]:
 
 def load_classifier(cfg: ModelConfig) -> Classifier:
     """Load the model as configured, or raise :class:`ModelError` with what to do."""
+    apply_wait_policy(cfg.omp_wait_policy)  # before torch loads libgomp
     import torch
 
     xrv = import_xrv()

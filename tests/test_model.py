@@ -309,3 +309,35 @@ def test_unsafe_option_is_set_from_the_environment_and_needs_allow_untrained():
     del env["CXR_NODE_MODEL__ALLOW_UNTRAINED"]
     with pytest.raises(ConfigError, match=r"needs model\.allow_untrained"):
         load_config(None, env)
+
+
+SPIN_PROBE = """
+import sys
+from node.config import ModelConfig
+from node.model import load_classifier
+load_classifier(ModelConfig(cache_dir=sys.argv[1], allow_untrained=True, allow_download=False,
+                            omp_wait_policy=sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("policy", "environment", "spin_count"),
+    [("passive", None, "0"), ("passive", "ACTIVE", "30000000000")],
+)
+def test_torchs_openmp_threads_wait_as_configured(tmp_path, policy, environment, spin_count):
+    """libgomp prints its settings when torch loads it (OMP_DISPLAY_ENV): with the default
+    ``passive`` its threads never spin (libgomp's default: 300000); an OMP_WAIT_POLICY in
+    the environment wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if environment:
+        env["OMP_WAIT_POLICY"] = environment
+    out = subprocess.run(
+        [sys.executable, "-c", SPIN_PROBE, str(tmp_path), policy],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert f"GOMP_SPINCOUNT = '{spin_count}" in out.stderr, out.stderr[-2000:]
