@@ -22,7 +22,7 @@ from sr_tree import codes, nums, texts
 from node.codes import PATHOLOGY_CODES, pathology_code
 from node.dicomio import read_dataset
 from node.errors import ReportError
-from node.model import UNTRAINED_LABEL, ModelInfo, to_findings
+from node.model import ModelInfo, to_findings
 from node.report import ReportContext, build_sr, sanitized_source
 from node.uids import is_valid_uid, sr_instance_uid
 
@@ -141,8 +141,11 @@ def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
 def test_untrained_model_is_named_so():
     sr = build_sr(read_dataset(NIH), to_findings(SCORES, info(False)), info(False), CTX, NOW)
     names = texts(sr)["Algorithm Name"]
-    assert names and all(UNTRAINED_LABEL in n for n in names)
+    assert names and all(n.startswith("UNTRAINED ") for n in names)
+    assert texts(sr)["UNTRAINED model"] == ["NOT FOR CLINICAL USE"]
     assert "UNTRAINED" in sr.SeriesDescription
+    trained = build_sr(read_dataset(NIH), to_findings(SCORES, info()), info(), CTX, NOW)
+    assert "UNTRAINED model" not in texts(trained)
 
 
 def test_sr_uid_is_deterministic_and_depends_on_weights():
