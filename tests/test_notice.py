@@ -13,7 +13,7 @@ from helpers import NIH, Recorder, drain
 from modelless_node import INFO, StandIn
 from sr_tree import texts
 from test_delivery import Refusing
-from test_report import dciodvfy_errors
+from test_report import dciodvfy_errors, needs_dciodvfy
 
 from node.config import NodeConfig
 from node.delivery import Delivery
@@ -60,6 +60,7 @@ def _run(spool: Spool, cfg: NodeConfig, dest: Recorder | None = None) -> list[py
     return [pydicom.dcmread(BytesIO(b)) for b in dest.sent]
 
 
+@needs_dciodvfy
 def test_a_lateral_view_leaves_a_valid_notice_with_its_reason_and_stays_skipped(spool, tmp_path):
     lateral = _variant("1", ViewPosition="LL")
     _store(spool, lateral)
@@ -131,3 +132,30 @@ def test_a_refused_notice_is_dead_lettered_by_the_rules_and_its_job_keeps_its_st
     [sr] = _run(spool, _cfg(), dest)
     [job] = spool.jobs()
     assert job.state == "skipped" and job.notice == "sent" and sr.SOPInstanceUID == job.sr_uid
+
+
+@pytest.mark.network
+def test_an_image_the_scp_refused_gets_no_notice(tmp_path):
+    """0xA700 (a spool below its free-space floor): the image was not accepted, so nothing
+    is owed to its study; the sender is told, and the catch-up fetches it later."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    from node.config import ScpConfig
+    from node.scp import StoreStatus, start_server
+
+    full = Spool(tmp_path / "full", fsync=False, min_free_mb=2**40)
+    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), full)
+    try:
+        lateral = _variant("8", ViewPosition="LL")
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(str(lateral.SOPClassUID))
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
+        assert assoc.send_c_store(lateral).Status == StoreStatus.OUT_OF_RESOURCES
+        assoc.release()
+        assert full.jobs() == [] and _run(full, _cfg()) == []
+        assert list(full.reports.iterdir()) == []
+    finally:
+        server.shutdown()
+        full.close()
