@@ -190,7 +190,8 @@ class Worker:
         )
         log.error("job %d (%s) %s", job.id, job.sop_instance_uid, reason)
         self.spool.mark_quarantined(job.id, reason)
-        self._notice(job, None, "the node stopped or hung each time it processed the image")
+        with self.watchdog([job]):  # its header is read again: a hang there ends the process
+            self._notice(job, None, "the node stopped or hung each time it processed the image")
 
     def classify_due(self) -> int:
         jobs = self._batch()
