@@ -358,6 +358,10 @@ def observation_context(ctx: ReportContext) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=observer)
 
 
+Content = hd.sr.ContentItem | hd.sr.MeasurementReport | hd.sr.ContentSequence
+"""What an SR document is built around: a findings report, or a notice's content tree."""
+
+
 @dataclass(frozen=True)
 class Stamp:
     """What an SR says of itself beyond its content: when it was made, its series'
@@ -393,7 +397,7 @@ def document(
 
 def stamped_document(
     ident: Identity,
-    content: hd.sr.ContentItem | hd.sr.MeasurementReport | hd.sr.ContentSequence,
+    content: Content,
     ctx: ReportContext,
     stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
@@ -413,7 +417,7 @@ def stamped_document(
 def _comprehensive(
     ident: Identity,
     evidence: Dataset,
-    content: hd.sr.ContentItem | hd.sr.MeasurementReport | hd.sr.ContentSequence,
+    content: Content,
     ctx: ReportContext,
     stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
@@ -445,7 +449,7 @@ def class_name(sop_class: str) -> str:
 
 def _with_stand_in_class(
     ident: Identity,
-    content: hd.sr.ContentItem | hd.sr.MeasurementReport | hd.sr.ContentSequence,
+    content: Content,
     ctx: ReportContext,
     stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
