@@ -36,6 +36,7 @@ from node.dicomio import read_dataset
 from node.errors import NodeError
 from node.model import Classifier
 from node.pipeline import Outcome, Prepared, finish, prepare
+from node.report import summary_text
 from node.results import finding_record, result_record
 from node.srtemplate import ReportEncoder
 from node.triage import skip_reason
@@ -51,7 +52,7 @@ _HEAD_KEYWORDS = (
     "BodyPartExamined",
     "ViewPosition",
 )
-TAIL = ("status", "reason")
+TAIL = ("above_threshold", "status", "reason")
 QUEUED_BATCHES = 2  # read and preprocessed ahead of the model
 
 
@@ -191,7 +192,8 @@ def _csv_values(row: Row, pathologies: Sequence[str]) -> list[str]:
             continue
         prob = f.probability
         per += ["" if prob is None else f"{prob:.4f}", f"{f.score:.4f}", finding_record(f)["label"]]
-    return [*head, *per, row.status, row.reason]
+    above = summary_text(row.outcome.findings) if row.outcome else ""
+    return [*head, *per, above, row.status, row.reason]
 
 
 class Outputs:
@@ -211,7 +213,13 @@ class Outputs:
         resume = self.opts.resume and path.is_file() and path.stat().st_size > 0
         if resume:
             with path.open(newline="", encoding="utf-8") as fh:
-                for r in csv.DictReader(fh):
+                reader = csv.DictReader(fh)
+                if reader.fieldnames != csv_columns(self.pathologies):
+                    raise NodeError(
+                        f"--resume: {path}'s columns are not those this version writes: "
+                        "write to a new CSV"
+                    )
+                for r in reader:
                     self.done.add(r.get("sop_instance_uid") or r["file"])
                     self.done.add(r["file"])
         fh = path.open("a" if resume else "w", newline="", encoding="utf-8")
@@ -337,8 +345,7 @@ class Run:
         self.counts.add(row.status)
         self.outputs.write(row)
         if row.status == CLASSIFIED and row.outcome is not None:
-            present = [f.pathology for f in row.outcome.findings if f.present]
-            log.info("%s: present: %s", row.file, ", ".join(present) or "none")
+            log.info("%s: present: %s", row.file, summary_text(row.outcome.findings))
         elif row.status == SKIPPED:
             log.info("%s: skipped: %s", row.file, row.reason)
         else:

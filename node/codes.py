@@ -63,3 +63,24 @@ def local_scheme_item() -> Dataset:
     item.CodingSchemeName = LOCAL_SCHEME_NAME
     item.CodingSchemeResponsibleOrganization = LOCAL_SCHEME_ORG
     return item
+
+
+def finding_name(label: str) -> str:
+    """A finding's name for people, the same in the SR, the JSON, the CSV and the logs:
+    the model's label, followed by the coded concept's meaning where that reads otherwise
+    (``Consolidation (Lung consolidation)``, ``Pleural_Thickening (Pleural thickening)``;
+    ``Atelectasis``, ``Lung Lesion``)."""
+    meaning = pathology_code(label).meaning
+    return label if meaning.lower() == label.lower() else f"{label} ({meaning})"
+
+
+def code_record(code: Code) -> dict[str, str]:
+    """A coded concept as the JSON results give it."""
+    return {"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}
+
+
+# Concept names of the SR's own text items (local: no standard concept says these).
+ABOVE_THRESHOLD = _local("ABOVE_THRESHOLD", "AI findings above the operating threshold")
+UNTRAINED_MODEL = _local("UNTRAINED_MODEL", "UNTRAINED model")
+NOT_ANALYZED = _local("NOT_ANALYZED", "Image not analysed by the AI")
+NOT_ANALYZED_TITLE = Code("18748-4", "LN", "Diagnostic imaging report")

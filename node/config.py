@@ -276,6 +276,7 @@ class ReportConfig(_Section):
     institution_name: str | None = None
     json_dir: Path | None = None
     sr_dir: Path | None = None
+    not_analyzed_notice: bool = True
 
     @field_validator("uid_root")
     @classmethod

@@ -231,7 +231,7 @@ class Delivery:
         self._note_refused()
         if self.state.up is False and (now < self._next_probe or not self._probe(now)):
             return 0
-        jobs = self.spool.due("classified", now, BATCH)
+        jobs = self.spool.due_deliveries(now, BATCH)
         if not jobs:
             if self.state.up is None:  # say early whether the destination can be reached
                 self._probe(now)
@@ -258,7 +258,10 @@ class Delivery:
 
     def _fail(self, job: Job, exc: NodeError) -> None:
         log.error("job %d (%s): SR not delivered: %s", job.id, job.sop_instance_uid, exc)
-        self.spool.mark_failed(job.id, str(exc))
+        if job.notice:  # the job keeps its state and reason
+            self.spool.mark_notice_failed(job.id)
+        else:
+            self.spool.mark_failed(job.id, str(exc))
 
     def _send(
         self, loaded: list[tuple[Job, Encoded]], now: float, stop: threading.Event | None
@@ -314,7 +317,7 @@ class Delivery:
         def plan(attempts: int, since: float) -> tuple[bool, float]:
             return dead_letter_due(attempts, since, now, w.max_attempts, retry_for), now + delay
 
-        state, attempts = self.spool.refused(job.id, failure, now, plan)
+        state, attempts = self.spool.refused(job.id, failure, now, plan, notice=bool(job.notice))
         if self.metrics is not None:
             self.metrics.sr_send_failures.labels("status").inc()
         log.warning(
@@ -329,7 +332,7 @@ class Delivery:
         )
 
     def _delivered(self, job: Job, seconds: float) -> None:
-        self.spool.mark_sent(job.id)
+        self.spool.mark_sent(job.id, notice=bool(job.notice))
         if self.metrics is not None:
             self.metrics.sr_send_seconds.observe(seconds)
             self.metrics.sr_sent.inc()

@@ -21,15 +21,19 @@ from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, validate_value
 
 from node import __version__
 from node.codes import (
+    ABOVE_THRESHOLD,
     ABSENT,
     CHEST_XRAY,
     PRESENT,
     PROBABILITY_UNIT,
+    UNTRAINED_MODEL,
+    finding_name,
     local_scheme_item,
     pathology_code,
 )
@@ -192,41 +196,74 @@ def sanitized_source(source: Dataset) -> tuple[Dataset, tuple[Dropped, ...]]:
     return clean, tuple(dropped)
 
 
-def tracking_text(source_sop_uid: str) -> str:
-    """The tracking identifier's text for the findings of one source image."""
-    return f"CXR findings {source_sop_uid}"[:64]
+MAX_SHOWN_TEXT = 30
+"""Text values up to this length are shown whole by ``dsrdump`` (longer ones are cut)."""
 
 
-def _measurement_group(
-    source: Dataset, findings: Sequence[Finding], model: ModelInfo, tracking_uid: str
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model.name,
-        version=model.library_version,
+def tracking_uid(root: str, sr_uid: str, label: str) -> UID:
+    """The tracking UID of one finding's measurement group in the SR ``sr_uid``."""
+    return derive_uid(root, "tracking", sr_uid, label)
+
+
+def algorithm_name(model: ModelInfo) -> str:
+    """The SR's Algorithm Name: the weights' name, or for a model that is not the published
+    one ``UNTRAINED`` and the architecture, short enough to be shown whole (the weights'
+    full name is a parameter)."""
+    if model.trained:
+        return model.weights
+    return f"UNTRAINED {model.weights.split('-')[0]}"
+
+
+def summary_text(findings: Sequence[Finding]) -> str:
+    """The findings at or above the operating threshold, highest score first, with their
+    scores (``Consolidation (Lung consolidation) 0.83, Cardiomegaly 0.61``), or ``none``."""
+    above = sorted((f for f in findings if f.present), key=lambda f: -f.score)
+    return ", ".join(f"{finding_name(f.pathology)} {f.score:.2f}" for f in above) or "none"
+
+
+def headline_items(findings: Sequence[Finding], model: ModelInfo) -> list[hd.sr.TextContentItem]:
+    """The TEXT items the SR opens with (after its context): the UNTRAINED warning where it
+    applies, and the findings above the operating threshold."""
+    items = [] if model.trained else [_text(UNTRAINED_MODEL, UNTRAINED_VALUE)]
+    return [*items, _text(ABOVE_THRESHOLD, summary_text(findings))]
+
+
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name, value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+UNTRAINED_VALUE = "NOT FOR CLINICAL USE"
+
+
+def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm_name(model),
+        version=f"torchxrayvision {model.library_version}",
         parameters=[
             f"weights={model.weights}",
             f"weights_sha256={model.weights_sha256}",
         ],
     )
-    measurements = [
-        hd.sr.Measurement(
-            name=pathology_code(f.pathology),
-            value=round(f.score, 6),
-            unit=PROBABILITY_UNIT,
-        )
-        for f in findings
-    ]
-    evaluations = [
-        hd.sr.QualitativeEvaluation(pathology_code(f.pathology), PRESENT if f.present else ABSENT)
-        for f in findings
-    ]
+
+
+def _finding_group(
+    source: Dataset, finding: Finding, model: ModelInfo, uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One finding's measurement group (TID 1501): its score and its Present/Absent side by
+    side, named by the model's label (tracking identifier) and the coded concept."""
+    code = pathology_code(finding.pathology)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=tracking_text(source.SOPInstanceUID)
-        ),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=finding.pathology),
+        finding_type=code,
+        algorithm_id=_algorithm(model),
+        measurements=[
+            hd.sr.Measurement(name=code, value=round(finding.score, 6), unit=PROBABILITY_UNIT)
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(code, PRESENT if finding.present else ABSENT)
+        ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
         ],
@@ -240,7 +277,6 @@ class Identity:
     clean: Dataset
     sop_instance_uid: str
     series_instance_uid: str
-    tracking_uid: str
 
 
 def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
@@ -254,7 +290,6 @@ def identify(source: Dataset, model: ModelInfo, ctx: ReportContext) -> Identity:
         clean,
         sop_uid,
         sr_series_uid(ctx.uid_root, clean.StudyInstanceUID, model.model_id),
-        derive_uid(ctx.uid_root, "tracking", sop_uid),
     )
 
 
@@ -281,7 +316,36 @@ def _log_source_problems(clean: Dataset, dropped: Sequence[Dropped]) -> None:
 def content_tree(
     ident: Identity, findings: Sequence[Finding], model: ModelInfo, ctx: ReportContext
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree for one image's findings."""
+    """The TID 1500 content tree for one image's findings: the summary first, then one
+    measurement group per finding."""
+    groups = [
+        _finding_group(
+            ident.clean, f, model, tracking_uid(ctx.uid_root, ident.sop_instance_uid, f.pathology)
+        )
+        for f in findings
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(ctx),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=groups,
+    )
+    _insert_before_measurements(report, headline_items(findings, model))
+    return report
+
+
+def _insert_before_measurements(
+    report: hd.sr.MeasurementReport, items: Sequence[hd.sr.ContentItem]
+) -> None:
+    """Put ``items`` in the report's root, before its Imaging Measurements (TID 1500 is
+    extensible): a reader meets them first."""
+    content = report[0].ContentSequence
+    at = len(content) - 1  # highdicom appends the Imaging Measurements container last
+    for offset, item in enumerate(items):
+        content.insert(at + offset, item)
+
+
+def observation_context(ctx: ReportContext) -> hd.sr.ObservationContext:
+    """The node as the observing device."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -291,10 +355,32 @@ def content_tree(
             model_name=f"cxr-node {ctx.software_version}",
         ),
     )
-    return hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=CHEST_XRAY,
-        imaging_measurements=[_measurement_group(ident.clean, findings, model, ident.tracking_uid)],
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+Content = hd.sr.ContentItem | hd.sr.MeasurementReport | hd.sr.ContentSequence
+"""What an SR document is built around: a findings report, or a notice's content tree."""
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What an SR says of itself beyond its content: when it was made, its series'
+    description, the software that made it, texts of its own (they decide its character set)."""
+
+    now: datetime
+    series_number: int
+    series_description: str
+    software_versions: tuple[str, ...]
+    texts: tuple[str, ...] = ()
+
+
+def findings_stamp(model: ModelInfo, ctx: ReportContext, now: datetime) -> Stamp:
+    suffix = "" if model.trained else " [UNTRAINED]"
+    return Stamp(
+        now,
+        SR_SERIES_NUMBER,
+        f"{SR_SERIES_DESCRIPTION}{suffix}",
+        (ctx.software_version, f"torchxrayvision {model.library_version}"),
     )
 
 
@@ -306,33 +392,46 @@ def document(
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document around ``content``; raises :class:`ReportError`."""
+    return stamped_document(ident, content, ctx, findings_stamp(model, ctx, now))
+
+
+def stamped_document(
+    ident: Identity,
+    content: Content,
+    ctx: ReportContext,
+    stamp: Stamp,
+) -> hd.sr.Comprehensive3DSR:
+    """An SR document (of findings or of a notice) around ``content``; raises
+    :class:`ReportError`."""
     with library_errors(ident.clean.SOPInstanceUID):
         try:
-            sr = _comprehensive(ident, ident.clean, content, ctx)
+            sr = _comprehensive(ident, ident.clean, content, ctx, stamp)
         except KeyError as exc:
             if exc.args != (ident.clean.SOPClassUID,):
                 raise
-            sr = _with_stand_in_class(ident, content, ctx)
-        _stamp(sr, ident.clean, model, ctx, now)
+            sr = _with_stand_in_class(ident, content, ctx, stamp)
+        _stamp(sr, ident.clean, ctx, stamp)
     return sr
 
 
 def _comprehensive(
     ident: Identity,
     evidence: Dataset,
-    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    content: Content,
     ctx: ReportContext,
+    stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
+    own_texts = all(text.isascii() for text in stamp.texts)
     return hd.sr.Comprehensive3DSR(
         evidence=[evidence],
         content=content,
         series_instance_uid=ident.series_instance_uid,
-        series_number=SR_SERIES_NUMBER,
+        series_number=stamp.series_number,
         sop_instance_uid=ident.sop_instance_uid,
         instance_number=1,
         manufacturer=ctx.manufacturer,
         institution_name=ctx.institution_name,
-        specific_character_set=sr_charset(ident.clean, ctx),
+        specific_character_set=sr_charset(ident.clean, ctx) if own_texts else UTF8,
         is_complete=False,
         is_final=False,
         is_verified=False,
@@ -350,8 +449,9 @@ def class_name(sop_class: str) -> str:
 
 def _with_stand_in_class(
     ident: Identity,
-    content: hd.sr.ContentItem | hd.sr.MeasurementReport,
+    content: Content,
     ctx: ReportContext,
+    stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of a source whose SOP class highdicom does not know (it looks up the class's
     IOD to copy the Patient and General Study modules, the same in every image IOD): built
@@ -368,7 +468,7 @@ def _with_stand_in_class(
     stand_in = copy.deepcopy(clean)
     stand_in.SOPClassUID = SecondaryCaptureImageStorage
     try:
-        sr = _comprehensive(ident, stand_in, content, ctx)
+        sr = _comprehensive(ident, stand_in, content, ctx, stamp)
     except KeyError as exc:
         raise ReportError(
             f"cannot reference the source: SOP class {sop_class} ({class_name(sop_class)}) "
@@ -433,20 +533,14 @@ def clock_attributes(now: datetime) -> dict[str, str]:
     }
 
 
-def _stamp(
-    sr: Dataset, clean: Dataset, model: ModelInfo, ctx: ReportContext, now: datetime
-) -> None:
+def _stamp(sr: Dataset, clean: Dataset, ctx: ReportContext, stamp: Stamp) -> None:
     """Set the clock-dependent and descriptive attributes highdicom leaves to us."""
-    for keyword, value in clock_attributes(now).items():
+    for keyword, value in clock_attributes(stamp.now).items():
         setattr(sr, keyword, value)
     for item in sr.get("ContributingEquipmentSequence", []):
-        item.ContributionDateTime = datetime_value(now)  # highdicom's is its own clock's
-    suffix = "" if model.trained else " [UNTRAINED]"
-    sr.SeriesDescription = f"{SR_SERIES_DESCRIPTION}{suffix}"
-    sr.SoftwareVersions = [
-        ctx.software_version,
-        f"torchxrayvision {model.library_version}",
-    ]
+        item.ContributionDateTime = datetime_value(stamp.now)  # highdicom's is its own clock's
+    sr.SeriesDescription = stamp.series_description
+    sr.SoftwareVersions = list(stamp.software_versions)
     sr.ManufacturerModelName = "cxr-node"
     if "PatientAge" in clean:
         sr.PatientAge = clean.PatientAge

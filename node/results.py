@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from node.codes import code_record, finding_name, pathology_code
 from node.model import UNTRAINED_LABEL, Finding, ModelInfo
 from node.pipeline import Outcome
+from node.report import summary_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: each finding's ``name`` and ``code`` (the SR's coded concept); ``above_threshold``."""
 
 
 SCORE_THRESHOLD = 0.5
 
 
 def finding_record(f: Finding) -> dict[str, Any]:
-    """One finding on both scales, each with its own threshold: the model's sigmoid
+    """One finding, named by the model's label (``pathology``), its name for people
+    (``name``, as the SR and the logs give it) and the SR's coded concept (``code``), on
+    both scales, each with its own threshold: the model's sigmoid
     ``probability`` (present from ``probability_threshold``, xrv's operating point) and
     the normalised ``score`` (present from 0.5), which the SR carries."""
     return {
         "pathology": f.pathology,
+        "name": finding_name(f.pathology),
+        "code": code_record(pathology_code(f.pathology)),
         "probability": f.probability,
         "probability_threshold": f.threshold,
         "score": f.score,
@@ -53,6 +60,7 @@ def result_record(outcome: Outcome, model: ModelInfo) -> dict[str, Any]:
             "warning": None if model.trained else UNTRAINED_LABEL,
         },
         "findings": [finding_record(f) for f in outcome.findings],
+        "above_threshold": summary_text(outcome.findings),
         "preprocessing": list(outcome.steps),
         "timings": outcome.timings,
     }

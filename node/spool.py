@@ -90,6 +90,7 @@ class Job:
     last_error: str
     report: Path | None
     sr_uid: str
+    notice: str = ""  # the not-analysed notice: "", "pending", "sent", "dead", "failed"
 
 
 Buffer = bytes | bytearray | memoryview
@@ -154,6 +155,7 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._add_failing_since()
+            self._add_notice()
             self._db.executescript(_CATCHUP_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool at {directory}: {exc}") from exc
@@ -164,6 +166,14 @@ class Spool:
         columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "failing_since" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN failing_since REAL NOT NULL DEFAULT 0")
+
+    def _add_notice(self) -> None:
+        """``notice``: the delivery of a skipped, failed or quarantined job's not-analysed
+        notice (its SR file in ``report``, its UID in ``sr_uid``); the job keeps its state.
+        Added to a job table made before it existed."""
+        columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "notice" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN notice TEXT NOT NULL DEFAULT ''")
 
     LOCK_FILE = "serve.lock"
 
@@ -244,7 +254,7 @@ class Spool:
 
     # -- reading -------------------------------------------------------------------------
     def _job(self, row: tuple[object, ...]) -> Job:
-        (jid, image, sop, cls, ae, state, attempts, nxt, err, report, sr_uid) = row
+        (jid, image, sop, cls, ae, state, attempts, nxt, err, report, sr_uid, notice) = row
         return Job(
             id=int(str(jid)),
             image=self.images / str(image),
@@ -257,11 +267,12 @@ class Spool:
             last_error=str(err),
             report=self.reports / str(report) if report else None,
             sr_uid=str(sr_uid),
+            notice=str(notice),
         )
 
     _COLUMNS = (
         "id, image, sop_instance_uid, sop_class_uid, calling_ae, state, attempts,"
-        " next_attempt, last_error, report, sr_uid"
+        " next_attempt, last_error, report, sr_uid, notice"
     )
 
     def jobs(self, state: str | None = None, limit: int = 1000) -> list[Job]:
@@ -281,6 +292,17 @@ class Spool:
                 f"SELECT {self._COLUMNS} FROM jobs WHERE state = ? AND next_attempt <= ?"
                 " ORDER BY next_attempt, id LIMIT ?",
                 (state, now, limit),
+            ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def due_deliveries(self, now: float, limit: int) -> list[Job]:
+        """The SRs to deliver whose next attempt is due, oldest first: classified jobs' and
+        pending not-analysed notices."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM jobs WHERE (state = 'classified' OR"
+                " notice = 'pending') AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?",
+                (now, limit),
             ).fetchall()
         return [self._job(r) for r in rows]
 
@@ -320,8 +342,29 @@ class Spool:
             failing_since=0.0,
         )
 
-    def mark_sent(self, job_id: int) -> None:
-        self._update(job_id, state="sent", last_error="")
+    def mark_sent(self, job_id: int, *, notice: bool = False) -> None:
+        """The job's SR was delivered (``notice``: its not-analysed notice; the job keeps its
+        state and reason)."""
+        if notice:
+            self._update(job_id, notice="sent")
+        else:
+            self._update(job_id, state="sent", last_error="")
+
+    def mark_notice(self, job_id: int, report: Path, sr_uid: str) -> None:
+        """A skipped, failed or quarantined job has a not-analysed notice to deliver."""
+        self._update(
+            job_id,
+            report=report.name,
+            sr_uid=sr_uid,
+            notice="pending",
+            attempts=0,
+            next_attempt=0.0,
+            failing_since=0.0,
+        )
+
+    def mark_notice_failed(self, job_id: int) -> None:
+        """The notice cannot be delivered (its file unreadable); the job keeps its state."""
+        self._update(job_id, notice="failed")
 
     def mark_skipped(self, job_id: int, reason: str) -> None:
         self._update(job_id, state="skipped", last_error=reason)
@@ -348,11 +391,18 @@ class Spool:
         self._update(job_id, next_attempt=next_attempt, last_error=error)
 
     def refused(
-        self, job_id: int, error: str, now: float, plan: Callable[[int, float], tuple[bool, float]]
+        self,
+        job_id: int,
+        error: str,
+        now: float,
+        plan: Callable[[int, float], tuple[bool, float]],
+        *,
+        notice: bool = False,
     ) -> tuple[str, int]:
         """Record that the destination refused a job's SR by status at ``now``. ``plan(attempts,
         failing_since)`` says whether it is dead and when to try again. Returns the new state
-        (``classified`` or ``dead``) and the attempts counted."""
+        (``classified`` or ``dead``) and the attempts counted. For a not-analysed notice
+        (``notice``) that state is the notice's, and the job keeps its own and its reason."""
         with self._lock:
             row = self._db.execute(
                 "SELECT attempts, failing_since FROM jobs WHERE id = ?", (job_id,)
@@ -360,13 +410,11 @@ class Spool:
         attempts, since = int(row[0]) + 1, float(row[1]) or now
         dead, next_attempt = plan(attempts, since)
         state = "dead" if dead else "classified"
+        fields: dict[str, object] = {"state": state, "last_error": error}
+        if notice:
+            fields = {"notice": "dead" if dead else "pending"}
         self._update(
-            job_id,
-            state=state,
-            attempts=attempts,
-            next_attempt=next_attempt,
-            last_error=error,
-            failing_since=since,
+            job_id, attempts=attempts, next_attempt=next_attempt, failing_since=since, **fields
         )
         return state, attempts
 
@@ -389,10 +437,17 @@ class Spool:
         with self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET state = ?, attempts = 0, next_attempt = 0, failing_since = 0,"
-                " updated = ? WHERE state = ?",
+                " notice = '', updated = ? WHERE state = ?",
                 (target, time.time(), state),
             )
-        return int(cur.rowcount)
+            notices = 0
+            if state == "dead":  # the dead-lettered not-analysed notices too
+                notices = self._db.execute(
+                    "UPDATE jobs SET notice = 'pending', attempts = 0, next_attempt = 0,"
+                    " failing_since = 0, updated = ? WHERE notice = 'dead'",
+                    (time.time(),),
+                ).rowcount
+        return int(cur.rowcount) + int(notices)
 
     def recover(self, read_uids: Callable[[Path], tuple[str, str]]) -> int:
         """Enqueue image files that have no job row (crash between rename and insert)."""

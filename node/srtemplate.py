@@ -58,7 +58,8 @@ from node.report import (
     identify,
     library_errors,
     sr_charset,
-    tracking_text,
+    summary_text,
+    tracking_uid,
 )
 from node.wire import encoded_element, file_meta_group
 
@@ -262,46 +263,46 @@ class _ContentTemplate:
 
     def __init__(self, model: ModelInfo, ctx: ReportContext) -> None:
         self.labels = tuple(model.pathologies)
+        if not all(label.isascii() for label in self.labels):
+            raise ReportError("SR template: the model's labels are not all ASCII")
+        self.root = ctx.uid_root
         present = self._sentinel_sr(model, ctx, True)
         absent = self._sentinel_sr(model, ctx, False)
         self.present_code = self._code_bytes(present, PRESENT.value)
         self.absent_code = self._code_bytes(absent, ABSENT.value)
         blob = self._content_bytes(present)
-        if blob.replace(self.present_code, self.absent_code) != self._content_bytes(absent):
+        summaries = [_summary(summary_text(self._sentinel_findings(p))) for p in (True, False)]
+        same = blob.replace(summaries[0], summaries[1]).replace(self.present_code, self.absent_code)
+        if same != self._content_bytes(absent):
             raise ReportError("SR template: present and absent documents differ elsewhere")
-        tracking = identify(self._sentinel_source(), model, ctx).tracking_uid
-        needles: list[tuple[bytes, str, int]] = [
-            (_ui(_REF_CLASS, _SENTINEL_SOP_CLASS), "class", 0),
-            (_ui(_REF_INSTANCE, _SENTINEL_SOP_INSTANCE), "inst", 0),
-            (_ui(_UID_VALUE, tracking), "tracking_uid", 0),
-            (
-                encoded_element(_TEXT_VALUE, "UT", tracking_text(_SENTINEL_SOP_INSTANCE).encode()),
-                "tracking_text",
-                0,
-            ),
-        ]
-        for i in range(len(self.labels)):
+        sr_uid = identify(self._sentinel_source(), model, ctx).sop_instance_uid
+        needles: list[tuple[bytes, str, int]] = [(summaries[0], "summary", 0)]
+        for i, label in enumerate(self.labels):
             value = self._sentinel_score(i)
+            needles.append((_ui(_UID_VALUE, tracking_uid(self.root, sr_uid, label)), "track", i))
             needles.append((encoded_element(_NUMERIC, "DS", _ds(value)), "ds", i))
             needles.append((encoded_element(_FLOAT, "FD", _fd(value)), "fd", i))
         slots = []
         for needle, kind, i in needles:
             at = _find_once(blob, needle, f"{kind} {i}")
             slots.append(_Slot(at, at + len(needle), kind, i))
-        slots.extend(self._code_slots(blob))
+        slots.extend(self._repeated(blob, self.present_code, "code"))
+        slots.extend(self._repeated(blob, _ui(_REF_CLASS, _SENTINEL_SOP_CLASS), "class"))
+        slots.extend(self._repeated(blob, _ui(_REF_INSTANCE, _SENTINEL_SOP_INSTANCE), "inst"))
         slots.sort(key=lambda s: s.start)
         self.slots = tuple(slots)
         self.segments = self._segments(blob, self.slots)
 
-    def _code_slots(self, blob: bytes) -> list[_Slot]:
-        """One slot per present/absent code, in the findings' order."""
-        code, start = self.present_code, 0
+    def _repeated(self, blob: bytes, needle: bytes, kind: str) -> list[_Slot]:
+        """One slot per finding for ``needle`` (its present/absent code, its group's source
+        reference), in the findings' order."""
+        start = 0
         found: list[_Slot] = []
-        while (at := blob.find(code, start)) >= 0:
-            found.append(_Slot(at, at + len(code), "code", len(found)))
-            start = at + len(code)
+        while (at := blob.find(needle, start)) >= 0:
+            found.append(_Slot(at, at + len(needle), kind, len(found)))
+            start = at + len(needle)
         if len(found) != len(self.labels):
-            raise ReportError("SR template: one present/absent code per finding expected")
+            raise ReportError(f"SR template: one {kind} per finding expected")
         return found
 
     @staticmethod
@@ -317,11 +318,14 @@ class _ContentTemplate:
         ds.SeriesInstanceUID = _SENTINEL_SERIES
         return ds
 
-    def _sentinel_sr(self, model: ModelInfo, ctx: ReportContext, present: bool) -> Dataset:
-        findings = [
+    def _sentinel_findings(self, present: bool) -> list[Finding]:
+        return [
             Finding(label, self._sentinel_score(i), 0.5, present)
             for i, label in enumerate(self.labels)
         ]
+
+    def _sentinel_sr(self, model: ModelInfo, ctx: ReportContext, present: bool) -> Dataset:
+        findings = self._sentinel_findings(present)
         return build_sr(self._sentinel_source(), findings, model, ctx, _SENTINEL_NOW)
 
     @staticmethod
@@ -347,27 +351,38 @@ class _ContentTemplate:
         values = {
             "class": _ui(_REF_CLASS, str(src.SOPClassUID)),
             "inst": _ui(_REF_INSTANCE, str(src.SOPInstanceUID)),
-            "tracking_uid": _ui(_UID_VALUE, ident.tracking_uid),
-            "tracking_text": encoded_element(
-                _TEXT_VALUE, "UT", tracking_text(src.SOPInstanceUID).encode()
-            ),
+            "summary": _summary(summary_text(findings)),
         }
         parts = [self.segments[0]]
         for slot, segment in zip(self.slots, self.segments[1:], strict=True):
-            parts.append(self._value(slot, values, findings))
+            parts.append(self._value(slot, values, ident, findings))
             parts.append(segment)
         return b"".join(parts)
 
-    def _value(self, slot: _Slot, fixed: dict[str, bytes], findings: Sequence[Finding]) -> bytes:
+    def _value(
+        self,
+        slot: _Slot,
+        fixed: dict[str, bytes],
+        ident: Identity,
+        findings: Sequence[Finding],
+    ) -> bytes:
         if slot.kind in fixed:
             return fixed[slot.kind]
         finding = findings[slot.index]
         if slot.kind == "code":
             return self.present_code if finding.present else self.absent_code
+        if slot.kind == "track":
+            uid = tracking_uid(self.root, ident.sop_instance_uid, finding.pathology)
+            return _ui(_UID_VALUE, uid)
         value = _score(finding.score)
         if slot.kind == "ds":
             return encoded_element(_NUMERIC, "DS", _ds(value))
         return encoded_element(_FLOAT, "FD", _fd(value))
+
+
+def _summary(text: str) -> bytes:
+    """The summary's Text Value element (the finding names are ASCII)."""
+    return encoded_element(_TEXT_VALUE, "UT", text.encode("ascii"))
 
 
 class ReportEncoder:

@@ -87,11 +87,28 @@ def _view_reason(ds: Dataset, rule: FilterConfig) -> str | None:
     return None
 
 
+def _not_an_image(ds: Dataset) -> bool:
+    return _modality(ds) in _NON_IMAGE_MODALITIES or "PixelData" not in ds
+
+
+def _modality(ds: Dataset) -> str:
+    return _text(ds, "Modality").strip().upper()
+
+
+def notice_wanted(ds: Dataset, rule: FilterConfig) -> bool:
+    """Whether an object the worker did not classify deserves a not-analysed notice: an
+    image of one of ``filter.modalities`` (a radiograph a reader may expect a result for;
+    never an SR, ours routed back included, nor a CT slice routed by mistake). Decided by
+    the header alone: a quarantined job's pixels are never read again."""
+    modality = _modality(ds)
+    return modality not in _NON_IMAGE_MODALITIES and modality in rule.modalities
+
+
 def skip_reason(ds: Dataset, rule: FilterConfig) -> str | None:
     """Return why ``ds`` is not classified (not a frontal chest radiograph), or ``None``."""
     sop_class = UID(str(ds.get("SOPClassUID", "")))
-    modality = _text(ds, "Modality").strip().upper()
-    if modality in _NON_IMAGE_MODALITIES or "PixelData" not in ds:
+    modality = _modality(ds)
+    if _not_an_image(ds):
         name = sop_class.name if sop_class else "unknown SOP class"
         return f"not an image ({name}, Modality {modality or 'absent'})"
     if modality not in rule.modalities:

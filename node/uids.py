@@ -42,3 +42,12 @@ def sr_instance_uid(root: str, source_sop_uid: str, model_id: str, weights_sha25
 
 def sr_series_uid(root: str, study_uid: str, model_id: str) -> UID:
     return derive_uid(root, "sr-series", study_uid, model_id)
+
+
+def notice_instance_uid(root: str, source_sop_uid: str) -> UID:
+    """The not-analysed notice of one source image (whatever the model: it has no result)."""
+    return derive_uid(root, "not-analysed-instance", source_sop_uid)
+
+
+def notice_series_uid(root: str, study_uid: str) -> UID:
+    return derive_uid(root, "not-analysed-series", study_uid)

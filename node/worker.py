@@ -31,13 +31,14 @@ from node.errors import (
 )
 from node.metrics import Metrics
 from node.model import Classifier
+from node.notice import build_notice
 from node.pipeline import Outcome, analyze
-from node.report import ReportContext
+from node.report import ReportContext, summary_text
 from node.results import result_record
 from node.rounds import run_rounds
 from node.spool import Job, Spool
 from node.srtemplate import ReportEncoder
-from node.triage import skip_reason
+from node.triage import notice_wanted, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,60 @@ class Worker:
         self.clock = clock
         self.metrics = metrics
         self.watchdog = watchdog
-        self.reports = ReportEncoder(classifier.info, report_context(cfg))
+        self.context = report_context(cfg)
+        self.reports = ReportEncoder(classifier.info, self.context)
 
     # -- classification ------------------------------------------------------------------
-    def _fail(self, job: Job, exc: NodeError) -> None:
+    def _fail(self, job: Job, exc: NodeError, ds: Dataset | None = None) -> None:
+        """Fail the job; where its data set was read (``ds``), a not-analysed notice."""
         log.error("job %d (%s) failed: %s", job.id, job.sop_instance_uid, exc)
         self.spool.mark_failed(job.id, str(exc))
+        if ds is not None:
+            self._notice(job, ds, f"the image could not be analysed: {exc}")
+
+    # -- not-analysed notices ------------------------------------------------------------
+    def _notice(self, job: Job, ds: Dataset | None, reason: str) -> None:
+        """Leave a not-analysed notice for delivery (``report.not_analyzed_notice``). Made
+        after the job reached its final state: whatever happens here (an unreadable header,
+        a full disk, even the process dying) leaves the job where it is, never in line again."""
+        if not self.cfg.report.not_analyzed_notice:
+            return
+        try:
+            header = ds if ds is not None else self._header(job)
+            if header is None or not notice_wanted(header, self.cfg.filter):
+                return
+            sr = build_notice(header, reason, self.context, self.clock())
+            path = self.spool.reports / f"{job.id}-{sr.sop_instance_uid}.dcm"
+            self.spool.write_atomic(sr.data, path)
+            self.spool.mark_notice(job.id, path, sr.sop_instance_uid)
+        except NodeError as exc:
+            log.warning(
+                "job %d (%s): no not-analysed notice: %s", job.id, job.sop_instance_uid, exc
+            )
+            return
+        except Exception as exc:  # the per-job boundary
+            log.debug("the notice of job %d raised", job.id, exc_info=True)
+            log.warning(
+                "job %d (%s): no not-analysed notice: %s: %s",
+                job.id,
+                job.sop_instance_uid,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        log.info(
+            "job %d (%s): not-analysed notice %s: %s",
+            job.id,
+            job.sop_instance_uid,
+            sr.sop_instance_uid,
+            reason,
+            extra={"job_id": job.id, "sop_instance_uid": job.sop_instance_uid},
+        )
+
+    def _header(self, job: Job) -> Dataset | None:
+        """A quarantined job's header (never its pixels: the node died or hung on them)."""
+        ds = read_dataset(job.image, stop_before_pixels=True, where=f"spool file {job.image.name}")
+        return ds if str(ds.get("SOPInstanceUID", "")) == job.sop_instance_uid else None
 
     def _read(self, job: Job) -> Dataset:
         try:
@@ -112,6 +161,7 @@ class Worker:
         if reason is not None:
             log.info("job %d (%s): not classified: %s", job.id, job.sop_instance_uid, reason)
             self.spool.mark_skipped(job.id, reason)
+            self._notice(job, ds, f"not a frontal chest radiograph: {reason}")
             return None
         return ds
 
@@ -140,6 +190,8 @@ class Worker:
         )
         log.error("job %d (%s) %s", job.id, job.sop_instance_uid, reason)
         self.spool.mark_quarantined(job.id, reason)
+        with self.watchdog([job]):  # its header is read again: a hang there ends the process
+            self._notice(job, None, "the node stopped or hung each time it processed the image")
 
     def classify_due(self) -> int:
         jobs = self._batch()
@@ -156,9 +208,9 @@ class Worker:
             for o in done:  # the model's share of the batch, per image
                 self.metrics.inference_seconds.observe(o.timings["inference_s"])
             self.metrics.classified.inc(len(done))
-        for (job, _), outcome in zip(loaded, outcomes, strict=True):
+        for (job, ds), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
-                self._fail(job, outcome)
+                self._fail(job, outcome, ds)
             else:
                 self._save_guarded(job, outcome)
         return len(jobs)
@@ -173,7 +225,9 @@ class Worker:
             self.spool.postpone(job.id, str(exc), time.time() + self.cfg.worker.backoff_max)
         except Exception as exc:  # the per-job boundary
             log.debug("saving job %d raised", job.id, exc_info=True)
-            self._fail(job, unexpected(ReportError, "saving the results failed", exc))
+            self._fail(
+                job, unexpected(ReportError, "saving the results failed", exc), outcome.source
+            )
 
     def _save(self, job: Job, outcome: Outcome) -> None:
         sr = outcome.sr
@@ -182,13 +236,12 @@ class Worker:
         self.spool.write_atomic(sr.data, path)
         self._write_extras(outcome)
         self.spool.mark_classified(job.id, path, sr.sop_instance_uid)
-        present = [f.pathology for f in outcome.findings if f.present]
         log.info(
             "job %d (%s): classified by %s; present: %s; SR %s",
             job.id,
             job.sop_instance_uid,
             self.classifier.info.name,
-            ", ".join(present) or "none",
+            summary_text(outcome.findings),
             sr.sop_instance_uid,
             extra={
                 "job_id": job.id,

@@ -98,6 +98,7 @@ def show_findings(sr_bytes: bytes) -> None:
     sr = pydicom.dcmread(BytesIO(sr_bytes))
     rows: dict[str, list[str]] = {}
     algo = ""
+    headline: list[str] = []  # the SR's opening texts: the UNTRAINED warning, the summary
 
     def walk(items):  # type: ignore[no-untyped-def]
         nonlocal algo
@@ -114,13 +115,18 @@ def show_findings(sr_bytes: bytes) -> None:
                 rows.setdefault(name, ["", ""])[1] = it.ConceptCodeSequence[0].CodeMeaning
             elif it.ValueType == "TEXT" and name == "Algorithm Name":
                 algo = it.TextValue
+            elif it.ValueType == "TEXT" and it.RelationshipType == "CONTAINS":
+                headline.append(f"{name}: {it.TextValue}")
             walk(it.get("ContentSequence", []))
 
     walk(sr.ContentSequence)
     print(
         f"\nSR {sr.SOPInstanceUID}\n  study  {sr.StudyInstanceUID}\n  series {sr.SeriesDescription}"
     )
-    print(f"  algorithm: {algo}\n")
+    print(f"  algorithm: {algo}")
+    for line in headline:
+        print(f"  {line}")
+    print()
     print(f"  {'finding':<28} {'score':>6}  label")
     for name, (score, label) in rows.items():
         print(f"  {name:<28} {score:>6}  {label}")

@@ -102,6 +102,7 @@ def test_folders_and_zips_give_one_row_per_image_with_reasons(tmp_path, weights_
         prob, score = float(chest[f"{name}_probability"]), float(chest[f"{name}_score"])
         assert chest[f"{name}_label"] == ("present" if score >= SCORE_THRESHOLD else "absent")
         assert 0 <= prob <= 1 and 0 <= score <= 1
+    assert chest["above_threshold"]  # the SR's summary: names and scores, or "none"
     records = json.loads(out_json.read_text())
     assert len(records) == 5
     import jsonschema
@@ -111,6 +112,7 @@ def test_folders_and_zips_give_one_row_per_image_with_reasons(tmp_path, weights_
         for f in record["findings"]:  # both scales, each with its own threshold
             assert (f["probability"] >= f["probability_threshold"]) == (f["label"] == "present")
             assert (f["score"] >= f["score_threshold"]) == (f["label"] == "present")
+            assert f["name"].startswith(f["pathology"]) and f["code"]["meaning"]
 
 
 def test_sigint_then_resume_gives_the_csv_of_an_uninterrupted_run(tmp_path, weights_dir):

@@ -58,7 +58,8 @@ def test_demo_pushes_the_image_shows_the_sr_and_keeps_orthanc_up_until_enter(tmp
     assert proc.returncode == 0, text + err
     assert "running an UNTRAINED model - results are NOT FOR CLINICAL USE" in text
     assert "sent 1, warnings 0, failed 0" in text
-    assert "[UNTRAINED - NOT FOR CLINICAL USE]" in text
+    assert "UNTRAINED model: NOT FOR CLINICAL USE" in text  # the SR's own warning
+    assert "AI findings above the operating threshold: " in text
     rows = [ln for ln in text.splitlines() if ln.rstrip().endswith(("Present", "Absent"))]
     assert len(rows) == 18
     # no raw library errors: no line left open on a colon, no urllib3/requests trace

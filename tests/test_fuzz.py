@@ -137,5 +137,6 @@ def test_fuzzed_input_never_kills_the_node(orthanc_factory, node_factory):
     sender = Sender(node_port)
     [image] = chest_images(1, "after-fuzz")
     wait_for(lambda: sender.send([image]) or sender.acked, 60, "the node to accept an image")
-    wait_for(lambda: len(orthanc.sr_uids()) >= 1, 90, "the SR of the valid image")
+    findings = {"Level": "Series", "Query": {"Modality": "SR", "SeriesNumber": "9901"}}
+    wait_for(lambda: orthanc.rest.post("/tools/find", findings), 90, "the SR of the valid image")
     assert node.proc.poll() is None

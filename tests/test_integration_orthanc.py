@@ -150,3 +150,46 @@ def test_route_reaches_a_node_restarted_after_kill_9_while_images_keep_coming(
     restarted.join()
     for study in after_restart:
         wait_for(lambda: has_sr(study), 90, "the SR of an image routed after the restart")  # noqa: B023
+
+
+def test_a_lateral_view_routed_through_orthanc_leaves_a_not_analysed_sr_in_its_study(
+    orthanc_factory, node_factory, tmp_path
+):
+    from helpers import free_port
+    from pydicom.uid import generate_uid
+    from sr_tree import texts
+
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port, model=False)
+    lateral = pydicom.dcmread(NIH)
+    lateral.ViewPosition = "LL"
+    lateral.SOPInstanceUID = lateral.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "lateral.dcm"
+    lateral.save_as(path)
+    done = storescu(orthanc.dicom_port, path)
+    assert done.returncode == 0, done.stderr
+
+    def study_instances() -> list[dict[str, object]] | None:
+        found = orthanc.rest.post(
+            "/tools/find",
+            {
+                "Level": "Instance",
+                "Query": {"StudyInstanceUID": lateral.StudyInstanceUID},
+                "Expand": True,
+            },
+        )
+        return found if len(found) == 2 else None
+
+    instances = wait_for(study_instances, 60, "the notice beside the lateral view")
+    [sr_id] = [
+        str(i["ID"])
+        for i in instances
+        if i["MainDicomTags"]["SOPInstanceUID"] != lateral.SOPInstanceUID
+    ]
+    sr = pydicom.dcmread(BytesIO(orthanc.rest.file(sr_id)))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == lateral.StudyInstanceUID
+    [reason] = texts(sr)["Image not analysed by the AI"]
+    assert reason.startswith("not a frontal chest radiograph: ViewPosition LL"), reason
+    assert "not analysed" in sr.SeriesDescription
+    wait_for(lambda: node.jobs().get("skipped") == 1 or None, 10, "the job skipped")

@@ -10,7 +10,18 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import ROOT, Sender, chest_images, free_port, sr_sources, storescp, wait_for
+from helpers import (
+    ROOT,
+    Sender,
+    chest_images,
+    free_port,
+    sr_source,
+    sr_sources,
+    storescp,
+    wait_for,
+)
+
+from node.dicomio import read_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +64,10 @@ def test_a_poison_job_is_quarantined_and_the_others_get_their_srs(node_factory, 
             assert list(node.spool.glob("hang-*.txt"))
         status = node.cli("status")
         assert "quarantined=1" in status.stdout and "quarantined" in status.stdout
-        sources = sr_sources(tmp_path / "pacs")
-        assert sources == {str(d.SOPInstanceUID) for d in images} - {poison}
+        every = {str(d.SOPInstanceUID) for d in images}  # the poison's: its notice
+        wait_for(lambda: sr_sources(tmp_path / "pacs") == every, 30, "an SR for every image")
+        notices = [p for p in (tmp_path / "pacs").iterdir() if read_dataset(p).SeriesNumber == 9903]
+        assert [sr_source(p) for p in notices] == [poison]
         wait_for(lambda: node.jobs().get("sent", 0) == 4, 10, "four jobs sent")
     finally:
         pacs.terminate()

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from sr_tree import codes, nums, texts
 
-from node.codes import PATHOLOGY_CODES, pathology_code
+from node.codes import PATHOLOGY_CODES, finding_name, pathology_code
 from node.dicomio import read_dataset
 from node.errors import ReportError
-from node.model import UNTRAINED_LABEL, ModelInfo, to_findings
+from node.model import ModelInfo, to_findings
 from node.report import ReportContext, build_sr, sanitized_source
 from node.uids import is_valid_uid, sr_instance_uid
 
@@ -141,8 +141,11 @@ def test_invalid_source_attributes_are_dropped_and_type2_kept_empty():
 def test_untrained_model_is_named_so():
     sr = build_sr(read_dataset(NIH), to_findings(SCORES, info(False)), info(False), CTX, NOW)
     names = texts(sr)["Algorithm Name"]
-    assert names and all(UNTRAINED_LABEL in n for n in names)
+    assert names and all(n.startswith("UNTRAINED ") for n in names)
+    assert texts(sr)["UNTRAINED model"] == ["NOT FOR CLINICAL USE"]
     assert "UNTRAINED" in sr.SeriesDescription
+    trained = build_sr(read_dataset(NIH), to_findings(SCORES, info()), info(), CTX, NOW)
+    assert "UNTRAINED model" not in texts(trained)
 
 
 def test_sr_uid_is_deterministic_and_depends_on_weights():
@@ -322,3 +325,60 @@ def test_what_highdicom_raises_becomes_a_report_error_with_its_reason(monkeypatc
     src = read_dataset(NIH)
     with pytest.raises(ReportError, match=f"{error.__name__}: refused for the test"):
         build_sr(src, to_findings(SCORES, info()), info(), CTX, NOW)
+
+
+needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="no dsrdump")
+
+
+def dsrdump(sr: pydicom.Dataset, tmp_path: Path, *options: str) -> list[str]:
+    """dcmtk's dsrdump of ``sr``, as a reader runs it (texts over 30 characters cut unless
+    ``+Pl``), one stripped line each."""
+    path = tmp_path / "dump.dcm"
+    path.write_bytes(roundtrip_bytes(sr))
+    done = subprocess.run(["dsrdump", *options, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [line.strip() for line in done.stdout.splitlines()]
+
+
+@needs_dsrdump
+def test_dsrdump_shows_the_summary_first_and_each_findings_score_beside_its_label(tmp_path):
+    model = info(trained=False)
+    findings = to_findings(SCORES, model)
+    lines = dsrdump(build_sr(read_dataset(NIH), findings, model, CTX, NOW), tmp_path)
+    warning = lines.index('<contains TEXT:(,,"UNTRAINED model")="NOT FOR CLINICAL USE">')
+    [summary] = [i for i, ln in enumerate(lines) if "AI findings above the operating" in ln]
+    groups = [i for i, ln in enumerate(lines) if '"Measurement Group")' in ln]
+    assert warning < summary < groups[0] and len(groups) == len(findings)
+    for f, start, end in zip(findings, groups, [*groups[1:], len(lines)], strict=True):
+        group = lines[start:end]
+        meaning = pathology_code(f.pathology).meaning
+        assert f'<has obs context TEXT:(,,"Tracking Identifier")="{f.pathology}">' in group
+        at = group.index(
+            f'<contains NUM:(,,"{meaning}")="{round(f.score, 6):g}"'
+            ' ({probability},UCUM,"probability")>'
+        )  # the score, and on the next line its label
+        state = '52101004,SCT,"Present"' if f.present else '2667000,SCT,"Absent"'
+        assert group[at + 1] == f'<contains CODE:(,,"{meaning}")=({state})>'
+        assert '<has concept mod TEXT:(,,"Algorithm Name")="UNTRAINED densenet121">' in group
+    assert not [ln for ln in lines if "Algorithm Name" in ln and "..." in ln]  # never cut
+    full = dsrdump(build_sr(read_dataset(NIH), findings, model, CTX, NOW), tmp_path, "+Pl")
+    above = sorted((f for f in findings if f.present), key=lambda f: -f.score)
+    text = ", ".join(f"{finding_name(f.pathology)} {f.score:.2f}" for f in above)
+    assert f'<contains TEXT:(,,"AI findings above the operating threshold")="{text}">' in full
+    assert "Fracture (Fracture of bone) 0.84" in text  # both names where they differ
+    assert "Enlarged Cardiomediastinum 0.95, Lung Opacity 0.90" in text  # highest first
+
+
+def test_the_summary_says_none_when_nothing_is_above_the_threshold():
+    findings = to_findings(np.full(18, 0.2, dtype=np.float32), info())
+    sr = build_sr(read_dataset(NIH), findings, info(), CTX, NOW)
+    assert texts(sr)["AI findings above the operating threshold"] == ["none"]
+    assert "UNTRAINED model" not in texts(sr)
+
+
+def test_one_naming_table_shows_both_names_where_they_differ():
+    assert finding_name("Consolidation") == "Consolidation (Lung consolidation)"
+    assert finding_name("Pleural_Thickening") == "Pleural_Thickening (Pleural thickening)"
+    assert finding_name("Infiltration") == "Infiltration (Infiltrate)"
+    assert finding_name("Atelectasis") == "Atelectasis"
+    assert finding_name("Lung Lesion") == "Lung Lesion"  # only the case differs

@@ -109,8 +109,10 @@ def test_an_encoder_that_disagrees_falls_back_to_highdicom(monkeypatch, caplog, 
     else:  # a per-image value encoded wrongly (every code "Absent"): caught by the self-check
         right = srtemplate._ContentTemplate._value
 
-        def wrong(self, slot, fixed, findings):
-            return self.absent_code if slot.kind == "code" else right(self, slot, fixed, findings)
+        def wrong(self, slot, fixed, ident, findings):
+            if slot.kind == "code":
+                return self.absent_code
+            return right(self, slot, fixed, ident, findings)
 
         monkeypatch.setattr(srtemplate._ContentTemplate, "_value", wrong)
     with caplog.at_level(logging.WARNING, logger="node.srtemplate"):
