@@ -388,16 +388,34 @@ def _summary(text: str) -> bytes:
 class ReportEncoder:
     """Encodes one SR per classified image, equal to :func:`node.report.build_sr`'s.
 
-    Built once per model and node identity (~0.5 s); :meth:`encode` is then cheap.
+    The content template and its check against highdicom's build cost several highdicom
+    builds (~1-2 s with 18 findings): they are made on the first :meth:`encode`, not at
+    start-up, so that a node (re)starts and listens without waiting for them; every
+    :meth:`encode` after is cheap.
     """
 
     def __init__(self, model: ModelInfo, ctx: ReportContext, *, verify: bool = True) -> None:
-        self.model, self.ctx = model, ctx
+        self.model, self.ctx, self._verify = model, ctx, verify
         self._stub = self._root_stub()
         self._headers: dict[tuple[str, ...], _HeaderTemplate | None] = {}
+        self._template: _ContentTemplate | None = None
+        self._built = False
+
+    @property
+    def fast(self) -> bool:
+        """Whether SRs are encoded from the template (built now if not yet)."""
+        self._build()
+        return self._template is not None
+
+    def _build(self) -> None:
+        """The template, checked against highdicom's build; on any disagreement every SR
+        is built by highdicom."""
+        if self._built:
+            return
+        self._built = True  # the check below encodes through this encoder
         try:
-            self._template: _ContentTemplate | None = _ContentTemplate(model, ctx)
-            agrees = not verify or self._agrees()
+            self._template = _ContentTemplate(self.model, self.ctx)
+            agrees = not self._verify or self._agrees()
         except ReportError as exc:
             agrees = False
             log.warning("cannot build the SR template: %s", exc)
@@ -428,6 +446,7 @@ class ReportEncoder:
             return self._encode(source, findings, now)
 
     def _encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
+        self._build()
         labels = tuple(f.pathology for f in findings)
         if self._template is None or labels != self._template.labels:
             sr = build_sr(source, findings, self.model, self.ctx, now)

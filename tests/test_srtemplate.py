@@ -39,7 +39,7 @@ def reference(src, findings, model=None, now=NOW) -> bytes:
 
 
 def test_the_template_is_used_and_agrees_on_the_shared_images(encoder):
-    assert encoder._template is not None  # the self-check passed: the fast path is on
+    assert encoder.fast  # the self-check passed: the fast path is on
     for path in (NIH, ACRNEMA):
         src = read_dataset(path, stop_before_pixels=True)
         findings = to_findings(SCORES, info())
@@ -73,7 +73,7 @@ _score = st.one_of(
 def test_fast_equals_highdicom_for_generated_inputs(
     encoder, scores, sop, study, sop_class, name, age, accession
 ):
-    assert encoder._template is not None  # else this compares highdicom with itself
+    assert encoder.fast  # else this compares highdicom with itself
     src = read_dataset(NIH, stop_before_pixels=True)
     src.SOPInstanceUID, src.StudyInstanceUID, src.SOPClassUID = sop, study, sop_class
     for keyword, value in (("PatientName", name), ("PatientAge", age)):
@@ -117,7 +117,8 @@ def test_an_encoder_that_disagrees_falls_back_to_highdicom(monkeypatch, caplog, 
         monkeypatch.setattr(srtemplate._ContentTemplate, "_value", wrong)
     with caplog.at_level(logging.WARNING, logger="node.srtemplate"):
         enc = ReportEncoder(info(), CTX)
-    assert enc._template is None and "disagrees" in caplog.text
+        assert not enc.fast
+    assert "disagrees" in caplog.text
     assert ("cannot build the SR template" in caplog.text) == (where == "template")
     src = read_dataset(NIH, stop_before_pixels=True)
     findings = to_findings(SCORES, info())
@@ -206,3 +207,24 @@ def test_what_pydicom_raises_in_the_fast_encoder_becomes_a_report_error(monkeypa
     src = read_dataset(NIH, stop_before_pixels=True)
     with pytest.raises(ReportError, match="ValueError: refused for the test"):
         enc.encode(src, to_findings(SCORES, info()), NOW)
+
+
+def test_the_template_is_built_on_the_first_sr_not_at_start_up(monkeypatch):
+    """Building the template and its self-check takes several highdicom builds: a node
+    that (re)starts listens without waiting for them."""
+    from node import srtemplate
+
+    built: list[object] = []
+    init = srtemplate._ContentTemplate.__init__
+
+    def counted(self: object, *args: object) -> None:
+        built.append(args)
+        init(self, *args)
+
+    monkeypatch.setattr(srtemplate._ContentTemplate, "__init__", counted)
+    enc = ReportEncoder(info(), CTX, verify=False)
+    assert built == []
+    src = read_dataset(NIH, stop_before_pixels=True)
+    enc.encode(src, to_findings(SCORES, info()), NOW)
+    enc.encode(src, to_findings(SCORES, info()), NOW)
+    assert len(built) == 1
