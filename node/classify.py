@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from node.archive import Item, Rejected, iter_items
 from node.config import NodeConfig
 from node.dicomio import read_dataset
-from node.errors import NodeError
+from node.errors import NodeError, OutputError
 from node.model import Classifier
 from node.pipeline import Outcome, Prepared, finish, prepare
 from node.report import summary_text
@@ -204,7 +204,12 @@ class Outputs:
         self.done: set[str] = set()
         self._first = True
         self._csv, self._writer = self._open_csv()
-        self._json = self._open_json(stdout)
+        try:
+            self._json = self._open_json(stdout)
+        except OutputError:
+            if self._csv is not None:
+                self._csv.close()
+            raise
 
     def _open_csv(self) -> tuple[IO[str] | None, Any]:
         path = self.opts.csv_path
@@ -222,12 +227,12 @@ class Outputs:
                 for r in reader:
                     self.done.add(r.get("sop_instance_uid") or r["file"])
                     self.done.add(r["file"])
-        fh = path.open("a" if resume else "w", newline="", encoding="utf-8")
-        writer = csv.writer(fh)
+        out = _output(path, "a" if resume else "w", newline="")
+        writer = csv.writer(out)
         if not resume:
             writer.writerow(csv_columns(self.pathologies))
-            fh.flush()
-        return fh, writer
+            out.flush()
+        return out, writer
 
     def _open_json(self, stdout: IO[str]) -> IO[str]:
         path = self.opts.json_path
@@ -239,7 +244,7 @@ class Outputs:
             old = _read_records(path)
             for record in old:
                 self.done.add(str(record["source"]["sop_instance_uid"]))
-        fh = path.open("w", encoding="utf-8")
+        fh = _output(path, "w")
         fh.write("[")
         for record in old:
             self._write_record(fh, record)
@@ -264,6 +269,17 @@ class Outputs:
             self._json.close()
         if self._csv is not None:
             self._csv.close()
+
+
+def _output(path: Path, mode: str, newline: str | None = None) -> IO[str]:
+    """``path`` opened for writing, its folder made if missing; :class:`OutputError` (one
+    line naming the path) where it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open(mode, newline=newline, encoding="utf-8")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise OutputError(f"cannot write {path}: {exc.strerror}{where}") from None
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,10 @@ class ContextsRefused(SendError):
     it does not take those SOP classes (or their transfer syntaxes); others may go."""
 
 
+class OutputError(NodeError):
+    """A result file (CSV, JSON, SR copy) could not be written."""
+
+
 class ArchiveError(NodeError):
     """An input path (file, folder or zip archive) could not be read."""
 

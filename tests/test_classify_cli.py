@@ -172,3 +172,23 @@ def test_classify_fails_a_broken_image_alone_with_one_line(tmp_path, weights_dir
     assert "Traceback" not in done.stderr
     for line in done.stderr.splitlines():
         assert line.count(str(tmp_path)) <= 1, line  # never the path twice
+
+
+def test_classify_outputs_in_new_folders_and_an_unwritable_one_in_one_line(tmp_path, weights_dir):
+    """``--csv``/``--json`` in folders that do not exist yet are created; a path that
+    cannot be written is one line naming it, never a traceback."""
+    csv_path, json_path = tmp_path / "a" / "b" / "r.csv", tmp_path / "c" / "r.json"
+    done = classify(
+        tmp_path, weights_dir, str(NIH), "--allow-untrained",
+        "--csv", str(csv_path), "--json", str(json_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(json_path.read_text())) == 1
+    assert len(csv_path.read_text().splitlines()) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = classify(
+        tmp_path, weights_dir, str(NIH), "--allow-untrained", "--json", str(blocker / "r.json")
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"cannot write {blocker / 'r.json'}" in done.stderr, done.stderr
