@@ -274,6 +274,7 @@ class ReportConfig(_Section):
     institution_name: str | None = None
     json_dir: Path | None = None
     sr_dir: Path | None = None
+    summary_image: bool = True
 
     @field_validator("uid_root")
     @classmethod
