@@ -40,20 +40,17 @@ def test_orthanc_renders_the_summary_image_beside_the_sr(orthanc_factory, node_f
     )
     assert done.returncode == 0, done.stderr
 
-    def summaries() -> list[str] | None:
-        found = orthanc.rest.find(
-            "Instance", {"StudyInstanceUID": square.StudyInstanceUID, "SOPClassUID": SC}
-        )
+    def instances(modality: str) -> list[str] | None:
+        query = {"StudyInstanceUID": square.StudyInstanceUID, "Modality": modality}
+        found = orthanc.rest.find("Instance", query)
         return found if len(found) == 2 else None
 
-    ids = wait_for(summaries, 90, "both summary images to reach Orthanc")
-    srs = orthanc.rest.find(
-        "Instance", {"StudyInstanceUID": square.StudyInstanceUID, "Modality": "SR"}
-    )
-    assert len(srs) == 2
+    ids = wait_for(lambda: instances("OT"), 90, "both summary images to reach Orthanc")
+    wait_for(lambda: instances("SR"), 30, "both SRs to reach Orthanc")
     shapes = {}
     for instance in ids:
         sc = pydicom.dcmread(BytesIO(orthanc.rest.file(instance)))
+        assert sc.SOPClassUID == SC and sc.BurnedInAnnotation == "YES"
         source = sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID
         assert sc.SeriesDescription == "AI CXR summary, not for diagnosis [UNTRAINED]"
         png = orthanc.rest._req(f"/instances/{instance}/preview")
