@@ -16,7 +16,7 @@ from node.errors import ReportError
 from node.model import Finding, ModelInfo, class_maps
 from node.preprocess import Geometry, Preprocessed
 from node.report import ReportContext
-from node.summary import HeatMap, render
+from node.summary import HeatMap, overlay_shape, render
 from node.summarysc import EncodedSummary, encode_summary
 
 DISPLAY_MAX = 1024
@@ -59,7 +59,7 @@ class Summarizer:
         display, geometry = prep.display, prep.geometry
         if display is None or geometry is None:
             raise ReportError("no display image: preprocess was not asked for one")
-        shape = (int(display.shape[0]), int(display.shape[1]))
+        shape = overlay_shape((int(display.shape[0]), int(display.shape[1])))
         heats = self.heat_maps(geometry, shape, findings, features)
         pixels = render(display, heats, untrained=not self.model.trained)
         return encode_summary(source, pixels, self.model, self.ctx, now)

@@ -22,6 +22,7 @@ NONE_SHOWN = "No finding above its operating threshold"
 HEAT_FLOOR = 0.3
 """Parts of a map below this fraction of its maximum are not coloured."""
 HEAT_ALPHA = 0.55
+OVERLAY_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,40 @@ def _annotate(pil: Any, heats: Sequence[HeatMap], untrained: bool) -> RGBArray:
     return np.asarray(pil, dtype=np.uint8)
 
 
+def overlay_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The grid the heat maps are computed on for a display of ``shape``: every
+    :data:`OVERLAY_STEP`-th pixel (the maps are bilinear over 7 x 7 cells: smooth at that
+    scale), so that blending costs a few milliseconds, not tens."""
+    return max(1, -(-shape[0] // OVERLAY_STEP)), max(1, -(-shape[1] // OVERLAY_STEP))
+
+
+def _overlay(heats: Sequence[HeatMap]) -> npt.NDArray[np.uint8]:
+    """The heat maps, each in its colour, composited over one another (RGBA)."""
+    shape = heats[0].values.shape
+    rgb = np.zeros((*shape, 3), dtype=np.float32)
+    alpha = np.zeros(shape, dtype=np.float32)
+    for heat, colour in zip(heats, COLOURS, strict=False):
+        if heat.values.shape != shape:
+            raise ValueError(f"heat maps of shapes {heat.values.shape} and {shape}")
+        a = heat_alpha(heat.values).astype(np.float32)[..., None] / 255.0
+        rgb = rgb * (1.0 - a) + np.asarray(colour, dtype=np.float32) * a  # "over", premultiplied
+        alpha = alpha * (1.0 - a[..., 0]) + a[..., 0]
+    straight = rgb / np.maximum(alpha, 1e-6)[..., None]
+    out = np.dstack([straight, alpha * 255.0])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def render(display: npt.NDArray[np.uint8], heats: Sequence[HeatMap], untrained: bool) -> RGBArray:
     """The summary image: ``display`` (greyscale, ``rows x columns``) with each heat map
-    (at most :data:`COLOURS` of them) blended in its colour, the banner (red and UNTRAINED
-    when ``untrained``) across the top and the legend at the bottom left."""
+    (at most :data:`COLOURS` of them, all on one grid of the display's extent, e.g.
+    :func:`overlay_shape`) blended in its colour, the banner (red and UNTRAINED when
+    ``untrained``) across the top and the legend at the bottom left."""
     if len(heats) > len(COLOURS):
         raise ValueError(f"at most {len(COLOURS)} heat maps, got {len(heats)}")
     from PIL import Image
 
     pil = Image.fromarray(display).convert("RGB")
-    for heat, colour in zip(heats, COLOURS, strict=False):
-        if heat.values.shape != display.shape:
-            raise ValueError(f"heat map {heat.values.shape} is not the image's {display.shape}")
-        pil.paste(colour, (0, 0, *pil.size), Image.fromarray(heat_alpha(heat.values)))
+    if heats:
+        over = Image.fromarray(_overlay(heats)).resize(pil.size, Image.Resampling.BILINEAR)
+        pil.paste(over, (0, 0), over)  # its alpha as the mask: "over" the image
     return _annotate(pil, heats, untrained)

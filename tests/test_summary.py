@@ -277,3 +277,16 @@ def test_per_job_outcomes_from_the_objects_answered():
     assert per_job(loaded, ["", "", "", ""]) == ["", ""]  # c's summary unanswered: c is lost
     assert per_job(loaded, ["", "0xA700", ""]) == ["0xA700", ""]
     assert per_job(loaded, ["x"]) == []
+
+
+def test_heat_maps_on_the_coarse_overlay_grid_look_as_on_the_full_one():
+    from node.summary import HeatMap, overlay_shape
+
+    display = np.full((700, 1000), 100, np.uint8)
+    g = crop_geometry(1400, 2000)
+    cam = np.random.default_rng(3).random((7, 7)).astype(np.float32)
+    full = render(display, [HeatMap("x", 0.7, map_to_display(cam, g, (700, 1000)))], False)
+    coarse_grid = map_to_display(cam, g, overlay_shape((700, 1000)))
+    coarse = render(display, [HeatMap("x", 0.7, coarse_grid)], False)
+    diff = np.abs(full.astype(int) - coarse.astype(int))
+    assert diff.mean() < 0.5 and np.percentile(diff, 99.5) <= 8
