@@ -330,7 +330,7 @@ def _expected_lut_scaling(ds: Dataset, table: np.ndarray, first: int) -> np.ndar
 def test_modality_lut_sequence_is_applied(kind, first, bits, packed8):
     grid = np.arange(256 - first, dtype=np.float64)
     top = 255 if bits == 8 else 4000
-    table = grid / grid.max() * top if kind == "linear" else np.sqrt(grid / grid.max()) * top
+    table = (grid / grid.max() * top if kind == "linear" else np.sqrt(grid / grid.max()) * top)
     table = np.round(table).astype(np.int64)
     ds = _with_lut(_small_nih(), table, first, bits, packed8)
     steps: list[str] = []
