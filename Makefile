@@ -31,8 +31,10 @@ lint: setup
 	$(VENV)/bin/ruff check node tests scripts
 	$(VENV)/bin/mypy
 
+# demo: keeps Orthanc and the node up until Enter (Ctrl-C); CI and scripts:
+#   make demo DEMO_ARGS="--no-wait"   (also --image FILE.dcm)
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 certs:
 	scripts/make-test-certs.sh var/certs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 from bench.common import (
     NODELAY,
     ROOT,
+    WAIT_POLICY_ENV,
     free_port,
     machine,
     make_images,
@@ -31,8 +33,11 @@ from bench.common import (
     table,
     timed,
     wait_for,
+    wait_policy_env,
 )
 from bench.route import bench_route
+from node.config import ModelConfig
+from node.threads import apply_wait_policy
 
 PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
@@ -354,6 +359,7 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
         "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
         "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
         "CXR_NODE_LOGGING__LEVEL": "WARNING",
+        **wait_policy_env(),
     }
 
     def run(src: Path) -> float:
@@ -367,24 +373,42 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
     keep_freed_memory(4)  # as classify sets it: raw model(x) under the same malloc tuning
     module = xrv.models.DenseNet(weights=None).eval()
     x = torch.zeros((4, 1, 224, 224))
-    with torch.inference_mode():
-        module(x)
-        reps = 25
-        raw = 4 * reps / timed(lambda: [module(x) for _ in range(reps)])
+
+    def raw_rate() -> float:
+        with torch.inference_mode():
+            module(x)
+            reps = 25
+            return 4 * reps / timed(lambda: [module(x) for _ in range(reps)])
+
+    # raw is measured right before and after each classify round, and each round's ratio is
+    # taken against the mean of the two: on a shared machine the load drifts within minutes
     results = []
     for _ in range(rounds):
+        before = raw_rate()
         startup = run(small)
         whole = run(folder)
+        after = raw_rate()
         rate = (len(images) - 4) / max(1e-6, whole - startup)
-        results.append({"startup_s": startup, "total_s": whole, "images_per_s": rate})
-    rate = statistics.median(r["images_per_s"] for r in results)
+        raw = (before + after) / 2
+        results.append(
+            {
+                "startup_s": startup,
+                "total_s": whole,
+                "images_per_s": rate,
+                "raw_before": before,
+                "raw_after": after,
+                "ratio": rate / raw,
+            }
+        )
     return {
         "images": len(images),
         "threads": torch.get_num_threads(),
-        "raw_images_per_s": raw,
+        "raw_images_per_s": statistics.median(
+            (r["raw_before"] + r["raw_after"]) / 2 for r in results
+        ),
         "rounds": results,
-        "classify_images_per_s": rate,
-        "classify_vs_raw": rate / raw,
+        "classify_images_per_s": statistics.median(r["images_per_s"] for r in results),
+        "classify_vs_raw": statistics.median(r["ratio"] for r in results),
     }
 
 
@@ -475,7 +499,16 @@ def main() -> int:
         help="route: kill, burst, storescp, direct",
     )
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine(), "tcp_nodelay": "1 for every peer"}
+    # torch's threads wait in this process as in the node's: model.omp_wait_policy, or
+    # CXR_NODE_MODEL__OMP_WAIT_POLICY / OMP_WAIT_POLICY from the environment for an A/B (the
+    # node processes the bench starts get them too)
+    policy = os.environ.get(WAIT_POLICY_ENV, ModelConfig().omp_wait_policy)
+    wait_policy = apply_wait_policy(ModelConfig(omp_wait_policy=policy).omp_wait_policy)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "tcp_nodelay": "1 for every peer",
+        "omp_wait_policy": wait_policy,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = make_images(args.n, work / "images", "bench")

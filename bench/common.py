@@ -130,6 +130,14 @@ class Orthanc:
         self.proc.wait(30)
 
 
+WAIT_POLICY_ENV = "CXR_NODE_MODEL__OMP_WAIT_POLICY"
+
+
+def wait_policy_env() -> dict[str, str]:
+    """The bench's own A/B of model.omp_wait_policy, passed on to the node processes."""
+    return {k: os.environ[k] for k in ("OMP_WAIT_POLICY", WAIT_POLICY_ENV) if k in os.environ}
+
+
 def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
     """``cxr-node serve`` (untrained model, spool in ``work``) sending SRs to ``dest_port``;
     returns once it listens."""
@@ -147,6 +155,7 @@ def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]
         "CXR_NODE_METRICS__PORT": "0",
         "CXR_NODE_LOGGING__LEVEL": "WARNING",
     }
+    env.update(wait_policy_env())
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -544,6 +544,7 @@ class CatchUp:
             self.metrics.catchup_rounds.inc()
             self.metrics.catchup_fetched.inc(summary.fetched)
             self.metrics.catchup_errors.inc(summary.errors)
+            self.metrics.catchup_last_round.set(summary.time)
         if stop.is_set():
             return  # the spool is being closed
         try:

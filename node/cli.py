@@ -1,4 +1,4 @@
-"""Command line: ``cxr-node serve | echo | classify | push | status | jobs | backfill``."""
+"""Command line: ``cxr-node serve | check | echo | classify | push | status | jobs | backfill``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -134,22 +135,104 @@ def _log_thread_death(args: threading.ExceptHookArgs) -> None:
         log.debug("thread %s traceback", name, exc_info=args.exc_value)
 
 
-# -- echo --------------------------------------------------------------------------------
-def _cli_peer(args: argparse.Namespace) -> Peer:
+# -- echo ----------------------------------------------------------------------------------
+PEER_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 4242,
+    "ae_title": "ORTHANC",
+    "calling_ae_title": "CXR_NODE",
+    "timeout": 30.0,
+}
+"""``[destination]``'s defaults (node.config.DestinationConfig; tests/test_units.py checks
+they agree), here so that ``push`` without a config needs no pydantic (~0.15 s)."""
+ENV_PREFIX = "CXR_NODE_"  # node.config.ENV_PREFIX
+ECHO_EXIT_CODES = """exit codes:
+  0  the peer answered the C-ECHO with success
+  2  no association (refused, timed out, aborted, rejected: the reason is printed),
+     no success, or an invalid command line or configuration"""
+PUSH_EXIT_CODES = """exit codes:
+  0  every DICOM object found was sent (warning statuses included; --dry-run: would be)
+  1  a file failed, or nothing was sent (no DICOM object found, the peer unreachable)
+  2  an invalid command line or configuration, or an unreadable path
+  130  interrupted"""
+PUSH_CALLING_AET = "CXR_PUSH"
+"""push's own calling AE title: Orthanc's route ignores what comes from the node's."""
+
+
+def _destination_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[destination]`` section (defaults < file < environment), read only when a
+    config file or a ``CXR_NODE_`` variable is there to read; other sections are not
+    checked (a healthcheck's echo does not fail for a key only serve uses)."""
+    if args.config is None and not any(k.startswith(ENV_PREFIX) for k in os.environ):
+        return {**PEER_DEFAULTS, "tls": False}
+    from node.config import load_destination
+
+    return load_destination(args.config, os.environ).model_dump()
+
+
+def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> Peer:
+    """The peer: command-line flags > ``--config``'s ``[destination]`` (and environment) >
+    defaults. ``calling_default`` replaces destination.calling_ae_title when given."""
     from node.scu import Peer, client_ssl_context
 
-    tls = client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls else None
-    return Peer(args.host, args.port, args.aet, args.calling_aet, args.timeout, tls)
+    d = _destination_settings(args)
+    calling = args.calling_aet or calling_default or d["calling_ae_title"]
+    ca = _first(args.tls_ca, d.get("tls_ca_file"))
+    cert = _first(args.tls_cert, d.get("tls_cert_file"))
+    key = _first(args.tls_key, d.get("tls_key_file"))
+    tls = client_ssl_context(ca, cert, key) if args.tls or d["tls"] else None
+    return Peer(
+        _first(args.host, d["host"]),
+        _first(args.port, d["port"]),
+        _first(args.aet, d["ae_title"]),
+        calling,
+        _first(args.timeout, d["timeout"]),
+        tls,
+    )
+
+
+def _first(flag: Any, configured: Any) -> Any:
+    return configured if flag is None else flag
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from node.scu import echo
 
     setup_logging(args.log_level or "WARNING")
+    if args.log_level != "DEBUG":  # its failures are in the one line printed
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     peer = _cli_peer(args)
     echo(peer)
-    sys.stdout.write(f"C-ECHO {args.aet}@{args.host}:{args.port}: success\n")
+    sys.stdout.write(
+        f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port} "
+        f"(calling AE {peer.calling_ae_title}{', TLS' if peer.tls else ''}): success\n"
+    )
     return 0
+
+
+# -- check -------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    """The pre-flight (node/check.py): one line per check, exit 1 if any FAILs."""
+    from node.check import Result, run_checks
+    from node.config import load_config
+
+    setup_logging(args.log_level or "ERROR")
+    if args.log_level != "DEBUG":  # a failed C-ECHO is reported on its check's line, once
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    source = str(args.config) if args.config else "the defaults and environment"
+    try:
+        cfg = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        fix = "correct the key named above (config/node.toml documents every key)"
+        detail = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+        sys.stdout.write(Result("FAIL", "config", detail, fix).line() + "\n")
+        return 1
+    failed = False
+    for result in run_checks(cfg, source):
+        sys.stdout.write(result.line() + "\n")
+        sys.stdout.flush()  # each line as soon as it is known (the C-ECHOs take time)
+        failed = failed or result.level == "FAIL"
+    return 1 if failed else 0
 
 
 # -- classify ----------------------------------------------------------------------------
@@ -217,7 +300,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "WARNING")
     if args.log_level != "DEBUG":  # failures are reported in the summary, once
         _quiet_readers()
-    peer = _cli_peer(args)
+    peer = _cli_peer(args, PUSH_CALLING_AET)
     with ExitStack() as stack:  # the report file opened first: a bad path fails before sending
         report = stack.enter_context(_report_file(args.report)) if args.report else None
         summary = push(
@@ -232,7 +315,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         sys.stdout.write(summary.describe() + "\n")
         if report is not None:
             summary.write_report(report, tab=args.report.suffix.lower() == ".tsv")
-    return 0 if summary.failed == 0 else 1
+    return 0 if summary.failed == 0 and summary.sent > 0 else 1
 
 
 def _quiet_readers() -> None:
@@ -429,21 +512,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cxr-node {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", type=Path, help="TOML config file (see config/node.toml)")
-        sp.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    def common(sp: argparse.ArgumentParser, log_default: str = "logging.level, else INFO") -> None:
+        sp.add_argument(
+            "--config",
+            type=Path,
+            help="TOML config file (see config/node.toml; relative paths in it are taken from "
+            "its folder); CXR_NODE_<SECTION>__<KEY> variables override it (default: none)",
+        )
+        sp.add_argument(
+            "--log-level",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help=f"messages logged on stderr (default: {log_default})",
+        )
 
     s = sub.add_parser("serve", help="run the Storage SCP and the worker")
     common(s)
-    s.add_argument("--port", type=int, help="override scp.port")
-    s.add_argument("--allow-untrained", action="store_true", help="override model.allow_untrained")
-    s.add_argument("--ready-file", type=Path, help="write the listening port here when ready")
+    s.add_argument("--port", type=int, help="override scp.port (default: scp.port, else 11112)")
+    _allow_untrained(s)
+    s.add_argument(
+        "--ready-file", type=Path, help="write the listening port here when ready (default: none)"
+    )
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("echo", help="C-ECHO a remote AE")
-    common(e)
-    _peer_args(e)
+    e = sub.add_parser(
+        "echo",
+        help="C-ECHO a remote AE (by default the configured destination)",
+        description=textwrap.fill(
+            "C-ECHO a remote AE: by default [destination] of --config, with its AE titles "
+            "and TLS settings; each flag overrides its key."
+        ),
+        epilog=ECHO_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(e, "WARNING")
+    _peer_args(
+        e,
+        "(default: destination.calling_ae_title from --config, else "
+        f"{PEER_DEFAULTS['calling_ae_title']})",
+    )
     e.set_defaults(func=cmd_echo)
+
+    k = sub.add_parser(
+        "check",
+        help="pre-flight: config, weights, spool, ports, destination and catch-up peer "
+        "(C-ECHO); one line per check with the fix; exit 1 if any FAILs",
+    )
+    common(k)
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser(
         "classify", help="classify DICOM files, folders and zip archives offline (no network)"
@@ -475,14 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="follow links in a folder that point outside it (default: skipped, named)",
     )
-    c.add_argument("--sr-dir", type=Path, help="write one SR file per image here")
+    c.add_argument("--sr-dir", type=Path, help="write one SR file per image here (default: none)")
     c.add_argument(
         "--summary-dir",
         type=Path,
         help="write one summary image per image here (a DICOM Secondary Capture: the "
-        "image, the findings' class activation maps, their names and scores)",
+        "image, the findings' class activation maps, their names and scores; default: none)",
     )
-    c.add_argument("--allow-untrained", action="store_true")
+    _allow_untrained(c)
     c.add_argument(
         "--no-filter",
         action="store_true",
@@ -490,10 +605,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_classify)
 
-    u = sub.add_parser("push", help="C-STORE files, folders and zip archives to a remote AE")
-    common(u)
-    u.add_argument("paths", nargs="+", type=Path)
-    _peer_args(u)
+    u = sub.add_parser(
+        "push",
+        help="C-STORE files, folders and zip archives to a remote AE",
+        description=textwrap.fill(
+            "C-STORE every DICOM object in files, folders and zip archives to a remote AE: "
+            "by default [destination] of --config (host, port, called AE title, TLS); each "
+            "flag overrides its key."
+        ),
+        epilog=PUSH_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(u, "WARNING")
+    u.add_argument("paths", nargs="+", type=Path, help="DICOM files, folders, zip archives")
+    _peer_args(
+        u,
+        f"(default: {PUSH_CALLING_AET}, not destination.calling_ae_title: Orthanc's route "
+        "ignores what comes from the node's AE title)",
+    )
     u.add_argument(
         "--recursive",
         action=argparse.BooleanOptionalAction,
@@ -504,13 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--associations",
         type=int,
         default=4,
-        help="parallel associations (default 4; 1 sends in order over one association)",
+        help="parallel associations (default: 4; 1 sends in order over one association)",
     )
     u.add_argument(
         "--max-member-mb",
         type=_positive_int,
         default=1024,
-        help="refuse zip members declaring more than this many MiB uncompressed (default "
+        help="refuse zip members declaring more than this many MiB uncompressed (default: "
         "1024), and those over 4 MiB declaring more than 200 times their compressed size "
         "(zip bombs); the archive's other members are still sent",
     )
@@ -520,7 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow symbolic links in folders to files and folders outside them (default: "
         "skipped, named in the summary; a link named on the command line is always followed)",
     )
-    u.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    u.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing: list each object that would be sent (file, SOP class, SOP "
+        "instance UID) and each file skipped or failing its checks",
+    )
     u.add_argument(
         "--report",
         type=Path,
@@ -552,7 +686,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("jobs", help="list, retry (re-deliver) or purge the node's jobs")
     common(j)
-    j.add_argument("action", nargs="?", choices=["list", "retry", "purge"], default="list")
+    j.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "retry", "purge"],
+        default="list",
+        help="list the jobs, retry (re-deliver) them, or purge them from the spool (default: list)",
+    )
     j.add_argument(
         "--state",
         choices=JOB_STATES,
@@ -565,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _allow_untrained(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="override model.allow_untrained (default: model.allow_untrained, else off)",
+    )
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -575,20 +723,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _peer_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=4242)
-    sp.add_argument("--aet", default="ORTHANC", help="called AE title")
+def _peer_args(sp: argparse.ArgumentParser, calling_default: str) -> None:
+    """The peer's flags: each one overrides ``--config``'s [destination] key (and its
+    environment variable), which overrides the default shown."""
+    d = PEER_DEFAULTS
+
+    def given(key: str, default: Any) -> str:
+        return f"(default: destination.{key} from --config, else {default})"
+
+    sp.add_argument("--host", help=f"the peer's host name or IP {given('host', d['host'])}")
+    sp.add_argument("--port", type=int, help=f"the peer's port {given('port', d['port'])}")
+    sp.add_argument("--aet", help=f"called AE title {given('ae_title', d['ae_title'])}")
+    sp.add_argument("--calling-aet", help=f"our AE title {calling_default}")
     sp.add_argument(
-        "--calling-aet",
-        default="CXR_PUSH",
-        help="our AE title (not CXR_NODE: Orthanc's route ignores what the node sends)",
+        "--timeout",
+        type=float,
+        help=f"seconds to connect, associate and wait for each answer "
+        f"{given('timeout', d['timeout'])}",
     )
-    sp.add_argument("--timeout", type=float, default=30.0)
-    sp.add_argument("--tls", action="store_true", help="DICOM TLS")
-    sp.add_argument("--tls-ca", type=Path, help="CA file to verify the peer")
-    sp.add_argument("--tls-cert", type=Path, help="our client certificate")
-    sp.add_argument("--tls-key", type=Path, help="our client key")
+    sp.add_argument(
+        "--tls", action="store_true", help="DICOM TLS (default: destination.tls, else off)"
+    )
+    sp.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="CA file to verify the peer (default: destination.tls_ca_file, else the system's CAs)",
+    )
+    sp.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="our client certificate (default: destination.tls_cert_file, else none)",
+    )
+    sp.add_argument(
+        "--tls-key", type=Path, help="our client key (default: destination.tls_key_file)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

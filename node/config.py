@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.threads import WaitPolicy
 
 ENV_PREFIX = "CXR_NODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
@@ -179,6 +180,7 @@ class ModelConfig(_Section):
     unsafe_unpickle_unverified_weights: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="0 = torch default")
+    omp_wait_policy: WaitPolicy = "passive"
     batch_size: int = Field(default=4, ge=1, le=256)
 
     @model_validator(mode="after")
@@ -390,12 +392,147 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> NodeConfig:
-    """Build the configuration: defaults < file < environment < overrides."""
-    data: dict[str, Any] = read_toml(path) if path is not None else {}
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
-    data = _merge(data, dotted_overrides(overrides or {}))
+    """Build the configuration: defaults < file < environment < overrides.
+
+    Relative paths in the file are taken from the file's folder; those of the environment
+    and the command line from the current directory. An invalid value is a
+    :class:`ConfigError` of one line per problem, naming the key and where it came from."""
+    environ = os.environ if environ is None else environ
+    data = _layers(path, environ, overrides or {})
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        where = f" ({path})" if path is not None else ""
-        raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
+        raise _config_error(exc, (), _Sources(path, environ, overrides or {})) from None
+
+
+def load_destination(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> DestinationConfig:
+    """Only ``[destination]`` (defaults < file < environment), as :func:`load_config` reads
+    it, for ``echo`` and ``push``: the other sections are the node's business."""
+    environ = os.environ if environ is None else environ
+    data = _layers(path, environ, {}).get("destination", {})
+    try:
+        return DestinationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, ("destination",), _Sources(path, environ, {})) from None
+
+
+def _layers(
+    path: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    from_file: dict[str, Any] = read_toml(path) if path is not None else {}
+    if path is not None:
+        from_file = anchor_paths(from_file, path.absolute().parent)  # `--config etc/x.toml` too
+    data = _merge(from_file, env_overrides(environ))
+    return _merge(data, dotted_overrides(overrides))
+
+
+def _config_error(exc: ValidationError, prefix: tuple[str, ...], where: _Sources) -> ConfigError:
+    """One line per problem (the same problem once), each naming its key and source."""
+    lines = [where.explain({**e, "loc": prefix + e["loc"]}) for e in exc.errors(include_url=False)]
+    return ConfigError("\n".join(dict.fromkeys(lines)))
+
+
+def _path_fields() -> set[tuple[str, str]]:
+    """(section, key) of every path setting."""
+    out: set[tuple[str, str]] = set()
+    for section, info in NodeConfig.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for key, field in model.model_fields.items():
+                if "Path" in str(field.annotation):
+                    out.add((section, key))
+    return out
+
+
+def anchor_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` (a config file's) with its relative path settings made relative to
+    ``folder`` (the file's): ``spool.directory = "var/spool"`` means the same spool from
+    any current directory. ``~`` paths are left for their users to expand."""
+    out = dict(data)
+    for section, key in _path_fields():
+        values = out.get(section)
+        if not isinstance(values, dict) or not isinstance(values.get(key), str):
+            continue
+        value = values[key]
+        if value and not value.startswith("~") and not Path(value).is_absolute():
+            out[section] = {**values, key: str(folder / value)}
+    return out
+
+
+_PLAIN: Final = {
+    "int_parsing": "not an integer",
+    "int_type": "not an integer",
+    "int_from_float": "not an integer",
+    "float_parsing": "not a number",
+    "float_type": "not a number",
+    "bool_parsing": "not true or false",
+    "bool_type": "not true or false",
+    "string_type": "not a string",
+    "path_type": "not a path",
+    "tuple_type": "not a list",
+    "list_type": "not a list",
+    "missing": "missing",
+    "extra_forbidden": "unknown key (config/node.toml lists them all)",
+    "model_type": "not a section (a table of keys)",
+}
+_BOUNDS: Final = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "more than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+
+
+def _plain(err: Any) -> str:
+    """A pydantic error's message without the library's phrasing."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _PLAIN:
+        return _PLAIN[kind]
+    if kind in _BOUNDS:
+        name, words = _BOUNDS[kind]
+        return f"must be {words} {ctx.get(name)}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+class _Sources:
+    """Where each setting came from: a command-line option, an environment variable, the
+    file, or nowhere (a default, or a check across several keys)."""
+
+    def __init__(
+        self, path: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Any]
+    ) -> None:
+        self.path = path
+        self.overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.env = {
+            tuple(name[len(ENV_PREFIX) :].lower().partition("__")[::2]): name
+            for name in environ
+            if name.startswith(ENV_PREFIX) and "__" in name
+        }
+        self.environ = environ
+
+    def explain(self, err: Any) -> str:
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join(loc)
+        value, why = err.get("input"), _plain(err)
+        if len(loc) == 1 and err["type"] == "extra_forbidden":
+            why = "unknown section (config/node.toml lists them all)"
+        if len(loc) >= 2:
+            dotted, pair = f"{loc[0]}.{loc[1]}", (loc[0], loc[1])
+            if dotted in self.overrides:
+                return f"command line: {key} = {self.overrides[dotted]!r}: {why}"
+            if pair in self.env:
+                name = self.env[pair]
+                return f"{name}={self.environ[name]!r}: {key}: {why}"
+        elif loc:
+            names = sorted(n for (section, _), n in self.env.items() if section == loc[0])
+            if err["type"] == "extra_forbidden" and names:
+                return f"{', '.join(names)}: {key}: {why}"
+        if self.path is not None and err["type"] != "missing" and value is not None:
+            if len(loc) >= 2 and not isinstance(value, dict):
+                return f"{self.path}: {key} = {value!r}: {why}"
+            return f"{self.path}: {key}: {why}"
+        return f"invalid configuration: {key}: {why}"

@@ -40,6 +40,18 @@ class Metrics:
         self.associations = Counter(
             "cxr_node_associations", "Associations accepted by the SCP", registry=r
         )
+        self.rejected = Counter(
+            "cxr_node_associations_rejected",
+            "Associations the SCP rejected, by reason (calling_ae_title_not_recognized, "
+            "called_ae_title_not_recognized, local_limit_exceeded, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.model_trained = Gauge(
+            "cxr_node_model_trained",
+            "1 when the published weights are loaded, 0 when the model runs UNTRAINED",
+            registry=r,
+        )
         self.c_store = Counter(
             "cxr_node_c_store", "C-STORE requests answered, by status", ["status"], registry=r
         )
@@ -69,6 +81,11 @@ class Metrics:
         )
         self.catchup_fetched = Counter(
             "cxr_node_catchup_fetched", "Instances fetched by the catch-up (C-MOVE)", registry=r
+        )
+        self.catchup_last_round = Gauge(
+            "cxr_node_catchup_last_round_timestamp_seconds",
+            "When the last catch-up round started (Unix time; alert when it stops moving)",
+            registry=r,
         )
         self.catchup_errors = Counter(
             "cxr_node_catchup_errors",

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from node.config import ModelConfig
 from node.errors import ModelError
+from node.threads import apply_wait_policy
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 # (nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-...-best.pt, 28,382,008 bytes).
 OFFICIAL_SHA256 = {
     "densenet121-res224-all": "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899",
+}
+# where torchxrayvision downloads it from (xrv.models.model_urls, pinned with the hash above,
+# so that `cxr-node check` names the file without importing torch; tests/test_model.py
+# checks it against xrv's own)
+OFFICIAL_URL = {
+    "densenet121-res224-all": "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0"
+    "-best.pt",
 }
 UNTRAINED_LABEL = "UNTRAINED - NOT FOR CLINICAL USE"
 
@@ -122,9 +131,7 @@ def _dynamo_utils_deferred() -> Iterator[None]:
 
 def expected_weights_path(cfg: ModelConfig) -> tuple[Path, str]:
     """Return (the file torchxrayvision loads, the URL it downloads it from)."""
-    xrv = import_xrv()
-
-    url: str = xrv.models.model_urls[cfg.weights]["weights_url"]
+    url = OFFICIAL_URL[cfg.weights]
     name = os.path.basename(url)
     if cfg.weights_file is not None:
         path = cfg.weights_file.expanduser()
@@ -356,6 +363,7 @@ def _load_file(cfg: ModelConfig, path: Path) -> tuple[Any, str, bool, str]:
 
 def load_classifier(cfg: ModelConfig) -> Classifier:
     """Load the model as configured, or raise :class:`ModelError` with what to do."""
+    apply_wait_policy(cfg.omp_wait_policy)  # before torch loads libgomp
     import torch
 
     xrv = import_xrv()

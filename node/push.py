@@ -30,7 +30,7 @@ from typing import TextIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 
 from node.archive import MAX_MEMBER_BYTES, Item, Rejected, iter_items
@@ -77,9 +77,12 @@ class Summary:
     outcomes: list[tuple[str, str, str]] = field(default_factory=list)
     unreachable: str = ""  # set once the peer refuses or cannot be reached: stop trying
     not_attempted: int = 0
+    dry_run: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> str:
+        if self.dry_run:
+            return self._describe_dry_run()
         mb = self.bytes / 1e6
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         per_s = self.sent / self.seconds if self.seconds > 0 else 0.0
@@ -88,16 +91,35 @@ class Summary:
             f"skipped {self.skipped}; {mb:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} MB/s, {per_s:.0f} files/s)"
         )
+        nothing = [self._nothing()] if self.sent == 0 else []
+        return "\n".join([head, *self._problems(), *nothing])
+
+    def _describe_dry_run(self) -> str:
+        """Every object that would be sent (file, SOP class, SOP instance UID), then the
+        files that would fail or are skipped, then the counts."""
+        rows = [(name, what) for name, how, what in self.outcomes if how == DRY_RUN]
+        listed = [f"would send: {name}: {what}" for name, what in rows]
+        head = (
+            f"dry run, nothing sent: would send {self.sent}, would fail {self.failed}, "
+            f"skipped {self.skipped}"
+        )
+        nothing = [self._nothing()] if self.sent == 0 else []
+        return "\n".join([*listed, head, *self._problems(), *nothing])
+
+    def _problems(self) -> list[str]:
         failed = [(name, why) for name, what, why in self.outcomes if what == FAILED]
         skipped = [(name, why) for name, what, why in self.outcomes if what == SKIPPED]
-        return "\n".join(
-            [
-                head,
-                *self._listed(failed, "failed"),
-                *self._listed([row for row in skipped if row[1]], "skipped"),
-                *self._listed([row for row in skipped if not row[1]], "skipped (not DICOM)"),
-            ]
-        )
+        return [
+            *self._listed(failed, "failed"),
+            *self._listed([row for row in skipped if row[1]], "skipped"),
+            *self._listed([row for row in skipped if not row[1]], "skipped (not DICOM)"),
+        ]
+
+    def _nothing(self) -> str:
+        verb = "would be sent" if self.dry_run else "sent"
+        if self.failed:
+            return f"nothing {verb}: every DICOM object failed (see above)"
+        return f"nothing {verb}: no DICOM object found in the paths given"
 
     @staticmethod
     def _listed(rows: list[tuple[str, str]], label: str) -> list[str]:
@@ -292,13 +314,14 @@ def _send_over(
             continue
         lost = lost_reason(assoc)
         link.close()
+        peer = f"{link.peer.ae_title}@{link.peer.host}:{link.peer.port}"
         if lost is None:
             pending.popleft()
             waited = f"{link.peer.timeout:g} s"
-            summary.fail(p.name, f"no response within {waited} (association aborted)")
+            summary.fail(p.name, f"no response from {peer} within {waited} (association aborted)")
         elif id(p) in aborted_once:
             pending.popleft()
-            summary.fail(p.name, f"{lost} while receiving it (twice, on new associations)")
+            summary.fail(p.name, f"{peer}: {lost} while receiving it (twice, on new associations)")
         else:
             aborted_once.add(id(p))
             log.info("%s: %s while receiving it; trying it on a new association", p.name, lost)
@@ -400,15 +423,23 @@ def push(
     )
     prepared = _prepare(items, summary)
     if dry_run:
+        summary.dry_run = True
         for p in prepared:
             summary.sent += 1
-            summary.outcomes.append((p.name, DRY_RUN, ""))
+            summary.outcomes.append((p.name, DRY_RUN, _identity(p.encoded)))
     else:  # files are read and parsed here while worker threads send
         n = max(1, associations)
         _parallel(peer, chunks(prepared, CHUNK_FILES // n or 1), n, summary, progress)
     progress.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _identity(e: Encoded) -> str:
+    """An object's SOP class (named) and SOP instance UID, for the dry run's listing."""
+    sop_class = UID(e.sop_class_uid)
+    named = sop_class.name if sop_class.is_valid and sop_class.name != sop_class else ""
+    return f"{named or 'SOP class ' + sop_class} {e.sop_instance_uid}"
 
 
 def _send_guarded(link: _Link, batch: list[Prepared], summary: Summary, progress: Progress) -> None:

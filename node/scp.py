@@ -38,6 +38,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.assocwords import reason_label, rejection, titles
 from node.config import ScpConfig, TlsConfig
 from node.errors import ConfigError, MalformedDataset, SpoolError
 from node.gate import ConnectionGate, NodeAssociationServer
@@ -313,6 +314,7 @@ def start_server(
     ]
     if metrics is not None:
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
+        handlers.append((evt.EVT_REJECTED, _count_rejection, [metrics]))
     context = server_ssl_context(tls) if tls is not None and tls.enabled else None
     gate = ConnectionGate(cfg.max_pending_connections, cfg.max_pending_per_host, cfg.allowed_hosts)
     try:
@@ -337,6 +339,24 @@ def start_server(
     return server
 
 
+def _count_rejection(event: Event, metrics: Metrics) -> None:
+    rj = event.assoc.acceptor.primitive
+    reason = reason_label(getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+    metrics.rejected.labels(reason).inc()
+
+
 def _log_rejection(event: Event) -> None:
-    rq = event.assoc.requestor
-    log.warning("association from %s (%s) rejected", rq.ae_title, rq.address)
+    """Why we rejected a peer, in the words its SCU shows, with both AE titles it sent."""
+    assoc = event.assoc
+    rq, rj = assoc.requestor.primitive, assoc.acceptor.primitive
+    calling = str(rq.calling_ae_title) if rq is not None else str(assoc.requestor.ae_title)
+    called = str(rq.called_ae_title) if rq is not None else "?"
+    why = rejection(rj.result, rj.result_source, rj.diagnostic) if rj is not None else "rejected"
+    log.warning(
+        "association from %s %s (%s; we are %s)",
+        assoc.requestor.address,
+        why,
+        titles(calling, called),
+        assoc.acceptor.ae_title,
+        extra={"calling_ae": calling},
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,9 +19,18 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from node.assocwords import (
+    aborted,
+    connect_failure,
+    no_answer,
+    rejection,
+    titles,
+    unknown_host,
+)
 from node.dicomio import Encoded
-from node.errors import ContextsRefused, SendError, Unreachable
+from node.errors import ConfigError, ContextsRefused, SendError, Unreachable
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
@@ -48,11 +58,23 @@ def client_ssl_context(
 ) -> ssl.SSLContext:
     """TLS for the SCU: verify the peer against ``ca_file`` (system CAs if None), and
     present a client certificate when given."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS: cannot load the CA file {ca_file}: {_why(exc)}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None:
-        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        try:
+            ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"{cert_file}" + (f", {key_file}" if key_file else "")
+            raise ConfigError(f"TLS: cannot load our certificate ({files}): {_why(exc)}") from exc
     return ctx
+
+
+def _why(exc: OSError) -> str:
+    """ "No such file or directory", or the SSL library's reason."""
+    return str(exc) if isinstance(exc, ssl.SSLError) or not exc.strerror else exc.strerror
 
 
 def check_status(status: Dataset | None, what: str) -> int:
@@ -77,9 +99,68 @@ def status_failure(status: Dataset | None) -> str:
     return f"C-STORE failed with status 0x{code:04X} {comment}".rstrip()
 
 
-def _ae(peer: Peer) -> AE:
+class _AE(AE):
+    """An AE for one association that keeps why its connection failed (pynetdicom logs the
+    ``OSError`` and drops it): refused and timed out are told apart in the message. Its
+    association socket stays pynetdicom's own class (node.netopts swaps that one)."""
+
+    connect_error: OSError | None = None
+
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: AddressInformation,
+        tls_args: tuple[ssl.SSLContext, str] | None,
+    ) -> AssociationSocket:
+        if tls_args is not None:  # the TLS socket made from ours connects: it records
+            tls_args = (cast(ssl.SSLContext, _RecordingContext(tls_args[0], self)), tls_args[1])
+        sock = super()._create_socket(assoc, address, tls_args)
+        plain = cast(socket.socket, sock.socket)
+        recording = _RecordingSocket(plain.family, plain.type, plain.proto, plain.detach())
+        recording.settimeout(plain.gettimeout())
+        recording.owner = self
+        sock.socket = recording
+        return sock
+
+
+class _RecordingSocket(socket.socket):
+    """A TCP socket that hands the error of a failed connect() to its :class:`_AE`."""
+
+    owner: _AE | None = None
+
+    def connect(self, address: object) -> None:
+        try:
+            super().connect(address)  # type: ignore[arg-type]
+        except OSError as exc:
+            if self.owner is not None:
+                self.owner.connect_error = exc
+            raise
+
+
+class _RecordingContext:
+    """Wraps an SSL context: the TLS socket it makes records a failed connect() too."""
+
+    def __init__(self, context: ssl.SSLContext, owner: _AE) -> None:
+        self._context, self._owner = context, owner
+
+    def wrap_socket(self, sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
+        tls = self._context.wrap_socket(sock, **kwargs)  # type: ignore[arg-type]
+        connect, owner = tls.connect, self._owner
+
+        def recording(address: object) -> None:
+            try:
+                connect(address)  # type: ignore[arg-type]
+            except OSError as exc:
+                owner.connect_error = exc
+                raise
+
+        tls.connect = recording  # type: ignore[method-assign,assignment]
+        return tls
+
+
+def _ae(peer: Peer) -> _AE:
     quiet_pynetdicom()
-    ae = AE(ae_title=peer.calling_ae_title)
+    ae = _AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = peer.timeout
     ae.dimse_timeout = peer.timeout
     ae.network_timeout = peer.timeout
@@ -94,18 +175,21 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[NODELAY_HANDLER],
-        tls_args=tls_args,
-    )
+    where = f"association to {peer.ae_title}@{peer.host}:{peer.port}"
+    try:
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            evt_handlers=[NODELAY_HANDLER],
+            tls_args=tls_args,
+        )
+    except socket.gaierror as exc:  # the host name, looked up before any connection
+        raise Unreachable(f"{where}: {unknown_host(peer.host, exc)}") from exc
     if not assoc.is_established:
-        where = f"association to {peer.ae_title}@{peer.host}:{peer.port}"
         if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
             raise ContextsRefused(f"{where}: {_refused(assoc)}")
-        raise Unreachable(f"{where} {_not_established(assoc)}")
+        raise Unreachable(f"{where}: {_not_established(assoc, peer, ae.connect_error)}")
     try:
         yield assoc
     finally:
@@ -115,12 +199,19 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
             assoc.kill()
 
 
-def _not_established(assoc: Association) -> str:
-    """Why an association request failed, with the peer's reason when it rejected it."""
+def _not_established(assoc: Association, peer: Peer, connect_error: OSError | None) -> str:
+    """Why an association request failed: refused, timed out, aborted, or rejected (the
+    peer's reason in words, with both AE titles)."""
+    address = f"{peer.host}:{peer.port}"
+    if connect_error is not None:
+        return connect_failure(connect_error, address, peer.timeout)
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:
-        return f"rejected ({rsp.result_str}: {rsp.reason_str})"
-    return "rejected" if assoc.is_rejected else "aborted or unreachable"
+        why = rejection(rsp.result, rsp.result_source, rsp.diagnostic)
+        return f"{why} ({titles(peer.calling_ae_title, peer.ae_title)})"
+    if assoc._sent_abort:  # we gave up waiting for the A-ASSOCIATE-AC/RJ
+        return no_answer(address, peer.timeout)
+    return aborted(address)
 
 
 def usable(assoc: Association) -> bool:

@@ -489,3 +489,21 @@ class SpoolIndex:
 
     def close(self) -> None:
         self._db.close()
+
+
+def lock_holder(directory: Path) -> str | None:
+    """The pid of the ``serve`` holding the spool at ``directory`` (see :meth:`Spool.claim`),
+    or None when no process holds it. Creates nothing and takes nothing."""
+    try:
+        fd = os.open(directory / Spool.LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: never served, or not readable (reported elsewhere)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -2,11 +2,16 @@
 
 Runs from the repo root inside the project's venv (``make demo`` builds it). Orthanc and
 dcmtk come from Debian packages: installed here when missing and running as root,
-otherwise the script says what to install.
+otherwise the script says what to install. Then it prints Orthanc Explorer's address and a
+login and keeps both running until Enter or Ctrl-C, so the SR can be looked at in Orthanc
+(``--no-wait``: stop at once, for CI). Every port is a free one.
+
+    python scripts/demo.py [--image FILE.dcm] [--no-wait]
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -52,16 +57,15 @@ def ensure_orthanc() -> None:
 
 
 def weights_state() -> tuple[bool, str]:
-    """(real weights available, explanation)."""
-    from node.config import ModelConfig
-    from node.errors import ModelError
-    from node.model import load_classifier
+    """(the published weights are in torchxrayvision's cache, what to say): the same check
+    as ``cxr-node check`` (no torch, no download: the demo never waits on the network)."""
+    from node.check import check_weights
+    from node.config import NodeConfig
 
-    try:
-        clf = load_classifier(ModelConfig())
-    except ModelError as exc:
-        return False, str(exc).splitlines()[0]
-    return clf.info.trained, clf.info.name
+    result = check_weights(NodeConfig(model={"allow_untrained": True, "allow_download": False}))
+    if result.level == "OK":
+        return True, result.detail
+    return False, f"to run the real model, {result.fix}"
 
 
 def rest(port: int, auth: str, path: str, body: object | None = None) -> bytes:
@@ -123,9 +127,49 @@ def show_findings(sr_bytes: bytes) -> None:
     print("\n  score: torchxrayvision output, 0.5 = the model's operating threshold")
 
 
-def main() -> int:
-    if not IMAGE.is_file():
-        sys.exit(f"[demo] sample image not found: {IMAGE}")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image", type=Path, default=IMAGE, help=f"DICOM file to push ({IMAGE.name})")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="stop Orthanc and the node as soon as the SR is shown (CI)",
+    )
+    return p.parse_args(argv)
+
+
+def orthanc_config(http: int, dicom: int, node_port: int) -> dict[str, object]:
+    """The repo's orthanc.json on loopback, free ports, the demo's folder, the repo's Lua."""
+    cfg: dict[str, object] = json.loads((ROOT / "orthanc.json").read_text())
+    lua = [str(ROOT / "config" / Path(p).name) for p in cfg["LuaScripts"]]  # type: ignore[attr-defined]
+    cfg.update(
+        StorageDirectory=str(DEMO / "orthanc-db"),
+        IndexDirectory=str(DEMO / "orthanc-db"),
+        HttpPort=http,
+        DicomPort=dicom,
+        RemoteAccessAllowed=False,
+        LuaScripts=lua,
+    )
+    cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port)  # type: ignore[index]
+    return cfg
+
+
+def start(argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=(DEMO / log).open("wb"), stderr=subprocess.STDOUT)
+
+
+def wait_for_enter() -> None:
+    say("press Enter (or Ctrl-C) to stop Orthanc and the node")
+    try:
+        input()
+    except EOFError:  # no terminal: nothing to wait for
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.image.is_file():
+        sys.exit(f"[demo] image not found: {args.image}")
     ensure_orthanc()
     shutil.rmtree(DEMO, ignore_errors=True)
     DEMO.mkdir(parents=True)
@@ -133,93 +177,62 @@ def main() -> int:
     if trained:
         say(f"model: {why}")
     else:
-        say(f"real weights unavailable ({why}):")
         say("running an UNTRAINED model - results are NOT FOR CLINICAL USE")
-    http, dicom, node_port = free_port(), free_port(), free_port()
-    cfg = json.loads((ROOT / "orthanc.json").read_text())
-    cfg.update(
-        StorageDirectory=str(DEMO / "orthanc-db"),
-        IndexDirectory=str(DEMO / "orthanc-db"),
-        HttpPort=http,
-        DicomPort=dicom,
-        RemoteAccessAllowed=False,
-        LuaScripts=[str(ROOT / "config" / "route-to-node.lua")],
-    )
-    cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port)
-    (DEMO / "orthanc.json").write_text(json.dumps(cfg, indent=2))
+        say(why)
+    http, dicom, node_port, metrics = free_port(), free_port(), free_port(), free_port()
+    (DEMO / "orthanc.json").write_text(json.dumps(orthanc_config(http, dicom, node_port), indent=2))
     password = secrets.token_urlsafe(12)
     auth = base64.b64encode(f"demo:{password}".encode()).decode()
-    env = {
-        **os.environ,
-        "TCP_NODELAY": "1",
-        "ORTHANC_USER": "demo",
-        "ORTHANC_PASSWORD": password,
-    }
+    env = {**os.environ, "TCP_NODELAY": "1", "ORTHANC_USER": "demo", "ORTHANC_PASSWORD": password}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         say(f"starting Orthanc (HTTP {http}, DICOM {dicom}) ...")
-        procs.append(
-            subprocess.Popen(
-                [str(ORTHANC), str(DEMO / "orthanc.json")],
-                env=env,
-                stdout=(DEMO / "orthanc.log").open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-        )
+        procs.append(start([str(ORTHANC), str(DEMO / "orthanc.json")], env, "orthanc.log"))
         wait(lambda: rest(http, auth, "/system"), 30, "Orthanc")
         node_env = {
             **os.environ,
             "CXR_NODE_SCP__PORT": str(node_port),
             "CXR_NODE_DESTINATION__PORT": str(dicom),
             "CXR_NODE_SPOOL__DIRECTORY": str(DEMO / "spool"),
+            "CXR_NODE_METRICS__PORT": str(metrics),
             "CXR_NODE_MODEL__ALLOW_UNTRAINED": "false" if trained else "true",
+            "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
         }
-        say(f"starting cxr-node (DICOM {node_port}) ...")
+        say(f"starting cxr-node (DICOM {node_port}, metrics {metrics}) ...")
         ready = DEMO / "node.ready"
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "node",
-                    "serve",
-                    "--config",
-                    str(ROOT / "config" / "node.toml"),
-                    "--ready-file",
-                    str(ready),
-                ],
-                env=node_env,
-                stdout=(DEMO / "node.log").open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-        )
+        node = [
+            sys.executable,
+            "-m",
+            "node",
+            "serve",
+            "--config",
+            str(ROOT / "config" / "node.toml"),
+        ]
+        procs.append(start([*node, "--ready-file", str(ready)], node_env, "node.log"))
         wait(lambda: procs[-1].poll() is not None or ready.exists(), 120, "the node")
         if procs[-1].poll() is not None:
             sys.exit(f"[demo] the node stopped:\n{(DEMO / 'node.log').read_text()}")
-        say(f"pushing {IMAGE.name} to Orthanc with C-STORE (cxr-node push) ...")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "node",
-                "push",
-                str(IMAGE),
-                "--port",
-                str(dicom),
-                "--aet",
-                "ORTHANC",
-                "--calling-aet",
-                "DEMO_PUSH",
-            ],
-            check=True,
+        say(f"pushing {args.image.name} to Orthanc with C-STORE (cxr-node push) ...")
+        push = [sys.executable, "-m", "node", "push", str(args.image), "--port", str(dicom)]
+        sent = subprocess.run(
+            [*push, "--aet", "ORTHANC", "--calling-aet", "DEMO_PUSH"], check=False
         )
+        if sent.returncode != 0:
+            sys.exit(f"[demo] {args.image} was not sent (see the line above); logs in {DEMO}")
         say("Orthanc routes it to the node (Lua); waiting for the SR to come back ...")
         query = {"Level": "Instance", "Query": {"Modality": "SR"}}
         ids = wait(lambda: json.loads(rest(http, auth, "/tools/find", query)), 120, "the SR")
         show_findings(rest(http, auth, f"/instances/{ids[0]}/file"))
-        say(f"done; logs and data in {DEMO}")
+        say(f"Orthanc Explorer: http://127.0.0.1:{http}/app/explorer.html")
+        say(f"login: demo / {password}")
+        say(f"metrics: http://127.0.0.1:{metrics}/metrics; logs and data in {DEMO}")
+        if not args.no_wait:
+            wait_for_enter()
         return 0
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C: the way to stop it
     finally:
+        say("stopping Orthanc and the node ...")
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
             try:

@@ -108,6 +108,12 @@ class Orthanc:
         return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in found]
 
 
+def repo_lua_scripts(cfg: dict[str, object]) -> list[str]:
+    """orthanc.json's LuaScripts (/etc/orthanc/NAME in the container) as this repo's files."""
+    names = [Path(str(p)).name for p in cfg["LuaScripts"]]  # type: ignore[attr-defined]
+    return [str(ROOT / "config" / name) for name in names]
+
+
 @pytest.fixture
 def orthanc_factory(tmp_path: Path) -> Iterator[object]:
     """Start real Orthanc processes with the repo's orthanc.json (ports/paths/hosts overridden).
@@ -126,7 +132,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
             IndexDirectory=str(store),
             HttpPort=http,
             DicomPort=dicom,
-            LuaScripts=[str(ROOT / "config" / "route-to-node.lua")],
+            LuaScripts=repo_lua_scripts(cfg),
         )
         cfg["DicomModalities"]["cxr-node"].update(Host="127.0.0.1", Port=node_port)
         conf = tmp_path / "orthanc.json"

@@ -89,6 +89,37 @@ class OrthancRest:
         return True
 
 
+def move_orthanc(cfg: dict[str, Any], folder: Path, lua_dir: Path) -> int:
+    """An orthanc.json (``cfg``, changed in place) moved to free ports, its storage into
+    ``folder``, its LuaScripts to the files of the same names in ``lua_dir``; returns the
+    HTTP port."""
+    http = free_port()
+    cfg.update(
+        StorageDirectory=str(folder / "db"),
+        IndexDirectory=str(folder / "db"),
+        HttpPort=http,
+        DicomPort=free_port(),
+        LuaScripts=[str(lua_dir / Path(p).name) for p in cfg["LuaScripts"]],
+    )
+    return http
+
+
+def http_status(port: int, auth: tuple[str, str] | None, path: str = "/system") -> int:
+    """The HTTP status Orthanc answers to GET ``path`` with these credentials (user,
+    password; None: no Authorization header)."""
+    import urllib.error
+
+    headers = {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with _LOCAL.open(req, timeout=10) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def chest_images(n: int, seed: str = "t") -> list[Dataset]:
     """``n`` copies of the NIH radiograph as distinct instances (new SOP Instance UIDs)."""
     import pydicom

@@ -222,7 +222,8 @@ def test_an_unreachable_peer_counts_nothing_and_the_echo_probe_finds_it_back(spo
     clock = Clock()
     delivery = Delivery(spool, _cfg(probe_interval=1.0), PeerDestination(down), clock=clock)
     delivery.step()
-    assert delivery.state.up is False and "unreachable" in delivery.state.reason
+    refused = f"connection refused by 127.0.0.1:{down.port}"  # the same words as echo, push
+    assert delivery.state.up is False and refused in delivery.state.reason
     assert [(j.state, j.attempts) for j in spool.jobs()] == [("classified", 0)] * 2
     delivery.destination = PeerDestination(
         Peer("127.0.0.1", int(str(pacs["port"])), "PACS", "CXR_NODE", timeout=5.0)
@@ -239,9 +240,9 @@ def test_a_rejected_association_is_a_connection_failure(spool, pacs):
     delivery.step()
     [job] = spool.jobs()
     assert (job.state, job.attempts) == ("classified", 0)
-    assert (
-        "rejected" in delivery.state.reason
-        and "Called AE title not recognised" in delivery.state.reason
+    assert (  # the same words as echo and push, with both AE titles
+        "rejected (permanent) by the service user: called AE title not recognised "
+        "(calling AE CXR_NODE, called AE NOT_PACS)" in delivery.state.reason
     )
     lines = read_state(spool.root, "?").lines(pending=1, dead=0)
     assert lines[0].startswith(f"destination NOT_PACS@127.0.0.1:{pacs['port']}: unreachable since")

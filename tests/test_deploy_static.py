@@ -36,6 +36,8 @@ GITIGNORE = ROOT / ".gitignore"
 # the files tests/conftest.py starts Orthanc with
 ORTHANC_JSON = ROOT / "orthanc.json"
 LUA = ROOT / "config" / "route-to-node.lua"
+CREDENTIALS_LUA = ROOT / "config" / "refuse-empty-credentials.lua"
+HOST_ORTHANC_JSON = ROOT / "deploy" / "orthanc-host.json"
 NODE_TOML = ROOT / "config" / "node.toml"
 
 ORTHANC = "orthanc"  # compose service names
@@ -43,7 +45,8 @@ NODE = "cxr-node"
 MODALITY = "cxr-node"  # orthanc.json DicomModalities entry the Lua script sends to
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SECRET_KEY = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY", re.IGNORECASE)
-ONLY_INTERPOLATION = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+# ${VAR:?message}: compose refuses to start where VAR is unset or empty
+REQUIRED_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]+\}$")
 
 
 # -- readers -----------------------------------------------------------------------------
@@ -53,8 +56,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return doc
 
 
+class ComposeRefuses(ValueError):
+    """A required variable (``${VAR:?message}``) is unset: compose would not start."""
+
+
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$``."""
+    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}``,
+    ``${VAR?message}`` and ``$$``."""
     env = env or {}
 
     def sub(m: re.Match[str]) -> str:
@@ -65,9 +73,11 @@ def interpolate(value: str, env: dict[str, str] | None = None) -> str:
             return env.get(name) or default
         if op == "-":
             return env.get(name, default)
+        if op in {":?", "?"} and (name not in env or (op == ":?" and not env[name])):
+            raise ComposeRefuses(f"{name}: {default}")
         return env.get(name, "")
 
-    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}", sub, value)
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", sub, value)
 
 
 def scalar(value: Any) -> str:
@@ -352,8 +362,11 @@ def test_orthanc_mounts_the_repos_config_and_lua_files(orthanc: dict[str, Any]) 
 def test_lua_scripts_path_is_the_lua_mount_target(
     orthanc: dict[str, Any], orthanc_cfg: dict[str, Any]
 ) -> None:
-    [lua] = [m for m in mounts(orthanc) if m.source and (ROOT / m.source).resolve() == LUA]
-    assert orthanc_cfg["LuaScripts"] == [lua.target]
+    by_source = {(ROOT / m.source).resolve(): m for m in mounts(orthanc) if m.source}
+    lua, refuse = by_source[LUA], by_source[CREDENTIALS_LUA]
+    # the credentials filter first, then the route
+    assert orthanc_cfg["LuaScripts"] == [refuse.target, lua.target]
+    assert lua.read_only and refuse.read_only
     # and the script sends to the DicomModalities entry of that name
     assert f'SendToModality(instanceId, "{MODALITY}")' in LUA.read_text()
     assert MODALITY in orthanc_cfg["DicomModalities"]
@@ -377,15 +390,14 @@ def test_credentials_are_not_hard_coded(
     compose: dict[str, Any], gpu: dict[str, Any], orthanc_cfg: dict[str, Any]
 ) -> None:
     orthanc = compose["services"][ORTHANC]
-    assert ".env" in env_files(orthanc)
     assert orthanc_cfg["RegisteredUsers"] == {"${ORTHANC_USER}": "${ORTHANC_PASSWORD}"}
     for doc in (compose, gpu):
         for name, service in doc["services"].items():
             env = environment(service)
-            assert "ORTHANC_USER" not in env and "ORTHANC_PASSWORD" not in env, name
             for key, value in env.items():
-                if SECRET_KEY.search(key):
-                    assert ONLY_INTERPOLATION.match(value), f"{name}: {key} has a value"
+                if SECRET_KEY.search(key) or key == "ORTHANC_USER":
+                    assert REQUIRED_INTERPOLATION.match(value), f"{name}: {key} has a value"
+    assert set(environment(orthanc)) >= {"ORTHANC_USER", "ORTHANC_PASSWORD"}
     example = dict(
         line.partition("=")[::2]
         for line in ENV_EXAMPLE.read_text().splitlines()
@@ -403,6 +415,33 @@ def test_credentials_are_not_hard_coded(
         if opt in {"--user", "--pwd"}:
             value = value if eq else argv[i + 1]
             assert value.startswith("$$"), f"orthanc healthcheck {opt} {value}"
+
+
+def test_compose_refuses_to_start_without_the_credentials(orthanc: dict[str, Any]) -> None:
+    env = environment(orthanc)
+    for key in ("ORTHANC_USER", "ORTHANC_PASSWORD"):
+        for missing in ({}, {key: ""}):
+            with pytest.raises(ComposeRefuses, match=f"set {key} in .env"):
+                interpolate(env[key], missing)
+        assert interpolate(env[key], {key: "x"}) == "x"
+
+
+@pytest.mark.parametrize("path", [ORTHANC_JSON, HOST_ORTHANC_JSON], ids=lambda p: p.name)
+def test_remote_access_only_with_authentication(path: Path) -> None:
+    cfg = json.loads(path.read_text())
+    if cfg.get("RemoteAccessAllowed", False):
+        assert cfg.get("AuthenticationEnabled") is True, f"{path.name}: remote without auth"
+    # and no request without a user name, whatever the credentials (Lua filter, first)
+    assert PurePosixPath(cfg["LuaScripts"][0]).name == CREDENTIALS_LUA.name
+    assert "function IncomingHttpRequestFilter" in CREDENTIALS_LUA.read_text()
+
+
+def test_the_host_orthanc_config_holds_no_credentials() -> None:
+    """deploy/orthanc-host.json: the users come from the file install-host.sh generates
+    (/etc/orthanc/credentials.json, 0600); without it nobody logs in."""
+    cfg = json.loads(HOST_ORTHANC_JSON.read_text())
+    assert "RegisteredUsers" not in cfg
+    assert cfg["AuthenticationEnabled"] is True
 
 
 def test_dot_env_is_ignored_by_git_and_docker() -> None:

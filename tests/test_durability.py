@@ -158,7 +158,7 @@ def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
     assert node.jobs() == {"classified": 3}
     status = node.cli("status")
     assert f"ORTHANC@127.0.0.1:{wrong}: unreachable since" in status.stdout
-    assert "aborted or unreachable" in status.stdout
+    assert f"connection refused by 127.0.0.1:{wrong}" in status.stdout
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(30) == 0
     listing = node.cli("jobs", "--state", "classified")

@@ -63,6 +63,20 @@ def test_missing_weights_message_names_file_url_and_place(tmp_path):
     assert "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + WEIGHTS_NAME in text
 
 
+def test_the_pinned_weights_url_is_torchxrayvisions(tmp_path):
+    """expected_weights_path names the file without importing torch (cxr-node check)."""
+    from node.model import OFFICIAL_URL, import_xrv
+
+    for name, url in OFFICIAL_URL.items():
+        assert import_xrv().models.model_urls[name]["weights_url"] == url
+    code = (
+        "import sys; from node.config import ModelConfig; "
+        "from node.model import expected_weights_path as e; e(ModelConfig()); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_missing_weights_without_file_runs_untrained_when_allowed(tmp_path):
     clf = load_classifier(
         ModelConfig(cache_dir=tmp_path, allow_untrained=True, allow_download=False)
@@ -295,3 +309,35 @@ def test_unsafe_option_is_set_from_the_environment_and_needs_allow_untrained():
     del env["CXR_NODE_MODEL__ALLOW_UNTRAINED"]
     with pytest.raises(ConfigError, match=r"needs model\.allow_untrained"):
         load_config(None, env)
+
+
+SPIN_PROBE = """
+import sys
+from node.config import ModelConfig
+from node.model import load_classifier
+load_classifier(ModelConfig(cache_dir=sys.argv[1], allow_untrained=True, allow_download=False,
+                            omp_wait_policy=sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("policy", "environment", "spin_count"),
+    [("passive", None, "0"), ("passive", "ACTIVE", "30000000000")],
+)
+def test_torchs_openmp_threads_wait_as_configured(tmp_path, policy, environment, spin_count):
+    """libgomp prints its settings when torch loads it (OMP_DISPLAY_ENV): with the default
+    ``passive`` its threads never spin (libgomp's default: 300000); an OMP_WAIT_POLICY in
+    the environment wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if environment:
+        env["OMP_WAIT_POLICY"] = environment
+    out = subprocess.run(
+        [sys.executable, "-c", SPIN_PROBE, str(tmp_path), policy],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert f"GOMP_SPINCOUNT = '{spin_count}" in out.stderr, out.stderr[-2000:]

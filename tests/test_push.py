@@ -155,9 +155,10 @@ def _listening(port: int) -> bool:
 
 
 def test_orthanc_down_gives_clear_error_and_nonzero_exit(tmp_path):
-    done = run_push(str(NIH), "--port", str(free_port()), "--aet", "ORTHANC")
+    port = free_port()
+    done = run_push(str(NIH), "--port", str(port), "--aet", "ORTHANC")
     assert done.returncode == 1
-    assert "failed 1" in done.stdout and "aborted or unreachable" in done.stdout
+    assert "failed 1" in done.stdout and f"connection refused by 127.0.0.1:{port}" in done.stdout
     assert "Traceback" not in done.stderr
 
 

@@ -111,7 +111,8 @@ def test_peer_abort_fails_that_file_alone_and_the_rest_go_at_once(tmp_path, peer
     text = summary.describe()
     assert sorted(peer.stored) == sorted(uid for _, uid in files if uid != bad_uid), text
     assert (summary.sent, summary.failed) == (5, 1), text
-    assert f"{bad_path}: peer aborted the association while receiving it" in text
+    where = f"PEER@127.0.0.1:{peer.port}"
+    assert f"{bad_path}: {where}: peer aborted the association while receiving it" in text
     assert peer.seen.count(bad_uid) == 2  # tried once more on a fresh association
     assert summary.unreachable == "" and summary.not_attempted == 0
     assert elapsed < 5, f"{elapsed:.1f} s: a DIMSE timeout ({TIMEOUT} s) was waited out"
@@ -129,7 +130,7 @@ def test_peer_that_never_answers_costs_one_timeout_for_that_file_only(tmp_path, 
     text = summary.describe()
     assert sorted(peer.stored) == sorted(uid for _, uid in files[1:]), text
     assert (summary.sent, summary.failed) == (3, 1), text
-    assert f"{bad_path}: no response within 2 s" in text
+    assert f"{bad_path}: no response from PEER@127.0.0.1:{peer.port} within 2 s" in text
     assert peer.seen.count(bad_uid) == 1
     assert elapsed < 2 * 2.0, f"{elapsed:.1f} s: the 2 s timeout was waited out more than once"
 
@@ -246,4 +247,5 @@ def test_summary_names_the_first_failures_and_counts_the_rest():
     assert "  ... and 5 more failed (--report lists all)" in lines
     assert "  skipped (not DICOM): s19.txt" in lines
     assert "  ... and 5 more skipped (not DICOM) (--report lists all)" in lines
-    assert len(lines) == 1 + 2 * 21
+    assert lines[-1] == "nothing sent: every DICOM object failed (see above)"
+    assert len(lines) == 1 + 2 * 21 + 1
