@@ -226,7 +226,9 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
 
 
 def bench_inference(images: list[Path]) -> dict[str, Any]:
-    """Pipeline (decode + preprocess + model + SR build) vs raw model(x), same threads."""
+    """Pipeline (decode + preprocess + model + SR build) vs raw model(x), same threads; and
+    the pipeline with the summary image (display image, class activation maps from the
+    same forward pass, rendering, Secondary Capture) vs raw model(x)."""
     from datetime import datetime
 
     import numpy as np
@@ -241,6 +243,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     from node.preprocess import preprocess
     from node.report import ReportContext
     from node.srtemplate import ReportEncoder
+    from node.summarize import Summarizer
 
     clf = load_classifier(
         ModelConfig(
@@ -265,6 +268,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     best_bs = max(raw, key=lambda k: raw[k])
     ctx = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="BENCH")
     reports = ReportEncoder(clf.info, ctx)
+    summaries = Summarizer(clf.info, ctx, clf.class_weights())
     blobs = [p.read_bytes() for p in images[:64]]
     chunks = [blobs[i : i + best_bs] for i in range(0, len(blobs), best_bs)]
     # raw model(x) on the same images, preprocessed outside its timing
@@ -273,37 +277,48 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         for chunk in chunks
     ]
     stages: dict[str, float] = {}
+    with_summary: dict[str, float] = {}
+    maps_drawn = [0]
 
     def raw_batch(x: torch.Tensor) -> float:
         with torch.inference_mode():
             return timed(lambda: module(x))
 
-    def pipeline_batch(chunk: list[bytes]) -> float:
+    def pipeline_batch(chunk: list[bytes], summary: bool = False) -> float:
         t = time.perf_counter()
         dss = [read_dataset(b) for b in chunk]
-        out = analyze(dss, clf, reports, datetime.now())
+        out = analyze(dss, clf, reports, datetime.now(), summaries if summary else None)
         seconds = time.perf_counter() - t
         for o in out:
             assert not isinstance(o, Exception), o
+            assert (o.summary is not None) == summary, "summary image missing"
+            maps_drawn[0] += summary and min(3, sum(f.present for f in o.findings))
             for k, v in o.timings.items():
-                stages[k] = stages.get(k, 0.0) + v
+                into = with_summary if summary else stages
+                into[k] = into.get(k, 0.0) + v
         return seconds
 
     for chunk, x in zip(chunks, inputs, strict=True):  # warm-up (operators, SR header cache)
         raw_batch(x)
         pipeline_batch(chunk)
+        pipeline_batch(chunk, summary=True)
     stages.clear()
+    with_summary.clear()
+    maps_drawn[0] = 0
     # Raw and pipeline alternate batch by batch over the same images: a shared machine's
     # drift (±10 % within seconds here) then hits both sides of each ratio alike.
     rounds = []
     for _ in range(3):
-        raw_s = pipe_s = 0.0
+        raw_s = pipe_s = summary_s = 0.0
         for chunk, x in zip(chunks, inputs, strict=True):
             raw_s += raw_batch(x)
             pipe_s += pipeline_batch(chunk)
+            summary_s += pipeline_batch(chunk, summary=True)
         r, p = len(blobs) / raw_s, len(blobs) / pipe_s
-        rounds.append({"raw": r, "pipeline": p, "ratio": p / r})
+        ps = len(blobs) / summary_s
+        rounds.append({"raw": r, "pipeline": p, "ratio": p / r, "summary": ps, "s_ratio": ps / r})
     ratio = statistics.median(x["ratio"] for x in rounds)
+    summary_ratio = statistics.median(x["s_ratio"] for x in rounds)
     return {
         "threads": torch.get_num_threads(),
         "malloc_thresholds_kept": malloc_tuned,
@@ -313,6 +328,12 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         "pipeline_images_per_s": statistics.median(x["pipeline"] for x in rounds),
         "pipeline_vs_raw": ratio,
         "pipeline_seconds_per_image_by_stage": {k: v / (3 * len(blobs)) for k, v in stages.items()},
+        "pipeline_with_summary_images_per_s": statistics.median(x["summary"] for x in rounds),
+        "pipeline_with_summary_vs_raw": summary_ratio,
+        "pipeline_with_summary_seconds_per_image_by_stage": {
+            k: v / (3 * len(blobs)) for k, v in with_summary.items()
+        },
+        "summary_heat_maps_per_image": maps_drawn[0] / (3 * len(blobs)),
         "numpy": np.__version__,
     }
 

@@ -39,6 +39,7 @@ from node.pipeline import Outcome, Prepared, finish, prepare
 from node.report import summary_text
 from node.results import finding_record, result_record
 from node.srtemplate import ReportEncoder
+from node.summarize import DISPLAY_MAX, Summarizer
 from node.triage import skip_reason
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Options:
     csv_path: Path | None = None
     json_path: Path | None = None  # None: JSON on standard output
     sr_dir: Path | None = None
+    summary_dir: Path | None = None  # the summary images (Secondary Captures), when asked
     resume: bool = False
     recursive: bool = True
     follow_symlinks: bool = False
@@ -115,6 +117,7 @@ class _Batch:
     entries: list[Row] = field(default_factory=list)
     candidates: list[Row] = field(default_factory=list)
     prepared: Prepared | None = None
+    display_max: int | None = None  # preprocess also the summary image's display
 
 
 def _row(item: Item | Rejected, opts: Options, cfg: NodeConfig) -> Row:
@@ -137,7 +140,8 @@ def _row(item: Item | Rejected, opts: Options, cfg: NodeConfig) -> Row:
 def _batches(
     items: Iterator[Item | Rejected], opts: Options, cfg: NodeConfig, done: set[str]
 ) -> Iterator[_Batch]:
-    batch = _Batch()
+    display = None if opts.summary_dir is None else DISPLAY_MAX
+    batch = _Batch(display_max=display)
     for item in items:
         row = _row(item, opts, cfg)
         if row.key in done or row.file in done:
@@ -147,7 +151,7 @@ def _batches(
             batch.candidates.append(row)
         if len(batch.candidates) >= cfg.model.batch_size:
             yield batch
-            batch = _Batch()
+            batch = _Batch(display_max=display)
     if batch.entries:
         yield batch
 
@@ -157,7 +161,7 @@ def _produce(batches: Iterator[_Batch], out: queue.Queue[_Batch | BaseException 
     try:
         for batch in batches:
             sources = [r.source for r in batch.candidates if r.source is not None]
-            batch.prepared = prepare(sources) if sources else None
+            batch.prepared = prepare(sources, batch.display_max) if sources else None
             out.put(batch)
         out.put(None)
     except BaseException as exc:  # handed to the consumer, which reports it
@@ -320,9 +324,11 @@ class Run:
         reports: ReportEncoder,
         opts: Options,
         outputs: Outputs,
+        summaries: Summarizer | None = None,
     ) -> None:
         self.cfg, self.classifier, self.reports = cfg, classifier, reports
         self.opts, self.outputs = opts, outputs
+        self.summaries = summaries if opts.summary_dir is not None else None
         self.counts = Counts()
 
     def run(self, paths: Sequence[Path], progress: Any) -> Counts:
@@ -338,7 +344,9 @@ class Run:
 
     def _finish(self, batch: _Batch) -> None:
         if batch.prepared is not None:
-            outcomes = finish(batch.prepared, self.classifier, self.reports, datetime.now())
+            outcomes = finish(
+                batch.prepared, self.classifier, self.reports, datetime.now(), self.summaries
+            )
             for row, outcome in zip(batch.candidates, outcomes, strict=True):
                 self._decide(row, outcome)
         for row in batch.entries:
@@ -356,6 +364,12 @@ class Run:
             out = self.opts.sr_dir / f"{outcome.sr.sop_instance_uid}.dcm"
             out.write_bytes(outcome.sr.data)
             row.record["sr"]["file"] = str(out)
+        summary = outcome.summary
+        if self.opts.summary_dir is not None and summary is not None:
+            self.opts.summary_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            out = self.opts.summary_dir / f"{summary.sop_instance_uid}.dcm"
+            out.write_bytes(summary.data)
+            row.record["summary"]["file"] = str(out)
 
     def _emit(self, row: Row) -> None:
         self.counts.add(row.status)

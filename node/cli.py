@@ -243,6 +243,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from node.classify import Options, Outputs, Run, count_inputs
     from node.model import load_classifier
     from node.srtemplate import ReportEncoder
+    from node.summarize import Summarizer
     from node.worker import report_context
 
     start = time.perf_counter()
@@ -254,6 +255,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         csv_path=args.csv,
         json_path=None if args.json is None or str(args.json) == "-" else args.json,
         sr_dir=args.sr_dir,
+        summary_dir=args.summary_dir,
         resume=args.resume,
         recursive=args.recursive,
         follow_symlinks=args.follow_symlinks,
@@ -262,7 +264,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     classifier = load_classifier(cfg.model)
     reports = ReportEncoder(classifier.info, report_context(cfg))
     outputs = Outputs(opts, classifier.info.pathologies, sys.stdout)
-    run = Run(cfg, classifier, reports, opts, outputs)
+    summaries = None
+    if args.summary_dir is not None:  # asked for: whatever report.summary_image says
+        summaries = Summarizer(classifier.info, report_context(cfg), classifier.class_weights())
+    run = Run(cfg, classifier, reports, opts, outputs, summaries)
     bar = tqdm(
         total=count_inputs(args.paths, args.recursive),
         unit="img",
@@ -586,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow links in a folder that point outside it (default: skipped, named)",
     )
     c.add_argument("--sr-dir", type=Path, help="write one SR file per image here (default: none)")
+    c.add_argument(
+        "--summary-dir",
+        type=Path,
+        help="write one summary image per image here (a DICOM Secondary Capture: the "
+        "image, the findings' class activation maps, their names and scores; default: none)",
+    )
     _allow_untrained(c)
     c.add_argument(
         "--no-filter",

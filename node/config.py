@@ -277,6 +277,7 @@ class ReportConfig(_Section):
     json_dir: Path | None = None
     sr_dir: Path | None = None
     not_analyzed_notice: bool = True
+    summary_image: bool = True
 
     @field_validator("uid_root")
     @classmethod

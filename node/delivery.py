@@ -37,7 +37,7 @@ from node.errors import ContextsRefused, NodeError, ReportError, SendError, unex
 from node.metrics import Metrics
 from node.rounds import run_rounds
 from node.scu import BatchResult, Peer, echo, store_encoded
-from node.spool import Job, Spool
+from node.spool import Job, Spool, summary_path
 from node.wire import split_part10
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,20 @@ def dead_letter_due(
     """Whether an SR refused by status ``attempts`` times, first at ``failing_since``, is
     given up on at ``now``: only when both the attempts and the window are spent."""
     return attempts >= max_attempts and now - failing_since >= retry_for
+
+
+def per_job(loaded: Sequence[tuple[Job, Sequence[Encoded]]], failures: Sequence[str]) -> list[str]:
+    """Each job's outcome from its objects' (the SR, then its summary image), for the jobs
+    whose objects were all answered: "" when all were stored, else the first failure."""
+    out: list[str] = []
+    at = 0
+    for _job, objects in loaded:
+        mine = failures[at : at + len(objects)]
+        if len(mine) < len(objects):
+            break
+        out.append(next((f for f in mine if f), ""))
+        at += len(objects)
+    return out
 
 
 class Destination(Protocol):
@@ -241,12 +255,17 @@ class Delivery:
             self._send(loaded, now, stop)
         return len(jobs)
 
-    def _load(self, job: Job) -> Encoded | None:
-        """The job's SR file as stored; a job whose file cannot be read fails alone."""
+    def _load(self, job: Job) -> list[Encoded] | None:
+        """The job's SR file as stored, and its summary image where there is one; a job
+        whose files cannot be read fails alone."""
         try:
             if job.report is None:
                 raise ReportError("classified job has no SR file")
-            return encoded(job.report.read_bytes(), f"SR file {job.report.name}")
+            objects = [encoded(job.report.read_bytes(), f"SR file {job.report.name}")]
+            summary = summary_path(job.report)
+            if summary.exists():
+                objects.append(encoded(summary.read_bytes(), f"summary file {summary.name}"))
+            return objects
         except NodeError as exc:
             self._fail(job, exc)
         except OSError as exc:
@@ -264,12 +283,12 @@ class Delivery:
             self.spool.mark_failed(job.id, str(exc))
 
     def _send(
-        self, loaded: list[tuple[Job, Encoded]], now: float, stop: threading.Event | None
+        self, loaded: list[tuple[Job, list[Encoded]]], now: float, stop: threading.Event | None
     ) -> None:
         t0 = time.perf_counter()
         stopping = stop.is_set if stop is not None else (lambda: False)
         try:
-            result = self.destination.store([e for _, e in loaded], stopping)
+            result = self.destination.store([e for _, objs in loaded for e in objs], stopping)
         except ContextsRefused as exc:  # it answered: a refusal of these SRs, by the peer
             self._up(now)
             for job, _ in loaded:
@@ -278,9 +297,9 @@ class Delivery:
         except SendError as exc:
             self._down(str(exc), now)
             return
-        answered = result.failures
-        if answered:
+        if result.failures:
             self._up(now)
+        answered = per_job(loaded, result.failures)
         each = (time.perf_counter() - t0) / max(1, len(answered))
         for (job, _), failure in zip(loaded, answered, strict=False):
             self._settle(job, failure, now, each)
@@ -350,6 +369,7 @@ class Delivery:
             job.image.unlink(missing_ok=True)
             if job.report is not None:
                 job.report.unlink(missing_ok=True)
+                summary_path(job.report).unlink(missing_ok=True)
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

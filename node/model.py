@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -192,6 +192,40 @@ class Classifier:
         with torch.inference_mode():
             out = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
+
+    def predict_with_maps(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """As :meth:`predict`, from the same forward pass, with DenseNet-121's last feature
+        map (``features`` after its ReLU, before the pooling): ``(N, 18)`` scores and
+        ``(N, 1024, 7, 7)`` maps for a 224 input. The steps are xrv's ``DenseNet.forward``
+        (``features2``, ``classifier``, ``op_norm``), written out so the map is kept."""
+        import torch
+        import torch.nn.functional as F
+
+        if batch.ndim != 4 or batch.shape[1] != 1:
+            raise ValueError(f"batch must have shape (N, 1, H, W), got {batch.shape}")
+        m = self._module
+        xrv = import_xrv()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            if hasattr(m, "input_resolution"):
+                x = xrv.utils.fix_resolution(x, m.input_resolution, m)
+            maps = F.relu(m.features(x))
+            out = m.classifier(F.adaptive_avg_pool2d(maps, (1, 1)).flatten(1))
+            if getattr(m, "op_threshs", None) is not None:
+                out = xrv.models.op_norm(torch.sigmoid(out), m.op_threshs)
+            elif getattr(m, "apply_sigmoid", False):
+                out = torch.sigmoid(out)
+            scores = np.asarray(out.cpu().numpy(), dtype=np.float32)
+            return scores, np.asarray(maps.cpu().numpy(), dtype=np.float32)
+
+    def class_weights(self) -> npt.NDArray[np.float32]:
+        """The classifier's weight matrix ``(18, 1024)``: finding k's class activation map
+        is ``sum_c W[k, c] * F[c]`` over the feature map ``F`` (its bias shifts the map by a
+        constant, irrelevant to its shape)."""
+        weight = self._module.classifier.weight
+        return np.asarray(weight.detach().cpu().numpy(), dtype=np.float32)
 
 
 def _build_untrained(cfg: ModelConfig) -> Any:
@@ -385,6 +419,17 @@ class Finding:
             return None
         s = self.score
         return 2.0 * s * t if s < 0.5 else 1.0 - 2.0 * (1.0 - s) * (1.0 - t)
+
+
+def class_maps(
+    features: npt.NDArray[np.float32], weights: npt.NDArray[np.float32], which: Sequence[int]
+) -> npt.NDArray[np.float32]:
+    """Exact class activation maps of one image (pure): ``features`` ``(C, h, w)``, the
+    classifier's ``weights`` ``(K, C)``; returns ``(len(which), h, w)``, one map per finding
+    index in ``which``: ``sum_c W[k, c] * F[c]``."""
+    c, h, w = features.shape
+    picked = weights[list(which)]
+    return np.asarray(picked @ features.reshape(c, h * w), dtype=np.float32).reshape(-1, h, w)
 
 
 def to_findings(scores: npt.NDArray[np.float32], info: ModelInfo) -> tuple[Finding, ...]:

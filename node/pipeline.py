@@ -21,19 +21,23 @@ from node.errors import ModelError, NodeError, PreprocessError, ReportError, une
 from node.model import Classifier, Finding, to_findings
 from node.preprocess import Preprocessed, preprocess
 from node.srtemplate import EncodedSR, ReportEncoder
+from node.summarize import DISPLAY_MAX, Summarizer
+from node.summarysc import EncodedSummary
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One classified image: its findings, its SR and how long each stage took."""
+    """One classified image: its findings, its SR, its summary image (when asked for and
+    built) and how long each stage took."""
 
     source: Dataset
     findings: tuple[Finding, ...]
     sr: EncodedSR
     steps: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    summary: EncodedSummary | None = None
 
 
 def _uid(ds: Dataset) -> str:
@@ -43,9 +47,9 @@ def _uid(ds: Dataset) -> str:
         return "<unreadable SOP Instance UID>"
 
 
-def _prepare_one(ds: Dataset) -> Preprocessed | NodeError:
+def _prepare_one(ds: Dataset, display_max: int | None) -> Preprocessed | NodeError:
     try:
-        return preprocess(ds)
+        return preprocess(ds, display_max=display_max)
     except NodeError as exc:
         return exc
     except Exception as exc:  # the per-image boundary: this image fails, the batch goes on
@@ -53,18 +57,53 @@ def _prepare_one(ds: Dataset) -> Preprocessed | NodeError:
         return unexpected(PreprocessError, f"{_uid(ds)}: preprocessing failed", exc)
 
 
-def _predict(classifier: Classifier, ok: list[Preprocessed]) -> list[np.ndarray | NodeError]:
-    """Scores per image; if the batch fails, each image alone, so only the culprit fails."""
+Scored = tuple[np.ndarray, np.ndarray | None]
+"""One image's scores, and its feature map where asked for."""
+
+
+def _infer(classifier: Classifier, ok: list[Preprocessed], maps: bool) -> list[Scored]:
+    batch = np.stack([p.array for p in ok])
+    if not maps:
+        return [(row, None) for row in classifier.predict(batch)]
+    scores, features = classifier.predict_with_maps(batch)
+    return list(zip(scores, features, strict=True))
+
+
+def _predict(
+    classifier: Classifier, ok: list[Preprocessed], maps: bool = False
+) -> list[Scored | NodeError]:
+    """Scores (and feature maps) per image; if the batch fails, each image alone, so only
+    the culprit fails."""
     if not ok:
         return []
     try:
-        return list(classifier.predict(np.stack([p.array for p in ok])))
+        return list(_infer(classifier, ok, maps))
     except Exception as exc:
         if len(ok) == 1:
             log.debug("inference raised", exc_info=True)
             return [unexpected(ModelError, "inference failed", exc)]
         log.warning("batch inference failed (%s); retrying image by image", type(exc).__name__)
-        return [_predict(classifier, [p])[0] for p in ok]
+        return [_predict(classifier, [p], maps)[0] for p in ok]
+
+
+def _summary(
+    summaries: Summarizer | None,
+    ds: Dataset,
+    prep: Preprocessed,
+    findings: tuple[Finding, ...],
+    features: np.ndarray | None,
+    now: datetime,
+) -> EncodedSummary | None:
+    """The summary image, or None (not asked for, or it failed: the SR goes without it,
+    and the failure is logged)."""
+    if summaries is None or features is None:
+        return None
+    try:
+        return summaries.encode(ds, prep, findings, features, now)
+    except Exception as exc:  # the per-image boundary: the SR is the result, it goes on
+        log.debug("building the summary image of %s raised", _uid(ds), exc_info=True)
+        log.error("%s: no summary image: %s: %s", _uid(ds), type(exc).__name__, str(exc)[:300])
+        return None
 
 
 def _encode(
@@ -90,21 +129,27 @@ class Prepared:
     seconds: float
 
 
-def prepare(datasets: Sequence[Dataset]) -> Prepared:
-    """Preprocess a batch; each image's failure is its own."""
+def prepare(datasets: Sequence[Dataset], display_max: int | None = None) -> Prepared:
+    """Preprocess a batch; each image's failure is its own. ``display_max``: also the
+    display image of each (for the summary images), at most that long."""
     t0 = time.perf_counter()
-    inputs = [_prepare_one(ds) for ds in datasets]
+    inputs = [_prepare_one(ds, display_max) for ds in datasets]
     return Prepared(datasets, inputs, time.perf_counter() - t0)
 
 
 def finish(
-    batch: Prepared, classifier: Classifier, reports: ReportEncoder, now: datetime
+    batch: Prepared,
+    classifier: Classifier,
+    reports: ReportEncoder,
+    now: datetime,
+    summaries: Summarizer | None = None,
 ) -> list[Outcome | NodeError]:
-    """Run the model on a prepared batch and build one SR per image."""
+    """Run the model on a prepared batch and build one SR per image (and, with
+    ``summaries``, its summary image, from the same forward pass)."""
     datasets, prepared = batch.datasets, batch.inputs
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
-    scores = iter(_predict(classifier, ok))
+    scores = iter(_predict(classifier, ok, maps=summaries is not None))
     t2 = time.perf_counter()
     per_image = {
         "preprocess_s": batch.seconds / max(1, len(datasets)),
@@ -119,14 +164,17 @@ def finish(
         if isinstance(row, NodeError):
             results.append(row)
             continue
-        findings = to_findings(row, classifier.info)
+        findings = to_findings(row[0], classifier.info)
         t3 = time.perf_counter()
         sr = _encode(reports, ds, findings, now)
         if isinstance(sr, NodeError):
             results.append(sr)
             continue
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t3}
-        results.append(Outcome(ds, findings, sr, prep.steps, timings))
+        summary = _summary(summaries, ds, prep, findings, row[1], now)
+        if summaries is not None:
+            timings["summary_s"] = time.perf_counter() - t3 - timings["report_s"]
+        results.append(Outcome(ds, findings, sr, prep.steps, timings, summary))
     return results
 
 
@@ -135,6 +183,9 @@ def analyze(
     classifier: Classifier,
     reports: ReportEncoder,
     now: datetime,
+    summaries: Summarizer | None = None,
 ) -> list[Outcome | NodeError]:
-    """Classify a batch and build one SR per image; failures come back as errors."""
-    return finish(prepare(datasets), classifier, reports, now)
+    """Classify a batch and build one SR per image (and, with ``summaries``, its summary
+    image); failures come back as errors."""
+    display = None if summaries is None else DISPLAY_MAX
+    return finish(prepare(datasets, display), classifier, reports, now, summaries)

@@ -61,11 +61,35 @@ FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """Where the model's input came from in the source image: the centred square of side
+    ``side`` at (``top``, ``left``) of a ``height x width`` image, resized to ``size``."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+    side: int
+    size: int = INPUT_SIZE
+
+
+def crop_geometry(height: int, width: int, size: int = INPUT_SIZE) -> Geometry:
+    """The crop :func:`centre_crop` takes of a ``height x width`` image (pure)."""
+    side = min(height, width)
+    return Geometry(height, width, height // 2 - side // 2, width // 2 - side // 2, side, size)
+
+
+@dataclass(frozen=True)
 class Preprocessed:
-    """The model input (shape ``(1, 224, 224)``, float32 in [-1024, 1024]) and what was done."""
+    """The model input (shape ``(1, 224, 224)``, float32 in [-1024, 1024]) and what was done;
+    ``geometry``: the crop and resize; ``display``: when asked, the whole source image as the
+    model saw it (same Modality LUT, inversion and scaling), ``uint8``, at most
+    ``display_max`` pixels on its long side."""
 
     array: FloatArray
     steps: tuple[str, ...]
+    geometry: Geometry | None = None
+    display: npt.NDArray[np.uint8] | None = None
 
 
 def _uid(ds: Dataset) -> str:
@@ -309,10 +333,8 @@ def to_xrv_range(ds: Dataset, steps: list[str]) -> FloatArray:
 
 def centre_crop(img: np.ndarray) -> np.ndarray:
     """The centred square of side ``min(height, width)`` (a view), as ``XRayCenterCrop``."""
-    height, width = img.shape[:2]
-    side = min(height, width)
-    top, left = height // 2 - side // 2, width // 2 - side // 2
-    return img[top : top + side, left : left + side]
+    g = crop_geometry(*img.shape[:2])
+    return img[g.top : g.top + g.side, g.left : g.left + g.side]
 
 
 _OPERATOR_CHUNK = 256  # identity columns resized at a time: at most side x 256 float64
@@ -374,11 +396,37 @@ def crop_and_resize(img: FloatArray, size: int = INPUT_SIZE) -> FloatArray:
     return resize_square(centre_crop(img), size)
 
 
-def preprocess(ds: Dataset, size: int = INPUT_SIZE) -> Preprocessed:
-    """Turn a dataset into the model's input; raises :class:`PreprocessError`."""
+def display_shape(height: int, width: int, longest: int) -> tuple[int, int]:
+    """``height x width`` scaled down (never up) to at most ``longest`` on the long side."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _display(ds: Dataset, grey: _Grey, longest: int) -> npt.NDArray[np.uint8]:
+    """The whole image as the model saw it, area-averaged down to ``longest`` pixels on its
+    long side first (the scaling is elementwise), then mapped from [-1024, 1024] to 0..255."""
+    from PIL import Image
+
+    height, width = grey.data.shape
+    shape = display_shape(height, width, longest)
+    data = np.asarray(grey.data, dtype=np.float32)
+    if shape != (height, width):
+        small = Image.fromarray(data).resize(shape[::-1], Image.Resampling.BOX)
+        data = np.asarray(small, dtype=np.float32)
+    img = _scaled(ds, grey, data)
+    out = (img + np.float32(XRV_RANGE)) * np.float32(255.0 / (2 * XRV_RANGE))
+    shown: npt.NDArray[np.uint8] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return shown
+
+
+def preprocess(ds: Dataset, size: int = INPUT_SIZE, display_max: int | None = None) -> Preprocessed:
+    """Turn a dataset into the model's input; raises :class:`PreprocessError`. With
+    ``display_max``, also the image as the model saw it, for the summary image."""
     steps: list[str] = []
     grey = _grey(ds, steps)
     if grey.data.ndim != 2 or min(grey.data.shape) < 2:
         raise PreprocessError(f"{_uid(ds)}: image of shape {grey.data.shape} is not a 2-D image")
     square = _scaled(ds, grey, centre_crop(grey.data))
-    return Preprocessed(resize_square(square, size), tuple(steps))
+    geometry = crop_geometry(grey.data.shape[0], grey.data.shape[1], size)
+    display = None if display_max is None else _display(ds, grey, display_max)
+    return Preprocessed(resize_square(square, size), tuple(steps), geometry, display)

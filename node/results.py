@@ -50,6 +50,12 @@ def result_record(outcome: Outcome, model: ModelInfo) -> dict[str, Any]:
             "sop_instance_uid": outcome.sr.sop_instance_uid,
             "series_instance_uid": outcome.sr.series_instance_uid,
         },
+        "summary": None
+        if outcome.summary is None
+        else {
+            "sop_instance_uid": outcome.summary.sop_instance_uid,
+            "series_instance_uid": outcome.summary.series_instance_uid,
+        },
         "model": {
             "name": model.name,
             "weights": model.weights,

@@ -104,6 +104,11 @@ def _size(data: Data) -> int:
     return sum(len(part) for part in data)
 
 
+def summary_path(report: Path) -> Path:
+    """Where a job's summary image is kept: beside its SR, ``<SR file's stem>.summary.dcm``."""
+    return report.with_name(f"{report.stem}.summary.dcm")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -426,6 +431,7 @@ class Spool:
             job.image.unlink(missing_ok=True)
             if job.report is not None:
                 job.report.unlink(missing_ok=True)
+                summary_path(job.report).unlink(missing_ok=True)
         with self._lock:
             cur = self._db.execute("DELETE FROM jobs WHERE state = ?", (state,))
         return int(cur.rowcount)

@@ -51,3 +51,11 @@ def notice_instance_uid(root: str, source_sop_uid: str) -> UID:
 
 def notice_series_uid(root: str, study_uid: str) -> UID:
     return derive_uid(root, "not-analysed-series", study_uid)
+
+
+def summary_instance_uid(root: str, source_sop_uid: str, model_id: str, weights_sha256: str) -> UID:
+    return derive_uid(root, "summary-instance", source_sop_uid, model_id, weights_sha256)
+
+
+def summary_series_uid(root: str, study_uid: str, model_id: str) -> UID:
+    return derive_uid(root, "summary-series", study_uid, model_id)

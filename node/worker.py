@@ -36,8 +36,9 @@ from node.pipeline import Outcome, analyze
 from node.report import ReportContext, summary_text
 from node.results import result_record
 from node.rounds import run_rounds
-from node.spool import Job, Spool
+from node.spool import Job, Spool, summary_path
 from node.srtemplate import ReportEncoder
+from node.summarize import Summarizer
 from node.triage import notice_wanted, skip_reason
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ def report_context(cfg: NodeConfig) -> ReportContext:
         manufacturer=cfg.report.manufacturer,
         institution_name=cfg.report.institution_name,
     )
+
+
+def summarizer(classifier: Classifier, cfg: NodeConfig) -> Summarizer | None:
+    """The summary images' builder, where ``report.summary_image`` asks for them."""
+    if not cfg.report.summary_image:
+        return None
+    return Summarizer(classifier.info, report_context(cfg), classifier.class_weights())
 
 
 class Worker:
@@ -79,6 +87,7 @@ class Worker:
         self.watchdog = watchdog
         self.context = report_context(cfg)
         self.reports = ReportEncoder(classifier.info, self.context)
+        self.summaries = summarizer(classifier, cfg)
 
     # -- classification ------------------------------------------------------------------
     def _fail(self, job: Job, exc: NodeError, ds: Dataset | None = None) -> None:
@@ -202,7 +211,9 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return len(jobs)
-        outcomes = analyze([ds for _, ds in loaded], self.classifier, self.reports, self.clock())
+        outcomes = analyze(
+            [ds for _, ds in loaded], self.classifier, self.reports, self.clock(), self.summaries
+        )
         if self.metrics is not None:
             done = [o for o in outcomes if not isinstance(o, NodeError)]
             for o in done:  # the model's share of the batch, per image
@@ -233,16 +244,19 @@ class Worker:
         sr = outcome.sr
         # one file per job: the same image received twice makes two jobs with one SR UID
         path = self.spool.reports / f"{job.id}-{sr.sop_instance_uid}.dcm"
+        if outcome.summary is not None:  # first: a classified job's files are all there
+            self.spool.write_atomic(outcome.summary.data, summary_path(path))
         self.spool.write_atomic(sr.data, path)
         self._write_extras(outcome)
         self.spool.mark_classified(job.id, path, sr.sop_instance_uid)
         log.info(
-            "job %d (%s): classified by %s; present: %s; SR %s",
+            "job %d (%s): classified by %s; present: %s; SR %s%s",
             job.id,
             job.sop_instance_uid,
             self.classifier.info.name,
             summary_text(outcome.findings),
             sr.sop_instance_uid,
+            "" if outcome.summary is None else f"; summary {outcome.summary.sop_instance_uid}",
             extra={
                 "job_id": job.id,
                 "sop_instance_uid": job.sop_instance_uid,

@@ -237,8 +237,20 @@ def sr_source(path: Path) -> str:
     return str(series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
+def _modality(path: Path) -> str | None:
+    """A received file's Modality; None while storescp is still writing its header."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", ""))
+    except (InvalidDicomError, EOFError, OSError):
+        return None
+
+
 def sr_sources(folder: Path) -> set[str]:
-    return {sr_source(p) for p in folder.iterdir()}
+    """The images the SRs in ``folder`` report on (the summary images beside them left out)."""
+    return {sr_source(p) for p in folder.iterdir() if _modality(p) == "SR"}
 
 
 def deeply_nested(ds: Dataset, depth: int = 2500) -> Dataset:

@@ -37,6 +37,14 @@ class StandIn(node.model.Classifier):
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.full((len(batch), len(LABELS)), 0.25, dtype=np.float32)
 
+    def predict_with_maps(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        return self.predict(batch), np.zeros((len(batch), 1024, 7, 7), dtype=np.float32)
+
+    def class_weights(self) -> npt.NDArray[np.float32]:
+        return np.zeros((len(LABELS), 1024), dtype=np.float32)
+
 
 def load_classifier(cfg: ModelConfig) -> node.model.Classifier:
     return StandIn(None, INFO, "cpu")

@@ -36,6 +36,8 @@ def _cfg(weights_dir: Path, **worker: object) -> NodeConfig:
         {
             "model": {"cache_dir": str(weights_dir), "allow_untrained": True, "batch_size": 4},
             "worker": {"backoff_base": 0.0001, "backoff_max": 0.0001, **worker},
+            # the SRs alone: the summary image's own failures, tests/test_summary.py
+            "report": {"summary_image": False},
         }
     )
 

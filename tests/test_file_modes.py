@@ -149,7 +149,8 @@ def test_serve_makes_its_files_private_in_a_loose_umask(tmp_path):
     finally:
         stop_process(proc, 20)
     assert {Path(p).name for p in found} >= {"jobs.sqlite", "jobs.sqlite-wal", "status.json"}
-    assert sum(p.endswith(".dcm") for p in found) == 3  # image, SR, SR copy
+    assert sum(p.endswith(".dcm") for p in found) == 4  # image, SR, summary image, SR copy
+    assert sum(p.endswith(".summary.dcm") for p in found) == 1
     assert found == private(found), log.read_text()
 
 

@@ -47,11 +47,27 @@ def test_classify_writes_sr_json_and_delivers(setup, tmp_path):
     drain(Worker(spool, clf, cfg), Delivery(spool, cfg, dest))
     [job] = spool.jobs()
     assert job.state == "sent" and job.sr_uid
-    assert len(sent) == 1 and pydicom.dcmread(BytesIO(sent[0])).SOPInstanceUID == job.sr_uid
+    sr, summary = (pydicom.dcmread(BytesIO(b)) for b in sent)  # over the same association
+    assert sr.SOPInstanceUID == job.sr_uid
+    assert summary.Modality == "OT" and summary.BurnedInAnnotation == "YES"
+    assert summary.StudyInstanceUID == ds.StudyInstanceUID
     record = json.loads((tmp_path / "json" / f"{ds.SOPInstanceUID}.json").read_text())
     jsonschema.validate(record, SCHEMA)
+    assert record["summary"]["sop_instance_uid"] == summary.SOPInstanceUID
     assert (tmp_path / "SR" / f"{job.sr_uid}.dcm").is_file()
     assert not job.image.exists() and list(spool.reports.iterdir()) == []  # retention: removed
+
+
+def test_summary_image_off_sends_the_sr_alone(setup, tmp_path):
+    cfg, spool, clf, _ds = setup
+    cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"summary_image": False})})
+    dest = Recorder()
+    drain(Worker(spool, clf, cfg), Delivery(spool, cfg, dest))
+    [job] = spool.jobs()
+    assert job.state == "sent" and len(dest.sent) == 1
+    assert pydicom.dcmread(BytesIO(dest.sent[0])).SOPInstanceUID == job.sr_uid
+    [record] = (tmp_path / "json").iterdir()
+    assert json.loads(record.read_text())["summary"] is None
 
 
 def test_same_image_twice_gives_two_deliveries_of_one_sr_uid(setup):
@@ -63,4 +79,4 @@ def test_same_image_twice_gives_two_deliveries_of_one_sr_uid(setup):
     )
     drain(Worker(spool, clf, cfg), Delivery(spool, cfg, dest))
     assert [j.state for j in spool.jobs()] == ["sent", "sent"]
-    assert len(sent) == 2 and sent[0] == sent[1]
+    assert len(sent) == 4 and sent[0] == sent[2] and sent[1] == sent[3]  # SR, summary, twice

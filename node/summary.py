@@ -1,0 +1,119 @@
+"""The summary image's pixels (pure): the source as the model saw it, a heat map of each
+finding shown, a legend with their names and scores, and a banner. Values in, an RGB
+``uint8`` array out; text drawn with Pillow."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+RGBArray = npt.NDArray[np.uint8]
+
+COLOURS = ((255, 48, 48), (255, 214, 0), (0, 200, 255))
+"""One colour per finding shown, in the legend's order."""
+UNTRAINED_BANNER = "UNTRAINED MODEL - NOT FOR DIAGNOSIS"
+BANNER = "AI CXR summary - NOT FOR DIAGNOSIS"
+NONE_SHOWN = "No finding above its operating threshold"
+HEAT_FLOOR = 0.3
+"""Parts of a map below this fraction of its maximum are not coloured."""
+HEAT_ALPHA = 0.55
+OVERLAY_STEP = 4
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One finding shown: its name, its score and its map on the display's grid (zero
+    outside the part of the image the model saw)."""
+
+    name: str
+    score: float
+    values: FloatArray
+
+
+def font_size(width: int, height: int) -> int:
+    return max(9, min(width, height * 2) // 40)
+
+
+def banner_height(width: int, height: int) -> int:
+    """The banner's rows at the top of a ``width x height`` summary image."""
+    return min(height, round(font_size(width, height) * 1.6))
+
+
+def heat_alpha(values: FloatArray) -> npt.NDArray[np.uint8]:
+    """A map's opacity, 0..255: nothing below :data:`HEAT_FLOOR` of its maximum, rising to
+    :data:`HEAT_ALPHA` at it (a map without a positive value is not drawn)."""
+    peak = float(values.max(initial=0.0))
+    if peak <= 0.0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scale = np.float32(255.0 * HEAT_ALPHA / (1.0 - HEAT_FLOOR))
+    alpha = (values * np.float32(1.0 / peak) - np.float32(HEAT_FLOOR)) * scale
+    out: npt.NDArray[np.uint8] = np.clip(alpha, 0.0, 255.0).astype(np.uint8)
+    return out
+
+
+def _annotate(pil: Any, heats: Sequence[HeatMap], untrained: bool) -> RGBArray:
+    from PIL import ImageDraw, ImageFont
+
+    width, height = pil.size
+    draw = ImageDraw.Draw(pil)
+    size = font_size(width, height)
+    font = ImageFont.load_default(size=size)
+    band = banner_height(width, height)
+    draw.rectangle((0, 0, width, band - 1), fill=(170, 0, 0) if untrained else (32, 32, 32))
+    text = UNTRAINED_BANNER if untrained else BANNER
+    draw.text((size // 2, band // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    lines = [(f"{h.name}  {h.score:.2f}", COLOURS[i]) for i, h in enumerate(heats)]
+    lines = lines or [(NONE_SHOWN, (255, 255, 255))]
+    step = round(size * 1.3)
+    top = height - step * len(lines) - size // 2
+    right = max(draw.textlength(t, font=font) for t, _ in lines) + 2.5 * size
+    draw.rectangle((0, top - size // 4, right, height), fill=(0, 0, 0))
+    for n, (line, colour) in enumerate(lines):
+        y = top + n * step
+        draw.rectangle((size // 2, y + size // 6, size // 2 + size * 0.8, y + size), fill=colour)
+        draw.text((size * 1.6, y), line, fill=(255, 255, 255), font=font)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def overlay_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The grid the heat maps are computed on for a display of ``shape``: every
+    :data:`OVERLAY_STEP`-th pixel (the maps are bilinear over 7 x 7 cells: smooth at that
+    scale), so that blending costs a few milliseconds, not tens."""
+    return max(1, -(-shape[0] // OVERLAY_STEP)), max(1, -(-shape[1] // OVERLAY_STEP))
+
+
+def _overlay(heats: Sequence[HeatMap]) -> npt.NDArray[np.uint8]:
+    """The heat maps, each in its colour, composited over one another (RGBA)."""
+    shape = heats[0].values.shape
+    rgb = np.zeros((*shape, 3), dtype=np.float32)
+    alpha = np.zeros(shape, dtype=np.float32)
+    for heat, colour in zip(heats, COLOURS, strict=False):
+        if heat.values.shape != shape:
+            raise ValueError(f"heat maps of shapes {heat.values.shape} and {shape}")
+        a = heat_alpha(heat.values).astype(np.float32)[..., None] / 255.0
+        rgb = rgb * (1.0 - a) + np.asarray(colour, dtype=np.float32) * a  # "over", premultiplied
+        alpha = alpha * (1.0 - a[..., 0]) + a[..., 0]
+    straight = rgb / np.maximum(alpha, 1e-6)[..., None]
+    out = np.dstack([straight, alpha * 255.0])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def render(display: npt.NDArray[np.uint8], heats: Sequence[HeatMap], untrained: bool) -> RGBArray:
+    """The summary image: ``display`` (greyscale, ``rows x columns``) with each heat map
+    (at most :data:`COLOURS` of them, all on one grid of the display's extent, e.g.
+    :func:`overlay_shape`) blended in its colour, the banner (red and UNTRAINED when
+    ``untrained``) across the top and the legend at the bottom left."""
+    if len(heats) > len(COLOURS):
+        raise ValueError(f"at most {len(COLOURS)} heat maps, got {len(heats)}")
+    from PIL import Image
+
+    pil = Image.fromarray(display).convert("RGB")
+    if heats:
+        over = Image.fromarray(_overlay(heats)).resize(pil.size, Image.Resampling.BILINEAR)
+        pil.paste(over, (0, 0), over)  # its alpha as the mask: "over" the image
+    return _annotate(pil, heats, untrained)
