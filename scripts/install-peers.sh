@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the real DICOM peers the tests use (Orthanc, dcmtk, dicom3tools, gdcm) with apt,
-# only those missing; as root, or through sudo.
+# Install the real DICOM peers the tests use (Orthanc, dcmtk, dicom3tools, gdcm) and
+# systemd-analyze (the unit test) with apt, only those missing; as root, or through sudo.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
@@ -8,6 +8,7 @@ need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v gdcmconv >/dev/null || need+=(libgdcm-tools)  # the transcode tests' JPEG-LS/J2K
+command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies deploy/cxr-node.service
 [ ${#need[@]} -gt 0 ] || exit 0
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 echo "installing ${need[*]} with apt-get" >&2
