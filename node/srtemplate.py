@@ -404,12 +404,12 @@ class ReportEncoder:
     @property
     def fast(self) -> bool:
         """Whether SRs are encoded from the template (built now if not yet)."""
-        self._build()
+        self.prepare()
         return self._template is not None
 
-    def _build(self) -> None:
-        """The template, checked against highdicom's build; on any disagreement every SR
-        is built by highdicom."""
+    def prepare(self) -> None:
+        """Build the template now, checked against highdicom's build (on any disagreement
+        every SR is built by highdicom); else the first :meth:`encode` does."""
         if self._built:
             return
         self._built = True  # the check below encodes through this encoder
@@ -446,7 +446,7 @@ class ReportEncoder:
             return self._encode(source, findings, now)
 
     def _encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
-        self._build()
+        self.prepare()
         labels = tuple(f.pathology for f in findings)
         if self._template is None or labels != self._template.labels:
             sr = build_sr(source, findings, self.model, self.ctx, now)

@@ -285,4 +285,5 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; jobs are failed one by one inside a round, and a
         failed round is logged and the next one tried (:mod:`node.rounds`)."""
+        self.reports.prepare()  # its highdicom builds take seconds: not in a batch's time limit
         run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)

@@ -42,6 +42,9 @@ def _run(conf: Path, *args: str, **kw: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as a terminal sends it, also where this runs as a background job (which
+        # ignores SIGINT: Python would then not turn it into KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kw,  # type: ignore[call-overload]
     )
 

@@ -4,6 +4,7 @@ are aborted before they are read, and a silent TLS client never stops the others
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -12,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NIH, free_port
+from helpers import NIH, free_port, wait_for
 
 from node.gate import MIN_PENDING_AGE
+
+log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.integration
 ARTIM = 2.0  # scp.association_request_timeout, scaled down
@@ -32,6 +35,8 @@ def _fds(pid: int) -> int:
 
 
 def _storescu(port: int, *tls: str, timeout: float = 30) -> tuple[bool, float]:
+    """Whether dcmtk's storescu stored the sample, and how long it took (its output is
+    logged: pytest shows it for a failing test)."""
     start = time.monotonic()
     done = subprocess.run(
         ["storescu", *tls, "-aet", "TESTSCU", "-aec", "CXR_NODE", "127.0.0.1", str(port), str(NIH)],
@@ -41,7 +46,19 @@ def _storescu(port: int, *tls: str, timeout: float = 30) -> tuple[bool, float]:
         timeout=timeout,
         check=False,
     )
+    if done.returncode != 0:
+        log.warning("storescu exited %d: %s", done.returncode, done.stdout + done.stderr)
     return done.returncode == 0, time.monotonic() - start
+
+
+def _accept_backlog(port: int) -> int:
+    """Connections waiting in the kernel for the listening socket on ``port`` to accept
+    them (the receive queue of a LISTEN entry in /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def _connect(port: int, first: bytes = b"") -> socket.socket:
@@ -74,7 +91,10 @@ def test_idle_and_half_open_sockets_never_lock_a_sender_out(edge_node):
             idle.append(_connect(node.port))
         except OSError:  # the backlog is full: the flood is as big as it gets
             break
-    time.sleep(MIN_PENDING_AGE)  # the flood is open and idle now (not renewing itself)
+    # the node has taken the whole flood off its listen backlog; then the flood is open
+    # and idle (not renewing itself) for as long as a newcomer needs to displace it
+    wait_for(lambda: _accept_backlog(node.port) == 0, 30, "the flood accepted")
+    time.sleep(MIN_PENDING_AGE + 0.1)
     try:
         for _ in range(3):  # at every attempt, within ARTIM + 2 s
             ok, took = _storescu(node.port)

@@ -138,7 +138,7 @@ def test_a_non_conformant_uid_is_accepted_warned_and_referenced_as_it_is(scp, we
         drain(Worker(spool, classifier, cfg), Delivery(spool, cfg, dest))
     [job] = spool.jobs()
     assert (job.sop_instance_uid, job.state) == (uid, "sent"), job.last_error
-    [sr] = sent
+    [sr] = [d for d in sent if d.Modality == "SR"]  # the summary image goes with it
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
     assert f"SOPInstanceUID {uid} is not a conformant UID" in caplog.text

@@ -24,7 +24,9 @@ def test_orthanc_renders_the_summary_image_beside_the_sr(orthanc_factory, node_f
 
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node_factory(orthanc.dicom_port, port=node_port, model=False)
+    node_factory(
+        orthanc.dicom_port, port=node_port, model=False, report={"summary_image": True}
+    )
     square = pydicom.dcmread(NIH)
     [wide] = chest_images(1, seed="landscape")  # 700 x 1024: a landscape image
     wide.PixelData = np.ascontiguousarray(wide.pixel_array[100:800]).tobytes()
