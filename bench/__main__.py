@@ -27,13 +27,13 @@ from bench.common import (
     free_port,
     machine,
     make_images,
+    node_settings_env,
     orthanc,
     settle,
     start_node,
     table,
     timed,
     wait_for,
-    wait_policy_env,
 )
 from bench.route import bench_route
 from node.config import ModelConfig
@@ -355,11 +355,11 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
         (small / p.name).symlink_to(p)
     env = {
         **NODELAY,
+        **node_settings_env(),
         "CXR_NODE_MODEL__CACHE_DIR": str(work / "models"),
         "CXR_NODE_MODEL__ALLOW_UNTRAINED": "true",
         "CXR_NODE_MODEL__ALLOW_DOWNLOAD": "false",
         "CXR_NODE_LOGGING__LEVEL": "WARNING",
-        **wait_policy_env(),
     }
 
     def run(src: Path) -> float:

@@ -130,12 +130,16 @@ class Orthanc:
         self.proc.wait(30)
 
 
+ENV_PREFIX, OMP = "CXR_NODE_", "OMP_WAIT_POLICY"
 WAIT_POLICY_ENV = "CXR_NODE_MODEL__OMP_WAIT_POLICY"
 
 
-def wait_policy_env() -> dict[str, str]:
-    """The bench's own A/B of model.omp_wait_policy, passed on to the node processes."""
-    return {k: os.environ[k] for k in ("OMP_WAIT_POLICY", WAIT_POLICY_ENV) if k in os.environ}
+def node_settings_env() -> dict[str, str]:
+    """The node settings of the bench's own environment, passed on to the node processes
+    for an A/B: every ``CXR_NODE_*`` variable (e.g. ``CXR_NODE_MODEL__OMP_WAIT_POLICY``,
+    ``CXR_NODE_REPORT__SUMMARY_IMAGE``) and ``OMP_WAIT_POLICY``; the bench's own wiring
+    (ports, spool, weights) is set after them and wins."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) or k == OMP}
 
 
 def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]:
@@ -145,6 +149,7 @@ def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]
     ready.unlink(missing_ok=True)
     env = {
         **NODELAY,
+        **node_settings_env(),
         "CXR_NODE_SCP__PORT": str(port),
         "CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["ORTHANC", "STORESCU"]',
         "CXR_NODE_DESTINATION__PORT": str(dest_port),
@@ -155,7 +160,6 @@ def start_node(work: Path, dest_port: int, port: int) -> subprocess.Popen[bytes]
         "CXR_NODE_METRICS__PORT": "0",
         "CXR_NODE_LOGGING__LEVEL": "WARNING",
     }
-    env.update(wait_policy_env())
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -58,7 +58,7 @@ _score = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)  # each compares with a 0.4 s highdicom build
 @given(
     scores=st.lists(_score, min_size=18, max_size=18),
     sop=_uid,
