@@ -243,8 +243,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from node.classify import Options, Outputs, Run, count_inputs
     from node.model import load_classifier
     from node.srtemplate import ReportEncoder
-    from node.summarize import Summarizer
-    from node.worker import report_context
+    from node.worker import report_context, summarizer
 
     start = time.perf_counter()
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
@@ -262,11 +261,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
-    reports = ReportEncoder(classifier.info, report_context(cfg))
+    context = report_context(cfg)
+    reports = ReportEncoder(classifier.info, context)
     outputs = Outputs(opts, classifier.info.pathologies, sys.stdout)
     summaries = None
     if args.summary_dir is not None:  # asked for: whatever report.summary_image says
-        summaries = Summarizer(classifier.info, report_context(cfg), classifier.class_weights())
+        summaries = summarizer(classifier, context)
     run = Run(cfg, classifier, reports, opts, outputs, summaries)
     bar = tqdm(
         total=count_inputs(args.paths, args.recursive),

@@ -60,11 +60,9 @@ def report_context(cfg: NodeConfig) -> ReportContext:
     )
 
 
-def summarizer(classifier: Classifier, cfg: NodeConfig) -> Summarizer | None:
-    """The summary images' builder, where ``report.summary_image`` asks for them."""
-    if not cfg.report.summary_image:
-        return None
-    return Summarizer(classifier.info, report_context(cfg), classifier.class_weights())
+def summarizer(classifier: Classifier, ctx: ReportContext) -> Summarizer:
+    """The summary images' builder for ``classifier``'s images."""
+    return Summarizer(classifier.info, ctx, classifier.class_weights())
 
 
 class Worker:
@@ -87,7 +85,7 @@ class Worker:
         self.watchdog = watchdog
         self.context = report_context(cfg)
         self.reports = ReportEncoder(classifier.info, self.context)
-        self.summaries = summarizer(classifier, cfg)
+        self.summaries = summarizer(classifier, self.context) if cfg.report.summary_image else None
 
     # -- classification ------------------------------------------------------------------
     def _fail(self, job: Job, exc: NodeError, ds: Dataset | None = None) -> None:
