@@ -84,3 +84,5 @@ ABOVE_THRESHOLD = _local("ABOVE_THRESHOLD", "AI findings above the operating thr
 UNTRAINED_MODEL = _local("UNTRAINED_MODEL", "UNTRAINED model")
 NOT_ANALYZED = _local("NOT_ANALYZED", "Image not analysed by the AI")
 NOT_ANALYZED_TITLE = Code("18748-4", "LN", "Diagnostic imaging report")
+SUMMARY_IMAGE = Code("121200", "DCM", "Illustration of ROI")
+"""The concept name of the SR's reference to its summary image (heat maps of the findings)."""

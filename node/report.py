@@ -32,6 +32,7 @@ from node.codes import (
     CHEST_XRAY,
     PRESENT,
     PROBABILITY_UNIT,
+    SUMMARY_IMAGE,
     UNTRAINED_MODEL,
     finding_name,
     local_scheme_item,
@@ -228,6 +229,35 @@ def headline_items(findings: Sequence[Finding], model: ModelInfo) -> list[hd.sr.
     return [*items, _text(ABOVE_THRESHOLD, summary_text(findings))]
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """An image of the SR's study that the SR references (its summary image)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+    def evidence(self, study_uid: str) -> Dataset:
+        """The image as highdicom takes evidence: the four UIDs of a dataset."""
+        ds = Dataset()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
+
+
+def summary_item(summary: ImageRef) -> hd.sr.ImageContentItem:
+    """The reference to the summary image, after the headline: a viewer that lists an SR's
+    images offers it, and a reader learns its UID."""
+    return hd.sr.ImageContentItem(
+        SUMMARY_IMAGE,
+        summary.sop_class_uid,
+        summary.sop_instance_uid,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
 def _text(name: Code, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
         name, value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -314,10 +344,14 @@ def _log_source_problems(clean: Dataset, dropped: Sequence[Dropped]) -> None:
 
 
 def content_tree(
-    ident: Identity, findings: Sequence[Finding], model: ModelInfo, ctx: ReportContext
+    ident: Identity,
+    findings: Sequence[Finding],
+    model: ModelInfo,
+    ctx: ReportContext,
+    summary: ImageRef | None = None,
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree for one image's findings: the summary first, then one
-    measurement group per finding."""
+    """The TID 1500 content tree for one image's findings: the headline first (and the
+    reference to the ``summary`` image), then one measurement group per finding."""
     groups = [
         _finding_group(
             ident.clean, f, model, tracking_uid(ctx.uid_root, ident.sop_instance_uid, f.pathology)
@@ -329,7 +363,8 @@ def content_tree(
         procedure_reported=CHEST_XRAY,
         imaging_measurements=groups,
     )
-    _insert_before_measurements(report, headline_items(findings, model))
+    image = [] if summary is None else [summary_item(summary)]
+    _insert_before_measurements(report, [*headline_items(findings, model), *image])
     return report
 
 
@@ -390,9 +425,12 @@ def document(
     model: ModelInfo,
     ctx: ReportContext,
     now: datetime,
+    summary: ImageRef | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR document around ``content``; raises :class:`ReportError`."""
-    return stamped_document(ident, content, ctx, findings_stamp(model, ctx, now))
+    """The SR document around ``content`` (which references ``summary`` where given);
+    raises :class:`ReportError`."""
+    others = () if summary is None else (summary.evidence(ident.clean.StudyInstanceUID),)
+    return stamped_document(ident, content, ctx, findings_stamp(model, ctx, now), others)
 
 
 def stamped_document(
@@ -400,30 +438,32 @@ def stamped_document(
     content: Content,
     ctx: ReportContext,
     stamp: Stamp,
+    others: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """An SR document (of findings or of a notice) around ``content``; raises
+    """An SR document (of findings or of a notice) around ``content``, with the images of
+    ``others`` (which ``content`` references) in its evidence after the source; raises
     :class:`ReportError`."""
     with library_errors(ident.clean.SOPInstanceUID):
         try:
-            sr = _comprehensive(ident, ident.clean, content, ctx, stamp)
+            sr = _comprehensive(ident, [ident.clean, *others], content, ctx, stamp)
         except KeyError as exc:
             if exc.args != (ident.clean.SOPClassUID,):
                 raise
-            sr = _with_stand_in_class(ident, content, ctx, stamp)
+            sr = _with_stand_in_class(ident, content, ctx, stamp, others)
         _stamp(sr, ident.clean, ctx, stamp)
     return sr
 
 
 def _comprehensive(
     ident: Identity,
-    evidence: Dataset,
+    evidence: Sequence[Dataset],
     content: Content,
     ctx: ReportContext,
     stamp: Stamp,
 ) -> hd.sr.Comprehensive3DSR:
     own_texts = all(text.isascii() for text in stamp.texts)
     return hd.sr.Comprehensive3DSR(
-        evidence=[evidence],
+        evidence=list(evidence),
         content=content,
         series_instance_uid=ident.series_instance_uid,
         series_number=stamp.series_number,
@@ -452,6 +492,7 @@ def _with_stand_in_class(
     content: Content,
     ctx: ReportContext,
     stamp: Stamp,
+    others: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of a source whose SOP class highdicom does not know (it looks up the class's
     IOD to copy the Patient and General Study modules, the same in every image IOD): built
@@ -468,7 +509,7 @@ def _with_stand_in_class(
     stand_in = copy.deepcopy(clean)
     stand_in.SOPClassUID = SecondaryCaptureImageStorage
     try:
-        sr = _comprehensive(ident, stand_in, content, ctx, stamp)
+        sr = _comprehensive(ident, [stand_in, *others], content, ctx, stamp)
     except KeyError as exc:
         raise ReportError(
             f"cannot reference the source: SOP class {sop_class} ({class_name(sop_class)}) "
@@ -477,7 +518,8 @@ def _with_stand_in_class(
     for study in sr.CurrentRequestedProcedureEvidenceSequence:
         for series in study.ReferencedSeriesSequence:
             for ref in series.ReferencedSOPSequence:
-                ref.ReferencedSOPClassUID = sop_class
+                if ref.ReferencedSOPInstanceUID == clean.SOPInstanceUID:
+                    ref.ReferencedSOPClassUID = sop_class
     return sr
 
 
@@ -502,8 +544,10 @@ def build_sr(
     model: ModelInfo,
     ctx: ReportContext,
     now: datetime,
+    summary: ImageRef | None = None,
 ) -> Dataset:
-    """Build the SR for one classified image; raises :class:`ReportError`.
+    """Build the SR for one classified image (referencing its ``summary`` image where
+    given); raises :class:`ReportError`.
 
     This is the reference construction, entirely by highdicom; :mod:`node.srtemplate`
     encodes the same document faster and is checked against this function.
@@ -512,7 +556,8 @@ def build_sr(
         raise ReportError("no findings to report")
     with library_errors(source.get("SOPInstanceUID", "a source")):
         ident = identify(source, model, ctx)
-        return document(ident, content_tree(ident, findings, model, ctx), model, ctx, now)
+        content = content_tree(ident, findings, model, ctx, summary)
+        return document(ident, content, model, ctx, now, summary)
 
 
 def datetime_value(now: datetime) -> str:

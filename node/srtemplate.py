@@ -12,8 +12,9 @@ sequences and items (so that no enclosing length depends on a value). For each i
   which patient/study values it has) and encoded once with this image's values left out;
   later images of that kind encode only their own values into it (~0.5 ms);
 * the encoded content tree is reused with its variable elements (the source image
-  reference, tracking identifier and UID, each score as DS and FD, and each
-  present/absent code) re-encoded from this image's values (< 1 ms).
+  reference, tracking identifier and UID, each score as DS and FD, each present/absent
+  code, and the reference to the summary image or nothing) re-encoded from this image's
+  values (< 1 ms).
 
 The result decodes to the same dataset as ``build_sr`` (a unit test compares them on
 generated inputs), and :class:`ReportEncoder` checks that at construction: should a
@@ -40,15 +41,18 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import SecondaryCaptureImageStorage
 from pydicom.valuerep import DS
 
-from node.codes import ABSENT, PRESENT
+from node.codes import ABSENT, PRESENT, SUMMARY_IMAGE
 from node.errors import ReportError
 from node.model import Finding, ModelInfo
 from node.report import (
     FROM_SOURCE,
     Identity,
+    ImageRef,
     ReportContext,
     build_sr,
     clock_attributes,
@@ -89,6 +93,11 @@ _SENTINEL_SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.99999999999992"
 _SENTINEL_STUDY = "1.2.826.0.1.3680043.8.498.99999999999993"
 _SENTINEL_SERIES = "1.2.826.0.1.3680043.8.498.99999999999994"
 _SENTINEL_NOW = datetime(2000, 1, 1)
+_SENTINEL_SUMMARY = ImageRef(
+    SecondaryCaptureImageStorage,
+    "1.2.826.0.1.3680043.8.498.99999999999995",
+    "1.2.826.0.1.3680043.8.498.99999999999996",
+)
 _MAX_HEADERS = 64  # header shapes kept (SOP class x which patient/study values exist)
 
 
@@ -169,7 +178,7 @@ class _HeaderTemplate:
         items = cached[_EQUIPMENT].value if _EQUIPMENT in cached else []
         self.contributions = tuple(_split(item, {_CONTRIBUTED}, charset) for item in items)
 
-    def write(self, ident: Identity, now: datetime) -> bytes:
+    def write(self, ident: Identity, now: datetime, summary: ImageRef | None) -> bytes:
         """The encoded header (Part 10 preamble and File Meta included) for one image."""
         meta = _join(self.meta, {_MEDIA_INSTANCE: _ui(_MEDIA_INSTANCE, ident.sop_instance_uid)})
         clean = ident.clean
@@ -183,7 +192,7 @@ class _HeaderTemplate:
             values[Tag(keyword)] = _element_bytes(
                 _element(keyword, clean.get(keyword)), self.charset
             )
-        values[_EVIDENCE] = _sequence(_EVIDENCE, [_evidence(clean)])
+        values[_EVIDENCE] = _sequence(_EVIDENCE, [_evidence(clean, summary)])
         if self.contributions:
             when = {_CONTRIBUTED: encoded_element(_CONTRIBUTED, "DT", datetime_value(now).encode())}
             values[_EQUIPMENT] = _sequence(_EQUIPMENT, [_join(c, when) for c in self.contributions])
@@ -271,12 +280,14 @@ class _ContentTemplate:
         self.present_code = self._code_bytes(present, PRESENT.value)
         self.absent_code = self._code_bytes(absent, ABSENT.value)
         blob = self._content_bytes(present)
+        self.image = self._image_parts(present)
         summaries = [_summary(summary_text(self._sentinel_findings(p))) for p in (True, False)]
         same = blob.replace(summaries[0], summaries[1]).replace(self.present_code, self.absent_code)
         if same != self._content_bytes(absent):
             raise ReportError("SR template: present and absent documents differ elsewhere")
         sr_uid = identify(self._sentinel_source(), model, ctx).sop_instance_uid
         needles: list[tuple[bytes, str, int]] = [(summaries[0], "summary", 0)]
+        needles.append((self._image(_SENTINEL_SUMMARY), "image", 0))
         for i, label in enumerate(self.labels):
             value = self._sentinel_score(i)
             needles.append((_ui(_UID_VALUE, tracking_uid(self.root, sr_uid, label)), "track", i))
@@ -326,7 +337,26 @@ class _ContentTemplate:
 
     def _sentinel_sr(self, model: ModelInfo, ctx: ReportContext, present: bool) -> Dataset:
         findings = self._sentinel_findings(present)
-        return build_sr(self._sentinel_source(), findings, model, ctx, _SENTINEL_NOW)
+        source = self._sentinel_source()
+        return build_sr(source, findings, model, ctx, _SENTINEL_NOW, _SENTINEL_SUMMARY)
+
+    @staticmethod
+    def _image_parts(sr: Dataset) -> tuple[bytes, bytes]:
+        """The encoded content item that references the summary image, split where its
+        Referenced SOP Instance UID goes (the element left out)."""
+        items = [
+            item
+            for item in sr[_CONTENT_SEQUENCE].value
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue
+            == SUMMARY_IMAGE.value
+        ]
+        if len(items) != 1:
+            raise ReportError("SR template: one summary image reference expected")
+        elem = DataElement(_CONTENT_SEQUENCE, "SQ", DicomSequence(items))
+        encoded = _encode_undefined(elem, _encodings(sr))[12:-8]  # the item alone
+        needle = _ui(_REF_INSTANCE, _SENTINEL_SUMMARY.sop_instance_uid)
+        at = _find_once(encoded, needle, "the summary image's UID")
+        return encoded[:at], encoded[at + len(needle) :]
 
     @staticmethod
     def _content_bytes(sr: Dataset) -> bytes:
@@ -345,19 +375,28 @@ class _ContentTemplate:
         out.append(blob[pos:])
         return tuple(out)
 
-    def fill(self, ident: Identity, findings: Sequence[Finding]) -> bytes:
-        """The content tree's bytes for one image."""
+    def fill(
+        self, ident: Identity, findings: Sequence[Finding], summary: ImageRef | None
+    ) -> bytes:
+        """The content tree's bytes for one image (referencing ``summary`` where given)."""
         src = ident.clean
         values = {
             "class": _ui(_REF_CLASS, str(src.SOPClassUID)),
             "inst": _ui(_REF_INSTANCE, str(src.SOPInstanceUID)),
             "summary": _summary(summary_text(findings)),
+            "image": b"" if summary is None else self._image(summary),
         }
         parts = [self.segments[0]]
         for slot, segment in zip(self.slots, self.segments[1:], strict=True):
             parts.append(self._value(slot, values, ident, findings))
             parts.append(segment)
         return b"".join(parts)
+
+    def _image(self, summary: ImageRef) -> bytes:
+        if summary.sop_class_uid != _SENTINEL_SUMMARY.sop_class_uid:
+            raise ReportError(f"SR template: a summary image of class {summary.sop_class_uid}")
+        uid = _ui(_REF_INSTANCE, summary.sop_instance_uid)
+        return self.image[0] + uid + self.image[1]
 
     def _value(
         self,
@@ -440,29 +479,43 @@ class ReportEncoder:
         stub.ContentSequence = hd.sr.ContentSequence([root.ContentSequence[0]])
         return stub
 
-    def encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
-        """The SR for one image; raises :class:`node.errors.ReportError`."""
+    def encode(
+        self,
+        source: Dataset,
+        findings: Sequence[Finding],
+        now: datetime,
+        summary: ImageRef | None = None,
+    ) -> EncodedSR:
+        """The SR for one image (referencing its ``summary`` image where given); raises
+        :class:`node.errors.ReportError`."""
         with library_errors(source.get("SOPInstanceUID", "a source")):
-            return self._encode(source, findings, now)
+            return self._encode(source, findings, now, summary)
 
-    def _encode(self, source: Dataset, findings: Sequence[Finding], now: datetime) -> EncodedSR:
+    def _encode(
+        self,
+        source: Dataset,
+        findings: Sequence[Finding],
+        now: datetime,
+        summary: ImageRef | None,
+    ) -> EncodedSR:
         self.prepare()
         labels = tuple(f.pathology for f in findings)
         if self._template is None or labels != self._template.labels:
-            sr = build_sr(source, findings, self.model, self.ctx, now)
+            sr = build_sr(source, findings, self.model, self.ctx, now, summary)
             return EncodedSR(encode_dataset(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
         ident = identify(source, self.model, self.ctx)
-        data = self._header_bytes(ident, now) + self._template.fill(ident, findings)
+        content = self._template.fill(ident, findings, summary)
+        data = self._header_bytes(ident, now, summary) + content
         return EncodedSR(data, ident.sop_instance_uid, ident.series_instance_uid)
 
-    def _header_bytes(self, ident: Identity, now: datetime) -> bytes:
+    def _header_bytes(self, ident: Identity, now: datetime, summary: ImageRef | None) -> bytes:
         """The encoded document header: highdicom's for the first source of its kind,
         then reused with this image's values."""
         key = _header_key(ident.clean, self.ctx)
         template = self._headers.get(key)
         if template is not None:
-            return template.write(ident, now)
-        header = document(ident, self._stub, self.model, self.ctx, now)
+            return template.write(ident, now, summary)
+        header = document(ident, self._stub, self.model, self.ctx, now, summary)
         if any(tag > _CONTENT_SEQUENCE for tag in header.keys()):
             raise ReportError("SR header has attributes after the Content Sequence")
         del header[_CONTENT_SEQUENCE]
@@ -488,11 +541,13 @@ class ReportEncoder:
             Finding(label, 0.3 + 0.4 * (i % 2) + i / 997, 0.5, i % 2 == 1)
             for i, label in enumerate(self.model.pathologies)
         ]
-        for n, now in enumerate((datetime(2001, 2, 3, 4, 5, 6), datetime(2002, 3, 4, 5, 6, 7))):
-            source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{n + 1}"  # the second reuses
+        summary = ImageRef(SecondaryCaptureImageStorage, "1.2.826.0.1.3680043.8.498.7", "1.2.8")
+        for n, ref in enumerate((None, summary, None)):
+            now = datetime(2001 + n, 2, 3, 4, 5, 6)
+            source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{n + 1}"  # later ones reuse
             source.PatientID = f"SELFCHECK{n}"  # the header of the first
-            fast = self.encode(source, findings, now).data
-            slow = encode_dataset(build_sr(source, findings, self.model, self.ctx, now))
+            fast = self.encode(source, findings, now, ref).data
+            slow = encode_dataset(build_sr(source, findings, self.model, self.ctx, now, ref))
             if comparable(fast) != comparable(slow):
                 return False
         self._headers.clear()
@@ -511,11 +566,20 @@ def _element(keyword: str, value: object) -> DataElement:
     return DataElement(tag, dictionary_VR(tag), value)
 
 
-def _evidence(clean: Dataset) -> bytes:
-    """The Current Requested Procedure Evidence item that lists the source image."""
-    sop = _ui(_REF_CLASS, str(clean.SOPClassUID)) + _ui(_REF_INSTANCE, str(clean.SOPInstanceUID))
-    series = _sequence(_REF_SOPS, [sop]) + _ui(_SERIES, str(clean.SeriesInstanceUID))
-    return _sequence(_REF_SERIES, [series]) + _ui(_STUDY, str(clean.StudyInstanceUID))
+def _evidence(clean: Dataset, summary: ImageRef | None) -> bytes:
+    """The Current Requested Procedure Evidence item that lists the source image (and the
+    summary image), grouped by series in that order as highdicom groups them."""
+    series: dict[str, list[bytes]] = {str(clean.SeriesInstanceUID): [_sop(clean)]}
+    if summary is not None:
+        ref = Dataset()
+        ref.SOPClassUID, ref.SOPInstanceUID = summary.sop_class_uid, summary.sop_instance_uid
+        series.setdefault(summary.series_instance_uid, []).append(_sop(ref))
+    items = [_sequence(_REF_SOPS, sops) + _ui(_SERIES, uid) for uid, sops in series.items()]
+    return _sequence(_REF_SERIES, items) + _ui(_STUDY, str(clean.StudyInstanceUID))
+
+
+def _sop(ds: Dataset) -> bytes:
+    return _ui(_REF_CLASS, str(ds.SOPClassUID)) + _ui(_REF_INSTANCE, str(ds.SOPInstanceUID))
 
 
 def comparable(data: bytes) -> dict[str, Any]:

@@ -14,9 +14,11 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from node.model import ModelInfo
 from node.report import (
+    ImageRef,
     ReportContext,
     clock_attributes,
     library_errors,
@@ -37,6 +39,13 @@ class EncodedSummary:
     data: bytes
     sop_instance_uid: str
     series_instance_uid: str
+
+    @property
+    def ref(self) -> ImageRef:
+        """The image as its SR references it."""
+        return ImageRef(
+            SecondaryCaptureImageStorage, self.sop_instance_uid, self.series_instance_uid
+        )
 
 
 def _orientation(source: Dataset) -> list[str] | None:

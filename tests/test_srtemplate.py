@@ -25,7 +25,7 @@ from test_report import (
 from node.dicomio import read_dataset
 from node.errors import ReportError
 from node.model import Finding, to_findings
-from node.report import build_sr
+from node.report import ImageRef, build_sr
 from node.srtemplate import ReportEncoder, comparable, encode_dataset
 
 
@@ -34,8 +34,11 @@ def encoder() -> ReportEncoder:
     return ReportEncoder(info(), CTX)
 
 
-def reference(src, findings, model=None, now=NOW) -> bytes:
-    return encode_dataset(build_sr(src, findings, model or info(), CTX, now))
+def reference(src, findings, model=None, now=NOW, summary=None) -> bytes:
+    return encode_dataset(build_sr(src, findings, model or info(), CTX, now, summary))
+
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def test_the_template_is_used_and_agrees_on_the_shared_images(encoder):
@@ -69,9 +72,10 @@ _score = st.one_of(
     name=st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=20)),
     age=st.sampled_from([None, "045Y", "81", "012M"]),
     accession=st.one_of(st.none(), st.from_regex(r"[A-Z0-9]{1,16}", fullmatch=True)),
+    summary=st.one_of(st.none(), st.tuples(_uid, st.one_of(st.none(), _uid))),
 )
 def test_fast_equals_highdicom_for_generated_inputs(
-    encoder, scores, sop, study, sop_class, name, age, accession
+    encoder, scores, sop, study, sop_class, name, age, accession, summary
 ):
     assert encoder.fast  # else this compares highdicom with itself
     src = read_dataset(NIH, stop_before_pixels=True)
@@ -84,13 +88,16 @@ def test_fast_equals_highdicom_for_generated_inputs(
     if accession is not None:
         src.AccessionNumber = accession
     findings = to_findings(np.array(scores, dtype=np.float32), info())
+    ref = None  # the summary image: in a series of its own, or (None) in the source's
+    if summary is not None:
+        ref = ImageRef(SC, summary[0], summary[1] or str(src.SeriesInstanceUID))
     try:
-        expected = reference(src, findings)
+        expected = reference(src, findings, summary=ref)
     except ReportError:
         with pytest.raises(ReportError):
-            encoder.encode(src, findings, NOW)
+            encoder.encode(src, findings, NOW, ref)
         return
-    assert comparable(encoder.encode(src, findings, NOW).data) == comparable(expected)
+    assert comparable(encoder.encode(src, findings, NOW, ref).data) == comparable(expected)
 
 
 def test_unexpected_labels_take_highdicoms_path(encoder):

@@ -24,6 +24,8 @@ from node.summary import banner_height, render
 from node.summarysc import SUMMARY_SERIES_DESCRIPTION, build_summary, encode_summary
 from node.uids import summary_instance_uid
 
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
 CTX = ReportContext(uid_root="1.2.826.0.1.3680043.8.498.", device_name="CXR_NODE")
 NOW = datetime(2026, 11, 28, 12, 0, 0)
 
@@ -264,8 +266,54 @@ def test_a_summary_image_that_cannot_be_built_leaves_the_sr(tmp_path, weights_di
     drain(Worker(spool, load_classifier(cfg.model), cfg), Delivery(spool, cfg, dest))
     [job] = spool.jobs()
     assert job.state == "sent" and len(dest.sent) == 1
-    assert pydicom.dcmread(BytesIO(dest.sent[0])).SOPInstanceUID == job.sr_uid
+    sr = pydicom.dcmread(BytesIO(dest.sent[0]))
+    assert sr.SOPInstanceUID == job.sr_uid
+    assert _summary_refs(sr) == []  # no reference to an image that does not exist
+    [study] = sr.CurrentRequestedProcedureEvidenceSequence
+    assert [s.SeriesInstanceUID for s in study.ReferencedSeriesSequence] == [ds.SeriesInstanceUID]
     spool.close()
+
+
+def _summary_refs(sr: pydicom.Dataset) -> list[str]:
+    """The SOP Instance UIDs the SR's "Illustration of ROI" items reference."""
+    from sr_tree import content_items
+
+    return [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in content_items(sr)
+        if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121200"
+    ]
+
+
+def test_the_sr_references_its_summary_image_and_lists_it_as_evidence(tmp_path, classifier):
+    from node.pipeline import analyze
+    from node.srtemplate import ReportEncoder
+    from node.summarize import Summarizer
+
+    src = pydicom.dcmread(NIH)
+    info = classifier.info
+    fast, slow = ReportEncoder(info, CTX), ReportEncoder(info, CTX, verify=False)
+    slow._built = True  # its template never built: highdicom builds every SR
+    summaries = Summarizer(info, CTX, classifier.class_weights())
+    for reports in (fast, slow):
+        [out] = analyze([src], classifier, reports, NOW, summaries)
+        assert out.summary is not None
+        sr = pydicom.dcmread(BytesIO(out.sr.data))
+        assert _summary_refs(sr) == [out.summary.sop_instance_uid]
+        [study] = sr.CurrentRequestedProcedureEvidenceSequence
+        listed = {
+            (series.SeriesInstanceUID, ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID)
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        summary = (out.summary.series_instance_uid, SC, out.summary.sop_instance_uid)
+        assert listed == {(src.SeriesInstanceUID, src.SOPClassUID, src.SOPInstanceUID), summary}
+    assert fast.fast
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(out.sr.data)
+    assert _dciodvfy_errors(path) == []
 
 
 def test_per_job_outcomes_from_the_objects_answered():

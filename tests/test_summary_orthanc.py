@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import NIH, chest_images, free_port, wait_for
+from test_summary import _summary_refs
 
 from node.summary import banner_height
 
@@ -48,7 +49,12 @@ def test_orthanc_renders_the_summary_image_beside_the_sr(orthanc_factory, node_f
         return found if len(found) == 2 else None
 
     ids = wait_for(lambda: instances("OT"), 90, "both summary images to reach Orthanc")
-    wait_for(lambda: instances("SR"), 30, "both SRs to reach Orthanc")
+    srs = wait_for(lambda: instances("SR"), 30, "both SRs to reach Orthanc")
+    summary_uids = set()
+    for instance in srs:  # each SR references its summary image, which Orthanc holds
+        sr = pydicom.dcmread(BytesIO(orthanc.rest.file(instance)))
+        [uid] = _summary_refs(sr)
+        summary_uids.add(uid)
     shapes = {}
     for instance in ids:
         sc = pydicom.dcmread(BytesIO(orthanc.rest.file(instance)))
@@ -60,9 +66,11 @@ def test_orthanc_renders_the_summary_image_beside_the_sr(orthanc_factory, node_f
         image = Image.open(BytesIO(png))
         image.load()
         shapes[source] = image.size
+        summary_uids.discard(sc.SOPInstanceUID)
         assert image.size == (sc.Columns, sc.Rows)
         pixels = np.asarray(image.convert("RGB")).astype(int)
         band = pixels[: banner_height(sc.Columns, sc.Rows)]
         assert (band[..., 0] - band[..., 1] > 100).mean() > 0.5  # the red UNTRAINED banner
         assert (band.min(axis=2) > 200).sum() > 50  # with its text in white
     assert shapes == {square.SOPInstanceUID: (1024, 1024), wide.SOPInstanceUID: (1024, 700)}
+    assert summary_uids == set()  # every referenced summary image is in Orthanc
