@@ -402,31 +402,41 @@ def display_shape(height: int, width: int, longest: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _display(ds: Dataset, grey: _Grey, longest: int) -> npt.NDArray[np.uint8]:
-    """The whole image as the model saw it, area-averaged down to ``longest`` pixels on its
-    long side first (the scaling is elementwise), then mapped from [-1024, 1024] to 0..255."""
+def _display(ds: Dataset, grey: _Grey, shape: tuple[int, int]) -> FloatArray:
+    """The whole image as the model saw it, area-averaged down to ``shape`` first (the
+    scaling is elementwise), in [-1024, 1024]."""
     from PIL import Image
 
-    height, width = grey.data.shape
-    shape = display_shape(height, width, longest)
     data = np.asarray(grey.data, dtype=np.float32)
-    if shape != (height, width):
-        small = Image.fromarray(data).resize(shape[::-1], Image.Resampling.BOX)
-        data = np.asarray(small, dtype=np.float32)
-    img = _scaled(ds, grey, data)
-    out = (img + np.float32(XRV_RANGE)) * np.float32(255.0 / (2 * XRV_RANGE))
-    shown: npt.NDArray[np.uint8] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return shown
+    small = Image.fromarray(data).resize(shape[::-1], Image.Resampling.BOX)
+    return _scaled(ds, grey, np.asarray(small, dtype=np.float32))
+
+
+def _grey_levels(img: FloatArray) -> npt.NDArray[np.uint8]:
+    """[-1024, 1024] mapped to 0..255, rounded."""
+    scale = np.float32(255.0 / (2 * XRV_RANGE))
+    out = np.multiply(img, scale, dtype=np.float32)
+    out += np.float32(XRV_RANGE) * scale + np.float32(0.5)
+    np.clip(out, 0.0, 255.0, out=out)
+    return out.astype(np.uint8)
 
 
 def preprocess(ds: Dataset, size: int = INPUT_SIZE, display_max: int | None = None) -> Preprocessed:
     """Turn a dataset into the model's input; raises :class:`PreprocessError`. With
-    ``display_max``, also the image as the model saw it, for the summary image."""
+    ``display_max``, also the image as the model saw it, for the summary image (scaled
+    once for both where it needs no downscaling: the scaling is elementwise)."""
     steps: list[str] = []
     grey = _grey(ds, steps)
     if grey.data.ndim != 2 or min(grey.data.shape) < 2:
         raise PreprocessError(f"{_uid(ds)}: image of shape {grey.data.shape} is not a 2-D image")
-    square = _scaled(ds, grey, centre_crop(grey.data))
-    geometry = crop_geometry(grey.data.shape[0], grey.data.shape[1], size)
-    display = None if display_max is None else _display(ds, grey, display_max)
+    height, width = grey.data.shape
+    geometry = crop_geometry(height, width, size)
+    if display_max is None:
+        square, display = _scaled(ds, grey, centre_crop(grey.data)), None
+    elif (shape := display_shape(height, width, display_max)) == (height, width):
+        whole = _scaled(ds, grey, grey.data)
+        square, display = centre_crop(whole), _grey_levels(whole)
+    else:
+        square = _scaled(ds, grey, centre_crop(grey.data))
+        display = _grey_levels(_display(ds, grey, shape))
     return Preprocessed(resize_square(square, size), tuple(steps), geometry, display)

@@ -87,20 +87,35 @@ def overlay_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return max(1, -(-shape[0] // OVERLAY_STEP)), max(1, -(-shape[1] // OVERLAY_STEP))
 
 
-def _overlay(heats: Sequence[HeatMap]) -> npt.NDArray[np.uint8]:
-    """The heat maps, each in its colour, composited over one another (RGBA)."""
+def _overlay(heats: Sequence[HeatMap]) -> tuple[RGBArray, npt.NDArray[np.uint8]]:
+    """The heat maps, each in its colour, composited over one another ("over"): the colour
+    and the opacity, apart. Where no map is drawn the colour is that of the map strongest
+    there, so that upscaling the two apart blends no black in."""
     shape = heats[0].values.shape
-    rgb = np.zeros((*shape, 3), dtype=np.float32)
+    rgb = np.zeros((3, *shape), dtype=np.float32)  # premultiplied, channels first
     alpha = np.zeros(shape, dtype=np.float32)
-    for heat, colour in zip(heats, COLOURS, strict=False):
+    strongest = np.full(shape, -1.0, dtype=np.float32)
+    fallback = np.zeros(shape, dtype=np.int64)
+    for n, heat in enumerate(heats):
         if heat.values.shape != shape:
             raise ValueError(f"heat maps of shapes {heat.values.shape} and {shape}")
-        a = heat_alpha(heat.values).astype(np.float32)[..., None] / 255.0
-        rgb = rgb * (1.0 - a) + np.asarray(colour, dtype=np.float32) * a  # "over", premultiplied
-        alpha = alpha * (1.0 - a[..., 0]) + a[..., 0]
-    straight = rgb / np.maximum(alpha, 1e-6)[..., None]
-    out = np.dstack([straight, alpha * 255.0])
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        a = heat_alpha(heat.values).astype(np.float32) * np.float32(1.0 / 255.0)
+        rgb *= 1.0 - a
+        for channel, value in zip(rgb, COLOURS[n], strict=True):
+            channel += np.float32(value) * a
+        alpha *= 1.0 - a
+        alpha += a
+        relative = heat.values * np.float32(1.0 / max(float(heat.values.max(initial=0.0)), 1e-12))
+        wins = relative > strongest
+        np.copyto(strongest, relative, where=wins)
+        np.copyto(fallback, n, where=wins)
+    palette = np.asarray(COLOURS[: len(heats)], dtype=np.float32)[fallback]  # h x w x 3
+    straight = rgb.transpose(1, 2, 0) / np.maximum(alpha, np.float32(1e-6))[..., None]
+    colours = np.where((alpha > 0.0)[..., None], straight, palette)
+    return (
+        np.clip(colours + np.float32(0.5), 0, 255).astype(np.uint8),
+        np.clip(alpha * np.float32(255.0) + np.float32(0.5), 0, 255).astype(np.uint8),
+    )
 
 
 def render(display: npt.NDArray[np.uint8], heats: Sequence[HeatMap], untrained: bool) -> RGBArray:
@@ -114,6 +129,10 @@ def render(display: npt.NDArray[np.uint8], heats: Sequence[HeatMap], untrained: 
 
     pil = Image.fromarray(display).convert("RGB")
     if heats:
-        over = Image.fromarray(_overlay(heats)).resize(pil.size, Image.Resampling.BILINEAR)
-        pil.paste(over, (0, 0), over)  # its alpha as the mask: "over" the image
+        colours, alpha = _overlay(heats)
+        # Scaled apart: the opacity smoothly; the colour, which changes only slowly (where
+        # maps overlap), as cells (a fifth of the time, and no premultiplying).
+        tint = Image.fromarray(colours).resize(pil.size, Image.Resampling.NEAREST)
+        mask = Image.fromarray(alpha).resize(pil.size, Image.Resampling.BILINEAR)
+        pil = Image.composite(tint, pil, mask)
     return _annotate(pil, heats, untrained)

@@ -135,6 +135,11 @@ def test_preprocess_records_the_crop_and_the_display_only_when_asked():
     np.testing.assert_array_equal(shown.array, plain.array)
     assert shown.display is not None and max(shown.display.shape) == 512
     assert shown.display.dtype == np.uint8 and shown.display.std() > 10
+    whole = preprocess(ds, display_max=1024)  # no downscaling: scaled once for both
+    np.testing.assert_array_equal(whole.array, plain.array)
+    assert whole.display is not None and whole.display.shape == (ds.Rows, ds.Columns)
+    halved = whole.display.reshape(512, 2, 512, 2).mean(axis=(1, 3))
+    assert np.abs(halved - shown.display).max() <= 1.0  # the same image, at two sizes
 
 
 # -- the pixels -------------------------------------------------------------------------------
@@ -161,6 +166,25 @@ def test_render_draws_heat_legend_and_the_untrained_banner():
     trained = render(grey, [heat], untrained=False)
     assert (trained[: banner_height(400, 300), :, 0] < 100).mean() > 0.5  # dark, not red
     assert (out[-20:, 30:150].min(axis=2) > 100).any()  # the legend's text
+
+
+def test_heat_is_blended_in_its_own_colour_up_to_its_fringe():
+    """Colour and opacity are upscaled apart: where the opacity fades out, the colour must
+    still be the map's (a black colour there would darken the image around each map)."""
+    from node.summary import COLOURS, HeatMap, overlay_shape
+
+    grey = np.full((512, 512), 128, np.uint8)
+    cam = np.zeros((7, 7), np.float32)
+    cam[2:5, 2:5] = 1.0
+    g = crop_geometry(512, 512)
+    maps = [HeatMap(f"f{n}", 0.9, map_to_display(np.roll(cam, n, 1), g, overlay_shape((512, 512))))
+            for n in range(2)]
+    for heats in (maps[:1], maps):
+        out = render(grey, heats, untrained=False)[40:-80].astype(int)  # no banner, legend
+        assert (out[..., 0] >= 127).all()  # red and yellow only ever add red over grey
+        assert (out[..., 2] <= 129).all()  # and take blue away, never add it
+    colours = {tuple(c) for c in out.reshape(-1, 3)}
+    assert tuple(COLOURS[0]) not in colours  # never the bare colour: blended at most 55 %
 
 
 # -- (c) the Secondary Capture ---------------------------------------------------------------
