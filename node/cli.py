@@ -358,7 +358,7 @@ def _delivery_lines(cfg: NodeConfig, spool: Spool) -> list[str]:
     d = cfg.destination
     counts = spool.counts()
     state = read_state(spool.root, f"{d.ae_title}@{d.host}:{d.port}")
-    return state.lines(counts["classified"], counts["dead"])
+    return state.lines(counts["classified"], counts["dead"], spool.notice_counts())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -43,7 +43,10 @@ from node.wire import split_part10
 log = logging.getLogger(__name__)
 
 BATCH = 64
-"""SRs sent per round, over one association (a few KiB each)."""
+"""SRs sent per round at most, over one association (a few KiB each)."""
+BATCH_BYTES = 32 * 2**20
+"""Bytes read and sent per round at most (summary images are ~3 MiB each), beyond its first
+job: after an outage a round must not read hundreds of MiB into memory."""
 STATE_FILE = "delivery.json"
 
 
@@ -58,6 +61,30 @@ def dead_letter_due(
     """Whether an SR refused by status ``attempts`` times, first at ``failing_since``, is
     given up on at ``now``: only when both the attempts and the window are spent."""
     return attempts >= max_attempts and now - failing_since >= retry_for
+
+
+def stored_bytes(job: Job) -> int:
+    """The size of the job's SR and summary image files (0 for those that cannot be read:
+    reading them fails the job, as it should)."""
+    total = 0
+    for path in () if job.report is None else (job.report, summary_path(job.report)):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def within_bytes(jobs: Sequence[Job], budget: int) -> list[Job]:
+    """The first jobs whose files together stay within ``budget`` bytes (at least one)."""
+    chosen: list[Job] = []
+    total = 0
+    for job in jobs:
+        total += stored_bytes(job)
+        if chosen and total > budget:
+            break
+        chosen.append(job)
+    return chosen
 
 
 def per_job(loaded: Sequence[tuple[Job, Sequence[Encoded]]], failures: Sequence[str]) -> list[str]:
@@ -117,7 +144,7 @@ class DestinationState:
     reason: str = ""  # why it is unreachable
     refused: dict[str, int] = field(default_factory=dict)  # C-STOREs our SCP refused
 
-    def lines(self, pending: int, dead: int) -> list[str]:
+    def lines(self, pending: int, dead: int, notices: dict[str, int] | None = None) -> list[str]:
         when = datetime.fromtimestamp(self.since).isoformat(sep=" ", timespec="seconds")
         if self.up is None:
             where = "not contacted yet"
@@ -126,9 +153,12 @@ class DestinationState:
         else:
             where = f"unreachable since {when} ({self.reason})"
         refused = ", ".join(f"{s} x{n}" for s, n in sorted(self.refused.items())) or "none"
+        n = notices or {}
         return [
             f"destination {self.name}: {where}",
             f"SRs pending: {pending} (dead-lettered: {dead})",
+            f"not-analysed notices pending: {n.get('pending', 0)} (dead-lettered: "
+            f"{n.get('dead', 0)}, unreadable: {n.get('failed', 0)})",
             f"C-STOREs refused by the node's SCP: {refused}",
         ]
 
@@ -240,7 +270,8 @@ class Delivery:
     # -- one round ---------------------------------------------------------------------------
     def step(self, stop: threading.Event | None = None) -> int:
         """Probe the destination if it is down and a probe is due; send every due SR (up to
-        :data:`BATCH`) over one association. Returns the SRs given an outcome."""
+        :data:`BATCH` and :data:`BATCH_BYTES`) over one association. Returns the SRs given
+        an outcome."""
         now = self.clock()
         self._note_refused()
         if self.state.up is False and (now < self._next_probe or not self._probe(now)):
@@ -250,6 +281,7 @@ class Delivery:
             if self.state.up is None:  # say early whether the destination can be reached
                 self._probe(now)
             return 0
+        jobs = within_bytes(jobs, BATCH_BYTES)
         loaded = [(job, e) for job in jobs if (e := self._load(job)) is not None]
         if loaded:
             self._send(loaded, now, stop)

@@ -15,8 +15,13 @@ log = logging.getLogger(__name__)
 class _JobsCollector(Collector):
     """Reads job counts by state from the spool at scrape time (no stale gauges)."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[str, int]],
+        notices: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self._counts = counts
+        self._notices = notices
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self._counts()
@@ -29,6 +34,12 @@ class _JobsCollector(Collector):
             "SRs waiting for delivery (jobs classified, not yet sent)",
             value=counts.get("classified", 0),
         )
+        if self._notices is not None:
+            yield GaugeMetricFamily(
+                "cxr_node_notice_pending",
+                "Not-analysed notices waiting for delivery",
+                value=self._notices().get("pending", 0),
+            )
 
 
 class Metrics:
@@ -103,8 +114,13 @@ class Metrics:
                     out[status] = int(sample.value)
         return out
 
-    def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_JobsCollector(counts))
+    def watch_jobs(
+        self,
+        counts: Callable[[], dict[str, int]],
+        notices: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        """Job counts by state (and notices by delivery state), read at scrape time."""
+        self.registry.register(_JobsCollector(counts, notices))
 
     def serve(self, address: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port."""

@@ -100,7 +100,7 @@ class NodeService:
 
         cfg = self.cfg
         self.metrics = Metrics()
-        self.metrics.watch_jobs(self.spool.counts)
+        self.metrics.watch_jobs(self.spool.counts, self.spool.notice_counts)
         self.metrics.model_trained.set(1 if self.classifier.info.trained else 0)
         if cfg.metrics.enabled:
             self.metrics_port = self.metrics.serve(cfg.metrics.bind_address, cfg.metrics.port)

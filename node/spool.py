@@ -328,6 +328,16 @@ class Spool:
         out.update({str(s): int(n) for s, n in rows})
         return out
 
+    def notice_counts(self) -> dict[str, int]:
+        """Not-analysed notices by delivery state: pending, sent, dead, failed."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT notice, COUNT(*) FROM jobs WHERE notice != '' GROUP BY notice"
+            ).fetchall()
+        out = dict.fromkeys(("pending", "sent", "dead", "failed"), 0)
+        out.update({str(s): int(n) for s, n in rows})
+        return out
+
     # -- transitions ---------------------------------------------------------------------
     def _update(self, job_id: int, **fields: object) -> None:
         fields["updated"] = time.time()

@@ -28,9 +28,12 @@ HOUR = 3600.0
 REFUSED = "C-STORE of 1.2.3 to PACS: C-STORE failed with status 0xA700 out of resources"
 
 
-def _sr_file(path: Path) -> str:
-    """A small SR as the node stores it: a Part 10 file, Explicit VR Little Endian."""
+def _sr_file(path: Path, pixels: int = 0) -> str:
+    """A small SR as the node stores it: a Part 10 file, Explicit VR Little Endian (with
+    ``pixels`` bytes of Pixel Data: a stand-in for an image of that size)."""
     ds = Dataset()
+    if pixels:
+        ds.BitsAllocated, ds.PixelData = 8, bytes(pixels)
     ds.SOPClassUID = ComprehensiveSRStorage
     ds.SOPInstanceUID = generate_uid()
     ds.Modality = "SR"
@@ -142,6 +145,25 @@ def test_the_probe_sends_every_pending_sr_at_once_when_the_destination_answers(s
     assert delivery.step() == 64 and dest.associations == 1  # probed, and a full batch sent
     assert delivery.step() == 6 and dest.associations == 2
     assert spool.counts()["sent"] == 70
+
+
+def test_a_round_reads_a_bounded_number_of_bytes_summary_images_included(spool, monkeypatch):
+    import node.delivery
+    from node.spool import summary_path
+
+    files = _classified(spool, 6)
+    for path in files[:3]:  # three jobs with a (stand-in) summary image of 3 MiB
+        _sr_file(summary_path(path), pixels=3 * 2**20)
+    monkeypatch.setattr(node.delivery, "BATCH_BYTES", 5 * 2**20)
+    dest = Recorder()
+    delivery = Delivery(spool, _cfg(), dest, clock=Clock())
+    sent = []
+    while n := delivery.step():
+        sent.append((n, len(dest.sent)))
+    # one job with its image (the first of a round always goes), then one more image would
+    # pass 5 MiB; the last three SRs are small and go together
+    assert sent == [(1, 2), (1, 4), (4, 9)] and dest.associations == 3
+    assert spool.counts()["sent"] == 6
 
 
 def test_an_sr_lost_in_flight_goes_to_the_back_of_the_line_uncounted(spool):

@@ -159,3 +159,25 @@ def test_an_image_the_scp_refused_gets_no_notice(tmp_path):
     finally:
         server.shutdown()
         full.close()
+
+
+def test_notices_pending_and_dead_show_in_status_and_metrics(spool):
+    """`cxr-node status` and /metrics count the notices still owed, not only findings SRs."""
+    from prometheus_client import generate_latest
+
+    from node.delivery import read_state
+    from node.metrics import Metrics
+
+    _store(spool, _variant("8", ViewPosition="LL"))
+    _store(spool, _variant("9", ViewPosition="LL"))
+    from node.errors import Unreachable
+
+    dest = Recorder()
+    dest.down = Unreachable("connection refused")
+    _run(spool, _cfg(), dest)  # both notices built, neither delivered
+    assert spool.notice_counts() == {"pending": 2, "sent": 0, "dead": 0, "failed": 0}
+    lines = read_state(spool.root, "PACS").lines(0, 0, spool.notice_counts())
+    assert "not-analysed notices pending: 2 (dead-lettered: 0, unreadable: 0)" in lines
+    metrics = Metrics()
+    metrics.watch_jobs(spool.counts, spool.notice_counts)
+    assert b"cxr_node_notice_pending 2.0" in generate_latest(metrics.registry)
