@@ -266,7 +266,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     outputs = Outputs(opts, classifier.info.pathologies, sys.stdout)
     summaries = None
     if args.summary_dir is not None:  # asked for: whatever report.summary_image says
-        summaries = summarizer(classifier, context)
+        summaries = summarizer(classifier, context, cfg.report.summary_compression)
     run = Run(cfg, classifier, reports, opts, outputs, summaries)
     bar = tqdm(
         total=count_inputs(args.paths, args.recursive),

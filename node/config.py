@@ -278,6 +278,7 @@ class ReportConfig(_Section):
     sr_dir: Path | None = None
     not_analyzed_notice: bool = True
     summary_image: bool = True
+    summary_compression: Literal["jpeg", "none"] = "jpeg"
 
     @field_validator("uid_root")
     @classmethod

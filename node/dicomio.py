@@ -103,3 +103,20 @@ def split_encoded(data: bytes, where: str) -> Encoded:
         str(header.file_meta.TransferSyntaxUID),
         data[offset:],
     )
+
+
+def uncompressed(e: Encoded) -> Encoded:
+    """``e`` decompressed to Explicit VR Little Endian (YBR colour as RGB), for a peer that
+    refuses its compressed transfer syntax; raises :class:`PreprocessError`."""
+    from node.wire import file_meta_bytes
+
+    where = f"{e.sop_instance_uid} ({UID(e.transfer_syntax).name})"
+    meta = file_meta_bytes(e.sop_class_uid, e.sop_instance_uid, e.transfer_syntax)
+    ds = read_dataset(meta + e.dataset, where=where)
+    try:
+        ds.decompress(as_rgb=True, generate_instance_uid=False)  # the same object
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        raise PreprocessError(f"{where}: cannot decompress: {exc}") from exc
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return split_encoded(buf.getvalue(), where)

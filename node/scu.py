@@ -29,8 +29,8 @@ from node.assocwords import (
     titles,
     unknown_host,
 )
-from node.dicomio import Encoded
-from node.errors import ConfigError, ContextsRefused, SendError, Unreachable
+from node.dicomio import Encoded, uncompressed
+from node.errors import ConfigError, ContextsRefused, PreprocessError, SendError, Unreachable
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
 
 log = logging.getLogger(__name__)
@@ -292,13 +292,18 @@ def store_encoded(
     peer: Peer, items: Sequence[Encoded], stop: Callable[[], bool] = lambda: False
 ) -> BatchResult:
     """C-STORE every object as it is encoded (its bytes, no decode or re-encode) over ONE
-    association, proposing exactly each object's (SOP Class, Transfer Syntax); each response
-    is checked. Stops early, with the rest unsent, once ``stop()`` is true.
+    association, proposing exactly each object's (SOP Class, Transfer Syntax), and for a
+    compressed one also Explicit VR Little Endian: an object whose compressed syntax the
+    peer refuses goes decompressed. Each response is checked. Stops early, with the rest
+    unsent, once ``stop()`` is true.
 
     Raises :class:`Unreachable` when no association can be had, and
     :class:`ContextsRefused` when the peer takes none of the objects' contexts.
     """
     contexts = sorted({(e.sop_class_uid, e.transfer_syntax) for e in items})
+    contexts += sorted(  # and uncompressed beside each compressed one, for a fallback
+        {(c, ExplicitVRLittleEndian) for c, t in contexts if UID(t).is_compressed} - set(contexts)
+    )
     failures: list[str] = []
     with associate(peer, [(c, [t]) for c, t in contexts]) as assoc, reactor_paused(assoc):
         for msg_id, e in enumerate(items, start=1):
@@ -317,11 +322,31 @@ def _store_one(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
     try:
         status = send_encoded(assoc, e, msg_id)
     except ValueError as exc:  # this (class, syntax) refused while others were accepted
+        if UID(e.transfer_syntax).is_compressed:
+            return _store_uncompressed(assoc, e, msg_id)
         refused = Dataset()
         refused.Status = CANNOT_UNDERSTAND
         refused.ErrorComment = f"presentation context refused by the peer: {exc}"
         return refused
     return status if "Status" in status else None
+
+
+def _store_uncompressed(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
+    """The peer refused ``e``'s compressed transfer syntax: send it decompressed (a summary
+    image to a PACS without JPEG), or a failure status saying why not."""
+    try:
+        plain = uncompressed(e)
+    except PreprocessError as exc:
+        failed = Dataset()
+        failed.Status = CANNOT_UNDERSTAND
+        failed.ErrorComment = f"its transfer syntax was refused and {exc}"
+        return failed
+    log.info(
+        "%s: the peer refused %s: sent uncompressed",
+        e.sop_instance_uid,
+        UID(e.transfer_syntax).name,
+    )
+    return _store_one(assoc, plain, msg_id)
 
 
 def _answer(status: Dataset, what: str) -> str:

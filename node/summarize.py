@@ -27,11 +27,16 @@ class Summarizer:
     """Builds summary images for one model (its classifier weights) and report context."""
 
     def __init__(
-        self, model: ModelInfo, ctx: ReportContext, weights: npt.NDArray[np.float32]
+        self,
+        model: ModelInfo,
+        ctx: ReportContext,
+        weights: npt.NDArray[np.float32],
+        compression: str = "jpeg",
     ) -> None:
         self.model = model
         self.ctx = ctx
         self.weights = weights
+        self.compression = compression
 
     def heat_maps(
         self,
@@ -62,4 +67,4 @@ class Summarizer:
         shape = overlay_shape((int(display.shape[0]), int(display.shape[1])))
         heats = self.heat_maps(geometry, shape, findings, features)
         pixels = render(display, heats, untrained=not self.model.trained)
-        return encode_summary(source, pixels, self.model, self.ctx, now)
+        return encode_summary(source, pixels, self.model, self.ctx, now, self.compression)

@@ -14,7 +14,12 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+)
 
 from node.model import ModelInfo
 from node.report import (
@@ -27,6 +32,12 @@ from node.report import (
 )
 from node.srtemplate import encode_dataset
 from node.uids import summary_instance_uid, summary_series_uid
+
+SYNTAXES: dict[str, tuple[UID, str]] = {
+    "jpeg": (JPEGBaseline8Bit, "YBR_FULL_422"),  # encoded by highdicom (Pillow), quality 95
+    "none": (ExplicitVRLittleEndian, "RGB"),
+}
+"""``report.summary_compression`` -> (transfer syntax, photometric interpretation)."""
 
 SUMMARY_SERIES_NUMBER = 9902
 SUMMARY_SERIES_DESCRIPTION = "AI CXR summary, not for diagnosis"
@@ -69,14 +80,17 @@ def build_summary(
     model: ModelInfo,
     ctx: ReportContext,
     now: datetime,
+    compression: str = "jpeg",
 ) -> Dataset:
     """The Secondary Capture of the RGB ``pixels`` (``rows x columns x 3``) summarising
-    ``source``; raises :class:`ReportError`."""
+    ``source``, compressed as :data:`SYNTAXES` says; raises :class:`ReportError`."""
+    syntax, photometric = SYNTAXES[compression]
     with library_errors(source.get("SOPInstanceUID", "a source")):
         clean, _dropped = sanitized_source(source)  # the SR's build logs what was dropped
         sc = hd.sc.SCImage(
             pixel_array=np.ascontiguousarray(pixels),
-            photometric_interpretation="RGB",
+            photometric_interpretation=photometric,
+            transfer_syntax_uid=syntax,
             bits_allocated=8,
             coordinate_system="PATIENT",
             study_instance_uid=clean.StudyInstanceUID,
@@ -99,7 +113,18 @@ def build_summary(
             patient_orientation=("A", "F"),  # replaced by the source's own, below
         )
         _stamp(sc, source, clean, model, ctx, now)
+        if syntax == JPEGBaseline8Bit:
+            _lossy(sc)
         return sc
+
+
+def _lossy(sc: Dataset) -> None:
+    """General Image's lossy compression attributes (C.7.6.1.1.5): what a viewer shows to
+    say the pixels are not the original ones."""
+    raw = int(sc.Rows) * int(sc.Columns) * int(sc.SamplesPerPixel)
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionRatio = [f"{raw / max(1, len(sc.PixelData)):.2f}"]
+    sc.LossyImageCompressionMethod = ["ISO_10918_1"]
 
 
 def _stamp(
@@ -147,6 +172,7 @@ def encode_summary(
     model: ModelInfo,
     ctx: ReportContext,
     now: datetime,
+    compression: str = "jpeg",
 ) -> EncodedSummary:
-    sc = build_summary(source, pixels, model, ctx, now)
+    sc = build_summary(source, pixels, model, ctx, now, compression)
     return EncodedSummary(encode_dataset(sc), str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID))

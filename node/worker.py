@@ -60,9 +60,9 @@ def report_context(cfg: NodeConfig) -> ReportContext:
     )
 
 
-def summarizer(classifier: Classifier, ctx: ReportContext) -> Summarizer:
-    """The summary images' builder for ``classifier``'s images."""
-    return Summarizer(classifier.info, ctx, classifier.class_weights())
+def summarizer(classifier: Classifier, ctx: ReportContext, compression: str) -> Summarizer:
+    """The summary images' builder for ``classifier``'s images (``report.summary_compression``)."""
+    return Summarizer(classifier.info, ctx, classifier.class_weights(), compression)
 
 
 class Worker:
@@ -85,7 +85,11 @@ class Worker:
         self.watchdog = watchdog
         self.context = report_context(cfg)
         self.reports = ReportEncoder(classifier.info, self.context)
-        self.summaries = summarizer(classifier, self.context) if cfg.report.summary_image else None
+        self.summaries = (
+            summarizer(classifier, self.context, cfg.report.summary_compression)
+            if cfg.report.summary_image
+            else None
+        )
 
     # -- classification ------------------------------------------------------------------
     def _fail(self, job: Job, exc: NodeError, ds: Dataset | None = None) -> None:

@@ -8,12 +8,22 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
 from helpers import Recorder, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
@@ -184,11 +194,12 @@ def test_an_sr_lost_in_flight_goes_to_the_back_of_the_line_uncounted(spool):
     assert delivery.state.up is False and files[1].exists()
 
 
-@pytest.fixture
-def pacs() -> Iterator[dict[str, object]]:
+@contextmanager
+def _pacs(*sc_syntaxes: str) -> Iterator[dict[str, object]]:
     """An in-process pynetdicom Storage SCP: counts associations, keeps the data set bytes
-    of every C-STORE as received, answers 0xA700 for SOP Instance UIDs in ``refuse``."""
-    seen: dict[str, object] = {"associations": 0, "received": {}, "refuse": set()}
+    of every C-STORE as received, answers 0xA700 for SOP Instance UIDs in ``refuse``; takes
+    SRs, and Secondary Captures in ``sc_syntaxes``."""
+    seen: dict[str, object] = {"associations": 0, "received": {}, "refuse": set(), "syntax": {}}
     lock = threading.Lock()
 
     def accepted(_event: evt.Event) -> None:
@@ -197,14 +208,17 @@ def pacs() -> Iterator[dict[str, object]]:
 
     def stored(event: evt.Event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
-        received = seen["received"]
-        assert isinstance(received, dict)
+        received, syntax = seen["received"], seen["syntax"]
+        assert isinstance(received, dict) and isinstance(syntax, dict)
         received[uid] = event.request.DataSet.getvalue()
+        syntax[uid] = str(event.context.transfer_syntax)
         return 0xA700 if uid in seen["refuse"] else 0x0000  # type: ignore[operator]
 
     ae = AE(ae_title="PACS")
     ae.require_called_aet = True
     ae.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    if sc_syntaxes:
+        ae.add_supported_context(SecondaryCaptureImageStorage, list(sc_syntaxes))
     ae.add_supported_context(Verification)
     port = free_port()
     server = ae.start_server(
@@ -213,8 +227,55 @@ def pacs() -> Iterator[dict[str, object]]:
         evt_handlers=[(evt.EVT_ACCEPTED, accepted), (evt.EVT_C_STORE, stored)],
     )
     seen["port"] = port
-    yield seen
-    server.shutdown()
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def pacs() -> Iterator[dict[str, object]]:
+    with _pacs() as seen:
+        yield seen
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("takes_jpeg", [True, False])
+def test_a_jpeg_summary_goes_as_stored_or_decompressed_to_a_pacs_without_jpeg(spool, takes_jpeg):
+    import numpy as np
+    from helpers import NIH
+    from test_summary import CTX, NOW, _model
+
+    from node.preprocess import preprocess
+    from node.spool import summary_path
+    from node.summary import render
+    from node.summarysc import encode_summary
+    from node.wire import file_meta_bytes
+
+    [sr] = _classified(spool, 1)
+    src = pydicom.dcmread(NIH)
+    pixels = render(preprocess(src, display_max=256).display, [], untrained=True)
+    summary = encode_summary(src, pixels, _model(False), CTX, NOW, "jpeg")
+    summary_path(sr).write_bytes(summary.data)
+    stored = encoded(summary.data, "summary")
+    assert stored.transfer_syntax == JPEGBaseline8Bit and len(summary.data) < 60_000
+    plain = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+    syntaxes = [JPEGBaseline8Bit, *plain] if takes_jpeg else plain
+    with _pacs(*syntaxes) as seen:
+        peer = Peer("127.0.0.1", int(str(seen["port"])), "PACS", "CXR_NODE", timeout=5.0)
+        assert Delivery(spool, _cfg(), PeerDestination(peer)).step() == 1
+    [job] = spool.jobs()
+    assert job.state == "sent" and seen["associations"] == 1
+    received = seen["received"][summary.sop_instance_uid]  # type: ignore[index]
+    syntax = seen["syntax"][summary.sop_instance_uid]  # type: ignore[index]
+    if takes_jpeg:  # as stored
+        assert (syntax, received) == (JPEGBaseline8Bit, stored.dataset)
+        return
+    assert syntax == ExplicitVRLittleEndian  # decompressed, as RGB
+    meta = file_meta_bytes(SecondaryCaptureImageStorage, summary.sop_instance_uid, syntax)
+    got = pydicom.dcmread(BytesIO(meta + received))
+    assert got.PhotometricInterpretation == "RGB" and got.pixel_array.shape == pixels.shape
+    assert np.abs(got.pixel_array.astype(int) - pixels).mean() < 3  # JPEG at quality 95
 
 
 def test_due_srs_go_over_one_association_as_stored_bytes(spool, pacs):

@@ -193,10 +193,11 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
 
 
-def test_summary_secondary_capture_is_valid_and_references_its_source(tmp_path):
+@pytest.mark.parametrize("compression", ["jpeg", "none"])
+def test_summary_secondary_capture_is_valid_and_references_its_source(tmp_path, compression):
     src = pydicom.dcmread(NIH)
     pixels = render(preprocess(src, display_max=256).display, [], untrained=True)
-    enc = encode_summary(src, pixels, _model(False), CTX, NOW)
+    enc = encode_summary(src, pixels, _model(False), CTX, NOW, compression)
     sc = pydicom.dcmread(BytesIO(enc.data))
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
     assert sc.StudyInstanceUID == src.StudyInstanceUID
@@ -212,7 +213,14 @@ def test_summary_secondary_capture_is_valid_and_references_its_source(tmp_path):
         CTX.uid_root, src.SOPInstanceUID, _model(False).model_id, "0" * 64
     )
     assert sc.PatientID == src.PatientID and sc.ContentDate == "20261128"
-    np.testing.assert_array_equal(sc.pixel_array, pixels)
+    if compression == "none":
+        np.testing.assert_array_equal(sc.pixel_array, pixels)
+        assert sc.PhotometricInterpretation == "RGB"
+    else:  # lossy, and said so
+        assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+        assert sc.LossyImageCompression == "01" and len(enc.data) < pixels.size // 4
+        decoded = pydicom.pixels.pixel_array(sc, as_rgb=True).astype(int)
+        assert np.abs(decoded - pixels).mean() < 3
     again = build_summary(src, pixels, _model(False), CTX, NOW)  # deterministic
     assert again.SOPInstanceUID == sc.SOPInstanceUID
     if shutil.which("dciodvfy") is None:
