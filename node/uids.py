@@ -15,7 +15,8 @@ _SAFE_UID = re.compile(r"[0-9.]{1,64}")
 
 def is_valid_uid(value: str) -> bool:
     """True when ``value`` follows the DICOM UI grammar (<= 64 chars, no leading zeros,
-    no empty component): pydicom's ``UID.is_valid`` rule."""
+    no empty component): pydicom's ``UID.is_valid`` rule, without constructing a ``UID``
+    (which warns and logs for every invalid value)."""
     return len(value) <= 64 and bool(re.fullmatch(RE_VALID_UID, value))
 
 
