@@ -3,8 +3,10 @@
 Every peer runs on loopback with TCP_NODELAY=1 (dcmtk reads it from the environment; the
 node sets it on its own sockets). Results: a table on stdout and bench/results/*.json.
 Usage: python -m bench [push] [ingest] [inference] [e2e] [memory] [classify] [route] [--n N]
-``python -m bench inference route``: Orthanc's auto-route (bench/route.py), with the burst
-through Orthanc compared to the pipeline's images/s measured in the same run.
+[--rounds R]. ``python -m bench inference route``: Orthanc's auto-route (bench/route.py),
+with the burst through Orthanc compared to the pipeline's images/s measured in the same run.
+``push`` and ``ingest`` measure the node with ``network.fast_paths`` on and off side by side
+(``*_fast_vs_stock``: what the workarounds of pynetdicom's internals buy).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from node.threads import apply_wait_policy
 
 PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
+STOCK = "stock pynetdicom"  # in a client's name: network.fast_paths = false
+FAST_PATHS_ENV = "CXR_NODE_NETWORK__FAST_PATHS"
 
 
 def _storescu_to_orthanc(port: int, files: list[Path]) -> list[str]:
@@ -48,8 +52,9 @@ def _storescu_to_orthanc(port: int, files: list[Path]) -> list[str]:
     return ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)]
 
 
-def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
-    """cxr-node push vs storescu vs REST (POST /instances) into a fresh Orthanc each."""
+def bench_push(images: list[Path], work: Path, n_rounds: int = ROUNDS) -> dict[str, Any]:
+    """cxr-node push (with and without the fast paths) vs storescu vs REST (POST
+    /instances) into a fresh Orthanc each."""
     import requests
 
     n = len(images)
@@ -86,7 +91,10 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
                 r = s.post(f"http://127.0.0.1:{o.http}/instances", data=p.read_bytes(), timeout=30)
                 r.raise_for_status()
 
-    def push(assocs: int):
+    def push(assocs: int, fast: bool = True):
+        # both settings through the environment: each push then reads it alike
+        env = {**os.environ, FAST_PATHS_ENV: "true" if fast else "false"}
+
         def run(o: Any) -> None:
             subprocess.run(
                 [
@@ -102,6 +110,7 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
                     "--associations",
                     str(assocs),
                 ],
+                env=env,
                 check=True,
                 capture_output=True,
             )
@@ -115,11 +124,13 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
         "cxr-node push --associations 1": push(1),
         "cxr-node push --associations 2": push(2),
         "cxr-node push --associations 4": push(4),
+        f"cxr-node push, {STOCK}, --associations 1": push(1, fast=False),
+        f"cxr-node push, {STOCK}, --associations 4": push(4, fast=False),
     }
     # Rounds of every client in turn, each into a fresh Orthanc: the shared machine's drift
     # then hits all clients of a round alike; per-round ratios and their medians are reported.
     rounds: list[dict[str, float]] = []
-    for _ in range(ROUNDS):
+    for _ in range(n_rounds):
         rates: dict[str, float] = {}
         for name, client in clients.items():
             with orthanc(work / "orthanc-push") as o:
@@ -127,7 +138,8 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
                 assert o.count() == n, (name, o.count())
             rates[name] = n / seconds
         rounds.append(rates)
-    ours = [k for k in clients if k.startswith("cxr-node")]
+    ours = [k for k in clients if k.startswith("cxr-node") and STOCK not in k]
+    stock = [k for k in clients if STOCK in k]
 
     def ratio(client: str, reference: str) -> float:
         return statistics.median(r[client] / r[reference] for r in rounds)
@@ -138,6 +150,13 @@ def bench_push(images: list[Path], work: Path) -> dict[str, Any]:
         "rounds": rounds,
         "images_per_s": {k: statistics.median(r[k] for r in rounds) for k in clients},
         **{f"push{_assocs(k)}_vs_storescu": ratio(k, "storescu") for k in ours},
+        **{f"push{_assocs(k)}_stock_vs_storescu": ratio(k, "storescu") for k in stock},
+        **{
+            f"push{_assocs(k)}_fast_vs_stock": ratio(
+                f"cxr-node push --associations {_assocs(k)}", k
+            )
+            for k in stock
+        },
         "best_push_vs_storescu": ratio(best, "storescu"),
         "best_push_vs_rest": ratio(best, "REST (requests.Session)"),
         "best_push_vs_orthanc_limit": ratio(best, "4 x storescu in parallel (Orthanc's limit)"),
@@ -171,24 +190,37 @@ def _storescu_time(port: int, images: list[Path], *extra: str) -> float:
     )
 
 
-def bench_ingest(images: list[Path], work: Path) -> dict[str, Any]:
-    """Node SCP (spool only) vs dcmtk storescp, both fed by the same storescu; each server
-    fresh in each round, ratios are per-round medians."""
+def bench_ingest(images: list[Path], work: Path, n_rounds: int = ROUNDS) -> dict[str, Any]:
+    """Node SCP (spool only; with and without the fast paths) vs dcmtk storescp, all fed
+    by the same storescu; each server fresh in each round, ratios are per-round medians."""
     n = len(images)
-    rounds = [_ingest_round(images, work) for _ in range(ROUNDS)]
+    rounds = [_ingest_round(images, work) for _ in range(n_rounds)]
 
     def vs_best_dcmtk(name: str) -> float:
         return statistics.median(
             r[name] / max(v for k, v in r.items() if k.startswith("storescp")) for r in rounds
         )
 
+    def fast_vs_stock(fsync: bool) -> float:
+        fast, stock = _ingest_name(fsync, True), _ingest_name(fsync, False)
+        return statistics.median(r[fast] / r[stock] for r in rounds)
+
     return {
         "n": n,
         "rounds": rounds,
         "images_per_s": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
-        "node_fsync_vs_best_storescp": vs_best_dcmtk("cxr-node SCP (spool, fsync=on)"),
-        "node_nofsync_vs_best_storescp": vs_best_dcmtk("cxr-node SCP (spool, fsync=off)"),
+        "node_fsync_vs_best_storescp": vs_best_dcmtk(_ingest_name(True, True)),
+        "node_nofsync_vs_best_storescp": vs_best_dcmtk(_ingest_name(False, True)),
+        "node_fsync_stock_vs_best_storescp": vs_best_dcmtk(_ingest_name(True, False)),
+        "node_nofsync_stock_vs_best_storescp": vs_best_dcmtk(_ingest_name(False, False)),
+        "node_fsync_fast_vs_stock": fast_vs_stock(True),
+        "node_nofsync_fast_vs_stock": fast_vs_stock(False),
     }
+
+
+def _ingest_name(fsync: bool, fast: bool) -> str:
+    stock = "" if fast else f", {STOCK}"
+    return f"cxr-node SCP (spool, fsync={'on' if fsync else 'off'}{stock})"
 
 
 def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
@@ -208,16 +240,15 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
         scp.terminate()
         scp.wait()
         settle(out)
-    for fsync in (True, False):
+    for fsync, fast in ((True, True), (True, False), (False, True), (False, False)):
         port = free_port()
         spool = Path(tempfile.mkdtemp(dir=work))
+        args = [str(port), str(spool), "1" if fsync else "0", "1" if fast else "0"]
         node = subprocess.Popen(
-            [PY, "-m", "bench.ingest_server", str(port), str(spool), "1" if fsync else "0"],
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
+            [PY, "-m", "bench.ingest_server", *args], stdout=subprocess.PIPE, cwd=ROOT
         )
         assert node.stdout is not None and node.stdout.readline().strip() == b"ready"
-        name = f"cxr-node SCP (spool, fsync={'on' if fsync else 'off'})"
+        name = _ingest_name(fsync, fast)
         rates[name] = n / _storescu_time(port, images, "--max-pdu", "131072")
         node.terminate()
         node.wait()
@@ -488,6 +519,7 @@ def main() -> int:
         "which", nargs="*", default=["push", "ingest", "inference", "e2e", "memory"]
     )
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="push and ingest rounds")
     parser.add_argument(
         "--route-variants",
         help="route: comma-separated names from bench/route.py VARIANTS (default: all)",
@@ -515,8 +547,8 @@ def main() -> int:
         backlog = "memory" in args.which or "classify" in args.which
         images = make_images(1000, work / "backlog", "backlog") if backlog else []
         steps = {
-            "push": lambda: bench_push(base, work),
-            "ingest": lambda: bench_ingest(base, work),
+            "push": lambda: bench_push(base, work, args.rounds),
+            "ingest": lambda: bench_ingest(base, work, args.rounds),
             "inference": lambda: bench_inference(base),
             "e2e": lambda: bench_e2e(base, work),
             "memory": lambda: bench_memory(images, work),

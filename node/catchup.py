@@ -394,6 +394,7 @@ def qr_peer(cfg: NodeConfig) -> Peer:
         c.calling_ae_title or d.calling_ae_title,
         d.timeout,
         tls,
+        cfg.network.fast_paths,
     )
 
 

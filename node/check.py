@@ -51,6 +51,9 @@ def run_checks(cfg: NodeConfig, source: str) -> Iterator[Result]:
     yield check_port("SCP port", cfg.scp.bind_address, cfg.scp.port, "scp.bind_address, scp.port")
     if cfg.metrics.enabled:
         yield check_port("metrics port", cfg.metrics.bind_address, cfg.metrics.port, "metrics.port")
+    network = check_fast_paths(cfg)
+    yield network
+    cfg = cfg.with_fast_paths(cfg.network.fast_paths and network.level == "OK")
     yield check_destination(cfg)
     if cfg.catchup.enabled:
         yield check_catchup_peer(cfg)
@@ -169,6 +172,25 @@ def check_port(name: str, address: str, port: int, keys: str) -> Result:
     return Result("OK", name, f"{address}:{port} free")
 
 
+def check_fast_paths(cfg: NodeConfig) -> Result:
+    """Whether ``network.fast_paths`` can be used with the installed pynetdicom."""
+    from node.fastpaths import TESTED, problems, version
+
+    name = "network fast paths"
+    if not cfg.network.fast_paths:
+        return Result("OK", name, "off (network.fast_paths = false): stock pynetdicom")
+    found = problems()
+    if not found:
+        return Result("OK", name, f"on (pynetdicom {version()})")
+    return Result(
+        "WARN",
+        name,
+        f"off, stock pynetdicom used: pynetdicom {version()}: {'; '.join(found)}",
+        f"install pynetdicom {TESTED}.x (pip install 'pynetdicom=={TESTED}.*'), "
+        "or set network.fast_paths = false",
+    )
+
+
 def check_destination(cfg: NodeConfig) -> Result:
     d = cfg.destination
     return _echo(
@@ -195,7 +217,9 @@ def _destination_peer(cfg: NodeConfig) -> Peer:
 
     d = cfg.destination
     tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
-    return Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls)
+    return Peer(
+        d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls, cfg.network.fast_paths
+    )
 
 
 def _echo(name: str, make_peer: Callable[[], Peer], keys: str) -> Result:

@@ -55,7 +55,18 @@ def _destination(cfg: NodeConfig) -> PeerDestination:
 
     d = cfg.destination
     tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
-    return PeerDestination(Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls))
+    fast = cfg.network.fast_paths
+    return PeerDestination(
+        Peer(d.host, d.port, d.ae_title, d.calling_ae_title, d.timeout, tls, fast)
+    )
+
+
+def _fast_paths_checked(cfg: NodeConfig) -> NodeConfig:
+    """``cfg`` with ``network.fast_paths`` as it can be used: off where the installed
+    pynetdicom is not the one they were written for (node.fastpaths logs one WARNING)."""
+    from node.fastpaths import resolve
+
+    return cfg.with_fast_paths(resolve(cfg.network.fast_paths))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -100,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.watchdog import report_last_hang
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
-    cfg = _config(args, overrides)
+    cfg = _fast_paths_checked(_config(args, overrides))
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     spool = _spool(cfg, min_free_mb=cfg.spool.min_free_mb)
@@ -163,11 +174,16 @@ def _destination_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``[destination]`` section (defaults < file < environment), read only when a
     config file or a ``CXR_NODE_`` variable is there to read; other sections are not
     checked (a healthcheck's echo does not fail for a key only serve uses)."""
-    if args.config is None and not any(k.startswith(ENV_PREFIX) for k in os.environ):
+    if _nothing_configured(args):
         return {**PEER_DEFAULTS, "tls": False}
     from node.config import load_destination
 
     return load_destination(args.config, os.environ).model_dump()
+
+
+def _nothing_configured(args: argparse.Namespace) -> bool:
+    """No config file, no ``CXR_NODE_`` variable: the defaults, without pydantic."""
+    return args.config is None and not any(k.startswith(ENV_PREFIX) for k in os.environ)
 
 
 def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> Peer:
@@ -188,7 +204,20 @@ def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> P
         calling,
         _first(args.timeout, d["timeout"]),
         tls,
+        _fast_paths(args),
     )
+
+
+def _fast_paths(args: argparse.Namespace) -> bool:
+    """``network.fast_paths`` for push and echo (a config file or ``CXR_NODE_`` variables
+    read as for ``[destination]``), as node.fastpaths allows it."""
+    from node.fastpaths import resolve
+
+    if _nothing_configured(args):
+        return resolve(True)
+    from node.config import load_network
+
+    return resolve(load_network(args.config, os.environ).fast_paths)
 
 
 def _first(flag: Any, configured: Any) -> Any:
@@ -442,7 +471,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from node.catchup import backfill, date_range
     from node.spool import SpoolIndex
 
-    cfg = _config(args)
+    cfg = _fast_paths_checked(_config(args))
     if args.since is None and not args.study:
         raise ConfigError("backfill needs --since DATE, or --study UID")
     status_path = cfg.spool.directory / STATUS_FILE

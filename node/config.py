@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -47,6 +47,9 @@ AETitle = Annotated[str, AfterValidator(_check_ae)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_S = TypeVar("_S", bound=_Section)
 
 
 class ScpConfig(_Section):
@@ -316,6 +319,13 @@ class CatchupConfig(_Section):
     calling_ae_title: AETitle | None = None
 
 
+class NetworkConfig(_Section):
+    """How the SCP and the SCUs drive pynetdicom."""
+
+    # the workarounds of pynetdicom 3.0 internals (node.netopts); off: stock pynetdicom
+    fast_paths: bool = True
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -332,7 +342,15 @@ class NodeConfig(_Section):
     report: ReportConfig = ReportConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    network: NetworkConfig = NetworkConfig()
     catchup: CatchupConfig = CatchupConfig()
+
+    def with_fast_paths(self, on: bool) -> NodeConfig:
+        """This configuration with ``network.fast_paths`` set to ``on``."""
+        if on == self.network.fast_paths:
+            return self
+        network = self.network.model_copy(update={"fast_paths": on})
+        return self.model_copy(update={"network": network})
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,12 +430,25 @@ def load_destination(
 ) -> DestinationConfig:
     """Only ``[destination]`` (defaults < file < environment), as :func:`load_config` reads
     it, for ``echo`` and ``push``: the other sections are the node's business."""
+    return _load_section(DestinationConfig, "destination", path, environ)
+
+
+def load_network(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> NetworkConfig:
+    """Only ``[network]``, as :func:`load_destination` reads ``[destination]``."""
+    return _load_section(NetworkConfig, "network", path, environ)
+
+
+def _load_section(
+    model: type[_S], name: str, path: Path | None, environ: Mapping[str, str] | None
+) -> _S:
     environ = os.environ if environ is None else environ
-    data = _layers(path, environ, {}).get("destination", {})
+    data = _layers(path, environ, {}).get(name, {})
     try:
-        return DestinationConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, ("destination",), _Sources(path, environ, {})) from None
+        raise _config_error(exc, (name,), _Sources(path, environ, {})) from None
 
 
 def _layers(

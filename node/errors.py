@@ -41,6 +41,11 @@ class Unreachable(SendError):
     timed out, aborted or rejected. Nothing was refused by status: it is not the data's fault."""
 
 
+class AssociationRejected(Unreachable):
+    """The peer answered the association request with an A-ASSOCIATE-RJ (an unknown AE
+    title, say): asking again the same way gets the same answer."""
+
+
 class ContextsRefused(SendError):
     """The peer accepted the association request but none of its presentation contexts:
     it does not take those SOP classes (or their transfer syntaxes); others may go."""

@@ -39,6 +39,7 @@ from pynetdicom.transport import AssociationSocket
 from node.cstore import encoded_p_data, p_data, store_request, store_response
 from node.receive import StoreAssembler, dispatch_p_data
 from node.sendnow import SendGuard, guard, send_now
+from node.sockopts import tune
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +63,25 @@ MAX_ASSOCIATE_PDU = 64 * 1024
 """A-ASSOCIATE-RQ/AC/RJ PDUs longer than this are refused (real ones are a few KiB)."""
 MAX_SMALL_PDU = 1024
 """A-RELEASE and A-ABORT PDUs are 10 bytes."""
-A_ABORT_INVALID_PDU = bytes.fromhex("0700000000040000" "0206")
+A_ABORT_INVALID_PDU = bytes.fromhex("07000000000400000206")
 """A-ABORT from the service provider (2), reason: invalid PDU parameter value (6)."""
 
 
 def set_nodelay(event: Event, limits: ReadLimits | None = None) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket, make
+    """EVT_CONN_OPEN handler: the socket options every association gets
+    (:func:`node.sockopts.tune`: TCP_NODELAY, a time limit), then the fast paths: make
     the DUL reactor event-driven, read PDUs in one piece and decode P-DATA without copies,
     assemble received C-STORE requests, encode C-STORE messages directly and send
     C-STORE messages whole from the sending thread; and the association's own reactor.
-
-    DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's
-    delayed ACK stalls every message by ~40 ms.
+    Installed only where ``network.fast_paths`` is on and :mod:`node.fastpaths` found the
+    pynetdicom they were written for.
     """
     dul = event.assoc.dul
     sent = None
     wrapper = getattr(dul, "socket", None)
-    sock = getattr(wrapper, "socket", None)
-    if isinstance(sock, socket.socket):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # e.g. a socket already closed by the peer
-            log.debug("cannot set TCP_NODELAY: %s", exc)
-        if type(wrapper) is AssociationSocket:
-            _make_event_driven(dul, wrapper, limits or ReadLimits())
-            sent = guard(dul)
+    if tune(event.assoc) is not None and type(wrapper) is AssociationSocket:
+        _make_event_driven(dul, wrapper, limits or ReadLimits())
+        sent = guard(dul)
     event.assoc._run_reactor = MethodType(association_reactor, event.assoc)  # type: ignore[method-assign]
     dimse = event.assoc.dimse
     dimse.send_msg = partial(send_msg, dimse, dimse.send_msg, sent)  # type: ignore[method-assign]

@@ -35,7 +35,7 @@ from pynetdicom.association import Association
 
 from node.archive import MAX_MEMBER_BYTES, Item, Rejected, iter_items
 from node.dicomio import Encoded, split_encoded
-from node.errors import ContextsRefused, PreprocessError, SendError
+from node.errors import AssociationRejected, ContextsRefused, PreprocessError, SendError
 from node.precheck import problem
 from node.scu import (
     SUCCESS,
@@ -275,7 +275,7 @@ def _send_batch(link: _Link, batch: list[Prepared], summary: Summary, progress: 
         except SendError as exc:  # refused, rejected or unreachable
             link.close()
             failures += 1
-            if "rejected" in str(exc) or failures == ASSOCIATION_RETRIES:
+            if isinstance(exc, AssociationRejected) or failures == ASSOCIATION_RETRIES:
                 summary.fail_all(names, str(exc))
                 summary.unreachable = str(exc)
                 return

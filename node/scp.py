@@ -45,6 +45,7 @@ from node.gate import ConnectionGate, NodeAssociationServer
 from node.metrics import Metrics
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
+from node.sockopts import plain_socket
 from node.spool import Spool
 
 if TYPE_CHECKING:
@@ -241,9 +242,10 @@ def handle_echo(event: Event) -> int:
     return EchoStatus.SUCCESS
 
 
-def build_ae(cfg: ScpConfig) -> AE:
+def build_ae(cfg: ScpConfig, fast_paths: bool = True) -> AE:
     """An AE that accepts Verification and every storage SOP class in decodable syntaxes,
-    from the allowed calling AE titles only, addressed to our own AE title only."""
+    from the allowed calling AE titles only, addressed to our own AE title only; with
+    ``fast_paths``, its contexts are :class:`CheapCopyContext`."""
     quiet_pynetdicom()
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
@@ -258,8 +260,9 @@ def build_ae(cfg: ScpConfig) -> AE:
     ae.add_supported_context(VERIFICATION)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(str(cx.abstract_syntax), DECODABLE)
-    for supported in ae.supported_contexts:  # the server gets these very objects
-        supported.__class__ = CheapCopyContext
+    if fast_paths:
+        for supported in ae.supported_contexts:  # the server gets these very objects
+            supported.__class__ = CheapCopyContext
     return ae
 
 
@@ -295,22 +298,23 @@ def start_server(
     metrics: Metrics | None = None,
     tls: TlsConfig | None = None,
     intake: Intake | None = None,
+    fast_paths: bool = True,
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``.shutdown()`` stops it).
 
     Connections go through a :class:`node.gate.ConnectionGate` (pending caps, TLS in the
-    connection's thread); PDU and message sizes and read deadlines are enforced by the
-    reader (:class:`node.netopts.ReadLimits`)."""
-    ae = build_ae(cfg)
-    limits = ReadLimits(
-        message_bytes=cfg.max_dataset_mb * 2**20 + COMMAND_SLACK,
-        request_timeout=cfg.association_request_timeout,
-    )
+    connection's thread). With ``fast_paths`` (``network.fast_paths`` as
+    :func:`node.fastpaths.resolve` allows it), pynetdicom's reader is replaced
+    (:mod:`node.netopts`), which enforces PDU and message sizes and read deadlines
+    (:class:`node.netopts.ReadLimits`) as they stream in; without, stock pynetdicom reads
+    (its ARTIM timer, the sockets' time limits) and :func:`handle_store` refuses a data set
+    over ``scp.max_dataset_mb`` once received."""
+    ae = build_ae(cfg, fast_paths)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20, intake]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _log_rejection),
-        (evt.EVT_CONN_OPEN, set_nodelay, [limits]),
+        _socket_handler(cfg, fast_paths),
     ]
     if metrics is not None:
         handlers.append((evt.EVT_ACCEPTED, lambda _e: metrics.associations.inc()))
@@ -335,8 +339,27 @@ def start_server(
     thread.start()
     ae._servers.append(server)  # as ae.start_server does: server.shutdown() removes it
     host, port = server.server_address[:2]
-    log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port, " (TLS)" if context else "")
+    log.info(
+        "listening as %s on %s:%s%s%s",
+        cfg.ae_title,
+        host,
+        port,
+        " (TLS)" if context else "",
+        "" if fast_paths else " (stock pynetdicom)",
+    )
     return server
+
+
+def _socket_handler(cfg: ScpConfig, fast_paths: bool) -> tuple[Any, ...]:
+    """The EVT_CONN_OPEN handler: the fast paths with the reader's limits, or only the
+    socket options every association gets."""
+    if not fast_paths:
+        return (evt.EVT_CONN_OPEN, plain_socket)
+    limits = ReadLimits(
+        message_bytes=cfg.max_dataset_mb * 2**20 + COMMAND_SLACK,
+        request_timeout=cfg.association_request_timeout,
+    )
+    return (evt.EVT_CONN_OPEN, set_nodelay, [limits])
 
 
 def _count_rejection(event: Event, metrics: Metrics) -> None:

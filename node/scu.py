@@ -30,8 +30,16 @@ from node.assocwords import (
     unknown_host,
 )
 from node.dicomio import Encoded, uncompressed
-from node.errors import ConfigError, ContextsRefused, PreprocessError, SendError, Unreachable
+from node.errors import (
+    AssociationRejected,
+    ConfigError,
+    ContextsRefused,
+    PreprocessError,
+    SendError,
+    Unreachable,
+)
 from node.netopts import NODELAY_HANDLER, quiet_pynetdicom
+from node.sockopts import PLAIN_HANDLER
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,9 @@ class Peer:
     calling_ae_title: str = "CXR_NODE"
     timeout: float = 30.0
     tls: ssl.SSLContext | None = None
+    fast_paths: bool = True
+    """``network.fast_paths`` as :func:`node.fastpaths.resolve` allows it: the
+    associations get :mod:`node.netopts`'s workarounds, else stock pynetdicom."""
 
 
 def client_ssl_context(
@@ -170,7 +181,11 @@ def _ae(peer: Peer) -> _AE:
 
 @contextmanager
 def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator[Association]:
-    """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes)."""
+    """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes).
+
+    Raises :class:`AssociationRejected` when the peer rejects the request (A-ASSOCIATE-RJ),
+    :class:`ContextsRefused` when it accepts none of the contexts, and :class:`Unreachable`
+    when it cannot be connected to, does not answer or aborts."""
     ae = _ae(peer)
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
@@ -181,7 +196,7 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
             peer.host,
             peer.port,
             ae_title=peer.ae_title,
-            evt_handlers=[NODELAY_HANDLER],
+            evt_handlers=[NODELAY_HANDLER if peer.fast_paths else PLAIN_HANDLER],
             tls_args=tls_args,
         )
     except socket.gaierror as exc:  # the host name, looked up before any connection
@@ -189,7 +204,10 @@ def associate(peer: Peer, contexts: Iterable[tuple[str, list[str]]]) -> Iterator
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
             raise ContextsRefused(f"{where}: {_refused(assoc)}")
-        raise Unreachable(f"{where}: {_not_established(assoc, peer, ae.connect_error)}")
+        why = _not_established(assoc, peer, ae.connect_error)
+        if assoc.is_rejected:
+            raise AssociationRejected(f"{where}: {why}")
+        raise Unreachable(f"{where}: {why}")
     try:
         yield assoc
     finally:

@@ -13,12 +13,21 @@ send; where anything else is queued, an A-ABORT went out, the reactor is stoppin
 anybody watches PDUs, data or transitions (or binds a handler that runs inside a state
 machine action), or the socket is TLS (one TLS connection must not read and write from
 two threads at once), it does nothing and pynetdicom's way is taken.
+
+Every write is bounded (:func:`write_within`): a peer that stops reading holds the lock,
+and with it the DUL thread and ``kill()``, for at most the association's
+``network_timeout`` (``scp.network_timeout``, ``destination.timeout``) without progress;
+the connection is then treated as closed (Evt17), as a failed write is.
 """
 
 from __future__ import annotations
 
+import logging
+import select
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +44,9 @@ _WATCHERS = (
     evt.EVT_CONN_CLOSE,  # that waited for the answering thread would deadlock with it
 )
 A_ABORT_PDU = 0x07
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+log = logging.getLogger(__name__)
 
 
 class SendGuard:
@@ -85,6 +97,7 @@ def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) ->
     wrapper = dul.socket
     if wrapper is None or not _may_send_now(dul):
         return False
+    timeout = dul.assoc.network_timeout
     with sent.lock:
         sock = wrapper.socket  # closed only by state machine actions: under the lock
         if sock is None or sent.aborted or dul._kill_thread:
@@ -95,8 +108,10 @@ def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) ->
             return False
         try:
             for piece in pdus:
-                sock.sendall(piece)
-        except OSError:  # what AssociationSocket.send does when its write fails
+                write_within(sock, piece, timeout)
+        except (OSError, ValueError) as exc:  # as AssociationSocket.send when a write fails
+            if isinstance(exc, TimeoutError):
+                log.warning("%s: the peer stopped reading; closing the connection", exc)
             dul.event_queue.put("Evt17")
             failed = True
         else:
@@ -106,3 +121,31 @@ def send_now(dul: DULServiceProvider, sent: SendGuard, pdus: Iterable[bytes]) ->
         if waker is not None:
             waker.wake()
     return True
+
+
+def write_within(sock: socket.socket, data: bytes, timeout: float | None) -> None:
+    """Write all of ``data`` to ``sock``; raises ``TimeoutError`` once no byte could be
+    written for ``timeout`` seconds (None: no limit), and what the socket raises.
+
+    Each write waits in ``select`` and does not block (``MSG_DONTWAIT``): the socket's own
+    timeout, which the DUL thread's reader changes as it reads, plays no part.
+    """
+    if timeout is None:
+        sock.sendall(data)
+        return
+    with memoryview(data) as whole:
+        view = whole
+        deadline = time.monotonic() + timeout
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no byte written for {timeout:g} s ({len(view)} left)")
+            _, writable, _ = select.select([], [sock], [], left)
+            if not writable:
+                continue
+            try:
+                n = sock.send(view, _DONTWAIT)
+            except BlockingIOError:
+                continue
+            view = view[n:]
+            deadline = time.monotonic() + timeout

@@ -113,7 +113,9 @@ class NodeService:
             watchdog=self._watchdog,
         )
         self.delivery = Delivery(self.spool, cfg, self.destination, metrics=self.metrics)
-        self.server = start_server(cfg.scp, self.spool, self.metrics, cfg.tls, self.intake)
+        self.server = start_server(
+            cfg.scp, self.spool, self.metrics, cfg.tls, self.intake, cfg.network.fast_paths
+        )
         self._thread = threading.Thread(
             target=self.worker.run, args=(self.stopping,), name="worker", daemon=True
         )

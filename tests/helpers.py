@@ -30,6 +30,17 @@ T = TypeVar("T")
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def fast_paths() -> bool:
+    """``network.fast_paths`` for the in-process SCPs and SCUs: as node processes read it,
+    from ``CXR_NODE_NETWORK__FAST_PATHS`` (default on), so that one variable runs the
+    network tests with stock pynetdicom."""
+    import os
+
+    from node.config import load_network
+
+    return load_network(None, os.environ).fast_paths
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -81,6 +81,7 @@ def test_a_ready_host_passes_with_one_line_per_check(tmp_path, pacs):
         "spool",
         "SCP port",
         "metrics port",
+        "network fast paths",
         "destination",
         "catch-up peer",
     ]

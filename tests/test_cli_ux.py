@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ACRNEMA, NIH, ROOT, free_port
+from helpers import ACRNEMA, NIH, ROOT, fast_paths, free_port
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -160,7 +160,9 @@ def test_the_peer_defaults_are_the_destination_defaults():
 @pytest.fixture
 def node_scp(tmp_path) -> Iterator[int]:
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_PUSH",)), spool)
+    server = start_server(
+        ScpConfig(port=0, allowed_calling_aets=("CXR_PUSH",)), spool, fast_paths=fast_paths()
+    )
     try:
         yield int(server.server_address[1])
     finally:
@@ -222,7 +224,7 @@ def test_a_peer_that_closes_the_connection_is_an_abort_with_host_and_port():
         closer = threading.Thread(target=close_each, daemon=True)
         closer.start()
         with pytest.raises(Unreachable, match=f"association aborted by 127.0.0.1:{port}"):
-            echo(Peer("127.0.0.1", port, "ANY", timeout=5))
+            echo(Peer("127.0.0.1", port, "ANY", timeout=5, fast_paths=fast_paths()))
 
 
 def test_a_peer_that_never_answers_the_request_is_a_timeout_with_host_and_port():
@@ -248,7 +250,7 @@ def test_connection_failures_in_words():
 
 def test_an_unknown_host_name_is_said():
     with pytest.raises(Unreachable, match=r"cannot resolve the host name 'no-such-host\.invalid'"):
-        echo(Peer("no-such-host.invalid", 104, "ANY", timeout=2))
+        echo(Peer("no-such-host.invalid", 104, "ANY", timeout=2, fast_paths=fast_paths()))
 
 
 # -- configuration errors and paths -----------------------------------------------------------

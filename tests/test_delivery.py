@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import Recorder, free_port
+from helpers import Recorder, fast_paths, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
@@ -278,11 +278,15 @@ def test_a_jpeg_summary_goes_as_stored_or_decompressed_to_a_pacs_without_jpeg(sp
     assert np.abs(got.pixel_array.astype(int) - pixels).mean() < 3  # JPEG at quality 95
 
 
+def _peer(port: int, ae_title: str = "PACS", timeout: float = 5.0) -> Peer:
+    return Peer("127.0.0.1", port, ae_title, "CXR_NODE", timeout, fast_paths=fast_paths())
+
+
 def test_due_srs_go_over_one_association_as_stored_bytes(spool, pacs):
     files = _classified(spool, 12)
     refused = encoded(files[4].read_bytes(), "x").sop_instance_uid
     pacs["refuse"].add(refused)  # type: ignore[attr-defined]
-    peer = Peer("127.0.0.1", int(str(pacs["port"])), "PACS", "CXR_NODE", timeout=5.0)
+    peer = _peer(int(str(pacs["port"])))
     delivery = Delivery(spool, _cfg(), PeerDestination(peer))
     assert delivery.step() == 12
     assert pacs["associations"] == 1
@@ -301,16 +305,14 @@ def test_due_srs_go_over_one_association_as_stored_bytes(spool, pacs):
 
 def test_an_unreachable_peer_counts_nothing_and_the_echo_probe_finds_it_back(spool, pacs):
     _classified(spool, 2)
-    down = Peer("127.0.0.1", free_port(), "PACS", "CXR_NODE", timeout=2.0)
+    down = _peer(free_port(), timeout=2.0)
     clock = Clock()
     delivery = Delivery(spool, _cfg(probe_interval=1.0), PeerDestination(down), clock=clock)
     delivery.step()
     refused = f"connection refused by 127.0.0.1:{down.port}"  # the same words as echo, push
     assert delivery.state.up is False and refused in delivery.state.reason
     assert [(j.state, j.attempts) for j in spool.jobs()] == [("classified", 0)] * 2
-    delivery.destination = PeerDestination(
-        Peer("127.0.0.1", int(str(pacs["port"])), "PACS", "CXR_NODE", timeout=5.0)
-    )
+    delivery.destination = PeerDestination(_peer(int(str(pacs["port"]))))
     clock.now += 1.0
     assert delivery.step() == 2 and pacs["associations"] == 2  # the C-ECHO, then the SRs
     assert spool.counts()["sent"] == 2 and delivery.state.up is True
@@ -318,7 +320,7 @@ def test_an_unreachable_peer_counts_nothing_and_the_echo_probe_finds_it_back(spo
 
 def test_a_rejected_association_is_a_connection_failure(spool, pacs):
     _classified(spool, 1)
-    wrong = Peer("127.0.0.1", int(str(pacs["port"])), "NOT_PACS", "CXR_NODE", timeout=5.0)
+    wrong = _peer(int(str(pacs["port"])), "NOT_PACS")
     delivery = Delivery(spool, _cfg(), PeerDestination(wrong))
     delivery.step()
     [job] = spool.jobs()

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import WEIGHTS_NAME, Sender, chest_images, free_port, wait_for
+from helpers import WEIGHTS_NAME, Sender, chest_images, fast_paths, free_port, wait_for
 
 from node.config import ReportConfig
 from node.errors import SendError
@@ -81,7 +81,7 @@ def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factor
 
 def _first_echo(port: int, stop: threading.Event, found: list[float]) -> None:
     """Record when the PACS first answers C-ECHO (polled every 50 ms)."""
-    peer = Peer("127.0.0.1", port, "ORTHANC", "ECHO_PROBE", timeout=1.0)
+    peer = Peer("127.0.0.1", port, "ORTHANC", "ECHO_PROBE", timeout=1.0, fast_paths=fast_paths())
     while not stop.is_set():
         try:
             echo(peer)

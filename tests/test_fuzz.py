@@ -9,7 +9,7 @@ import time
 
 import pydicom
 import pytest
-from helpers import NIH, Sender, chest_images, free_port, send_raw_c_store, wait_for
+from helpers import NIH, Sender, chest_images, fast_paths, free_port, send_raw_c_store, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import ImplicitVRLittleEndian
@@ -18,6 +18,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptu
 
 from node.netopts import NODELAY_HANDLER
 from node.scp import StoreStatus
+from node.sockopts import PLAIN_HANDLER
 
 pytestmark = pytest.mark.integration
 NAMED = {int(s) for s in StoreStatus}
@@ -45,7 +46,10 @@ class Client:
         for cx in (SecondaryCaptureImageStorage, ComputedRadiographyImageStorage):
             ae.add_requested_context(cx, [ImplicitVRLittleEndian])
         self.assoc = ae.associate(
-            "127.0.0.1", self.port, ae_title="CXR_NODE", evt_handlers=[NODELAY_HANDLER]
+            "127.0.0.1",
+            self.port,
+            ae_title="CXR_NODE",
+            evt_handlers=[NODELAY_HANDLER if fast_paths() else PLAIN_HANDLER],
         )
         assert self.assoc.is_established, "the node stopped accepting associations"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH, Recorder, drain
+from helpers import NIH, Recorder, drain, fast_paths
 from modelless_node import INFO, StandIn
 from sr_tree import texts
 from test_delivery import Refusing
@@ -145,7 +145,9 @@ def test_an_image_the_scp_refused_gets_no_notice(tmp_path):
     from node.scp import StoreStatus, start_server
 
     full = Spool(tmp_path / "full", fsync=False, min_free_mb=2**40)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), full)
+    server = start_server(
+        ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), full, fast_paths=fast_paths()
+    )
     try:
         lateral = _variant("8", ViewPosition="LL")
         ae = AE(ae_title="TESTSCU")

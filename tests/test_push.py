@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import ACRNEMA, NIH, free_port, wait_for
+from helpers import ACRNEMA, NIH, fast_paths, free_port, wait_for
 from test_transcodes import transcode
 
 from node.dicomio import read_dataset
@@ -168,7 +168,9 @@ def test_wrong_called_ae_rejection_is_reported(tmp_path):
     from node.spool import Spool
 
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_PUSH",)), spool)
+    server = start_server(
+        ScpConfig(port=0, allowed_calling_aets=("CXR_PUSH",)), spool, fast_paths=fast_paths()
+    )
     try:
         done = run_push(str(NIH), "--port", str(server.server_address[1]), "--aet", "WRONG_AE")
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from helpers import chest_images
+from helpers import chest_images, fast_paths
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 
@@ -94,7 +94,7 @@ def write_images(folder: Path, n: int, seed: str) -> list[tuple[Path, str]]:
 
 
 def push_to(peer: RecordingPeer, paths: list[Path], timeout: float = TIMEOUT) -> Any:
-    target = Peer("127.0.0.1", peer.port, "PEER", timeout=timeout)
+    target = Peer("127.0.0.1", peer.port, "PEER", timeout=timeout, fast_paths=fast_paths())
     return node.push.push(paths, target, associations=1, progress_stream=None)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import fast_paths
 from test_push_isolation import RecordingPeer, write_images
 
 import node.push
@@ -183,7 +184,7 @@ def linked_folder(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, Path]
 
 def test_links_out_of_a_pushed_folder_are_skipped_and_named(linked_folder, peer):
     pushed, uids, links = linked_folder
-    target = Peer("127.0.0.1", peer.port, "PEER", timeout=10)
+    target = Peer("127.0.0.1", peer.port, "PEER", timeout=10, fast_paths=fast_paths())
     summary = node.push.push([pushed], target, associations=1, progress_stream=None)
     assert set(peer.stored) == {uids["own"]}  # the outside files were never read
     skipped = {name: why for name, what, why in summary.outcomes if what == "skipped"}

@@ -205,7 +205,7 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
     import time
 
     import pydicom
-    from helpers import NIH
+    from helpers import NIH, fast_paths
     from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE
     from pynetdicom.dsutils import encode
@@ -216,7 +216,7 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
 
     spool = Spool(tmp_path / "spool", fsync=False)
     cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
-    server = start_server(cfg, spool)
+    server = start_server(cfg, spool, fast_paths=fast_paths())
     ds = pydicom.dcmread(NIH)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ds.SOPClassUID, [ImplicitVRLittleEndian])

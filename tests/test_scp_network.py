@@ -10,7 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from helpers import NIH, Recorder, drain, send_raw_c_store, wait_for
+from helpers import NIH, Recorder, drain, fast_paths, send_raw_c_store, wait_for
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.network
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[tuple[int, Spool]]:
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool)
+    server = start_server(
+        ScpConfig(port=0, allowed_calling_aets=("TESTSCU",)), spool, fast_paths=fast_paths()
+    )
     try:
         yield server.server_address[1], spool
     finally:
@@ -289,7 +291,7 @@ def _push_then_stop(server: Any, paths: list[Path], aet: str, **options: Any) ->
     from node.scu import Peer
 
     try:
-        peer = Peer("127.0.0.1", server.server_address[1], aet)
+        peer = Peer("127.0.0.1", server.server_address[1], aet, fast_paths=fast_paths())
         return node.push.push(paths, peer, progress_stream=None, **options)
     finally:
         server.shutdown()
@@ -301,7 +303,8 @@ def test_push_keeps_one_association_across_chunks(tmp_path, monkeypatch):
     import node.push
 
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",)), spool)
+    cfg = ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",))
+    server = start_server(cfg, spool, fast_paths=fast_paths())
     accepted: list[int] = []
     server.bind(evt.EVT_ACCEPTED, lambda _e: accepted.append(1))
     files = tmp_path / "files"
@@ -438,7 +441,8 @@ def test_push_worker_survives_an_unexpected_error(tmp_path, monkeypatch):
         real(link, batch, summary, progress)
 
     spool = Spool(tmp_path / "spool", fsync=False)
-    server = start_server(ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",)), spool)
+    cfg = ScpConfig(port=0, allowed_calling_aets=("CXR_NODE",))
+    server = start_server(cfg, spool, fast_paths=fast_paths())
     files = tmp_path / "files"
     files.mkdir()
     for i in range(3):

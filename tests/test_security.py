@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH
+from helpers import NIH, fast_paths
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
@@ -33,7 +33,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
     def start(tls: TlsConfig | None = None, **scp: object) -> int:
         cfg = ScpConfig(port=0, **{"allowed_calling_aets": ("ORTHANC",), **scp})
-        server = start_server(cfg, spool, tls=tls)
+        server = start_server(cfg, spool, tls=tls, fast_paths=fast_paths())
         servers.append(server)
         return int(server.server_address[1])
 
@@ -115,7 +115,7 @@ def test_tls_echo_and_store_with_client_certificate(serve, certs):
     tls = server_tls(certs)
     port = serve(tls=tls)
     ctx = client_ssl_context(certs / "ca.pem", certs / "client.pem", certs / "client.key")
-    peer = Peer("localhost", port, "CXR_NODE", "ORTHANC", 10.0, ctx)
+    peer = Peer("localhost", port, "CXR_NODE", "ORTHANC", 10.0, ctx, fast_paths=fast_paths())
     echo(peer)
     assert store_datasets(peer, [pydicom.dcmread(NIH)]) == 1
     assert len(serve.spool.jobs()) == 1
@@ -131,7 +131,7 @@ def test_tls_refuses_clients_without_the_right_certificate(serve, certs, client)
         ctx = client_ssl_context(certs / "ca.pem")
     else:
         ctx = client_ssl_context(certs / "ca.pem", certs / "rogue.pem", certs / "rogue.key")
-    peer = Peer("localhost", port, "CXR_NODE", "ORTHANC", 5.0, ctx)
+    peer = Peer("localhost", port, "CXR_NODE", "ORTHANC", 5.0, ctx, fast_paths=fast_paths())
     with pytest.raises(SendError):
         echo(peer)
     assert serve.spool.jobs() == []

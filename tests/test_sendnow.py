@@ -7,6 +7,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +23,7 @@ from node.config import ScpConfig
 from node.cstore import encoded_p_data, p_data, store_request
 from node.scp import StoreStatus, start_server
 from node.scu import Peer, associate
-from node.sendnow import SendGuard, guard, send_now
+from node.sendnow import SendGuard, guard, send_now, write_within
 from node.spool import Spool
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -48,10 +49,11 @@ class _Socket(socket.socket):
         self.written: list[bytes] = []
         self.broken = False
 
-    def sendall(self, data: Any, flags: int = 0) -> None:
+    def send(self, data: Any, flags: int = 0) -> int:
         if self.broken:
             raise ConnectionResetError("peer gone")
         self.written.append(bytes(data))
+        return len(data)
 
 
 def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
@@ -64,7 +66,9 @@ def _dul(sock: Any = None, state: str = "Sta6", watched: Any = None) -> Any:
         _kill_thread=False,
         to_provider_queue=queue.Queue(),
         event_queue=queue.Queue(),
-        assoc=SimpleNamespace(get_handlers=lambda e: [(print, None)] if e is watched else []),
+        assoc=SimpleNamespace(
+            get_handlers=lambda e: [(print, None)] if e is watched else [], network_timeout=5.0
+        ),
     )
 
 
@@ -168,13 +172,13 @@ def test_events_the_dul_thread_queues_meanwhile_do_not_cut_a_message_short():
     would in Sta6."""
     dul = _dul()
     sock = dul.socket.socket
-    write = sock.sendall
+    write = sock.send
 
-    def write_while_the_peer_releases(data: Any, flags: int = 0) -> None:
-        write(data)
+    def write_while_the_peer_releases(data: Any, flags: int = 0) -> int:
         dul.event_queue.put("Evt12")
+        return write(data)
 
-    sock.sendall = dul.socket.send = write_while_the_peer_releases
+    sock.send = dul.socket.send = write_while_the_peer_releases
     assert send_now(dul, SendGuard(), [b"one", b"two"])
     assert dul.sent == [b"one", b"two"]
     sock.close()
@@ -224,3 +228,52 @@ def test_requests_and_responses_go_from_their_own_threads_unless_pdus_are_watche
     finally:
         server.shutdown()
         spool.close()
+
+
+def _tcp_pair(buffer: int) -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair with small buffers (the writer's and the reader's)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.socket()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        ours.connect(listener.getsockname())
+        theirs, _ = listener.accept()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    return ours, theirs
+
+
+def test_a_write_fails_once_the_peer_has_read_nothing_for_the_timeout():
+    ours, theirs = _tcp_pair(65536)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no byte written for 0\.3 s"):
+            write_within(ours, bytes(8 * 2**20), 0.3)  # more than the buffers hold
+        assert time.monotonic() - start < 2.0
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_slow_reader_is_not_cut_off_while_the_write_progresses():
+    """The limit is on progress, not on the whole write: 1 MiB read 64 KiB every 50 ms
+    takes longer than the 0.3 s timeout, and is written whole (a socket timeout of 0.3 s
+    on sendall would have failed it)."""
+    ours, theirs = _tcp_pair(65536)
+    data = bytes(range(256)) * 4096
+    got = bytearray()
+
+    def read_slowly() -> None:
+        while len(got) < len(data):
+            time.sleep(0.05)
+            got.extend(theirs.recv(65536))
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        start = time.monotonic()
+        write_within(ours, data, 0.3)
+        assert time.monotonic() - start > 0.3
+        reader.join(10)
+        assert bytes(got) == data
+    finally:
+        ours.close()
+        theirs.close()
