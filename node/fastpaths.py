@@ -136,7 +136,7 @@ def usable() -> bool:
 def resolve(requested: bool) -> bool:
     """The ``network.fast_paths`` to use: ``requested`` where :func:`usable`, else False."""
     if not requested:
-        log.info("network fast paths off (network.fast_paths = false): stock pynetdicom")
+        log.debug("network fast paths off (network.fast_paths = false): stock pynetdicom")
         return False
     return usable()
 

@@ -64,6 +64,18 @@ class _DecoderTracebacks(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class _PeerTracebacks(logging.Filter):
+    """pynetdicom's tracebacks (``LOGGER.exception`` on what a peer sent that it cannot
+    decode, say): the exception's message on one escaped line, its traceback only at DEBUG.
+    A traceback is not escaped, and would carry the peer's bytes as they came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom") and record.exc_info is not None:
+            if not logging.getLogger().isEnabledFor(logging.DEBUG):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _OneLineWarnings(logging.Filter):
     """A captured Python warning as ``Category: message`` (no file, line or source)."""
 
@@ -85,6 +97,7 @@ def setup_logging(level: str, json_format: bool = False) -> None:
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(_DecoderTracebacks())  # on the handler: it sees every logger's records
+    handler.addFilter(_PeerTracebacks())
     handler.addFilter(_OneLineWarnings())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -37,9 +37,10 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import AssociationSocket
 
 from node.cstore import encoded_p_data, p_data, store_request, store_response
+from node.pdumeter import HEADER, P_DATA_TF_TYPE, PDU_TYPES, pdu_limit
 from node.receive import StoreAssembler, dispatch_p_data
 from node.sendnow import SendGuard, guard, send_now
-from node.sockopts import tune
+from node.sockopts import A_ABORT_INVALID_PDU, tune
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class ReadLimits:
 
     message_bytes: int | None = None
     request_timeout: float | None = None
-
-
-MAX_ASSOCIATE_PDU = 64 * 1024
-"""A-ASSOCIATE-RQ/AC/RJ PDUs longer than this are refused (real ones are a few KiB)."""
-MAX_SMALL_PDU = 1024
-"""A-RELEASE and A-ABORT PDUs are 10 bytes."""
-A_ABORT_INVALID_PDU = bytes.fromhex("07000000000400000206")
-"""A-ABORT from the service provider (2), reason: invalid PDU parameter value (6)."""
 
 
 def set_nodelay(event: Event, limits: ReadLimits | None = None) -> None:
@@ -326,7 +319,7 @@ def _read_pdu(dul: DULServiceProvider) -> tuple[int, bytearray, bytearray] | Non
             dul.event_queue.put("Evt17")  # closed before a whole PDU header arrived
             return None
         pdu_type, _, length = struct.unpack(">BBL", head)
-        if pdu_type not in _PDU_TYPES:
+        if pdu_type not in PDU_TYPES:
             _refuse(dul, f"unknown PDU type 0x{pdu_type:02X}")
             return None
         limit = _pdu_limit(dul, pdu_type)
@@ -379,20 +372,11 @@ def _arrived(dul: DULServiceProvider) -> bool:
     return bool(readable)
 
 
-_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT
-P_DATA_TF_TYPE = 0x04
-PDU_HEADER = 6
-
-
 def _pdu_limit(dul: DULServiceProvider, pdu_type: int) -> int:
-    """The longest PDU of this type we read: A-ASSOCIATE near 64 KiB, P-DATA-TF our own
-    maximum PDU length (0: unlimited, as negotiated), release and abort a few bytes."""
-    if pdu_type == P_DATA_TF_TYPE:
-        assoc = dul.assoc
-        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
-        maximum = int(local.maximum_length or 0)
-        return maximum + PDU_HEADER if maximum else 2**32 - 1
-    return MAX_ASSOCIATE_PDU if pdu_type <= 0x03 else MAX_SMALL_PDU
+    """:func:`node.pdumeter.pdu_limit`, with our own maximum PDU length as negotiated."""
+    assoc = dul.assoc
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return pdu_limit(pdu_type, int(local.maximum_length or 0))
 
 
 def _refuse(dul: DULServiceProvider, what: str) -> None:
@@ -421,7 +405,7 @@ def _message_within_limit(dul: DULServiceProvider, body: bytearray) -> bool:
     if limit is None:
         return True
     offset, end, total = 0, len(body), wrapper.message_bytes
-    while offset + PDU_HEADER <= end:
+    while offset + HEADER <= end:
         (length,) = struct.unpack_from(">I", body, offset)
         total += length
         if total > limit:

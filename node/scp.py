@@ -45,7 +45,7 @@ from node.gate import ConnectionGate, NodeAssociationServer
 from node.metrics import Metrics
 from node.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.scu import VERIFICATION
-from node.sockopts import plain_socket
+from node.sockopts import metered_socket
 from node.spool import Spool
 
 if TYPE_CHECKING:
@@ -303,12 +303,11 @@ def start_server(
     """Start listening in background threads; returns the server (``.shutdown()`` stops it).
 
     Connections go through a :class:`node.gate.ConnectionGate` (pending caps, TLS in the
-    connection's thread). With ``fast_paths`` (``network.fast_paths`` as
-    :func:`node.fastpaths.resolve` allows it), pynetdicom's reader is replaced
-    (:mod:`node.netopts`), which enforces PDU and message sizes and read deadlines
-    (:class:`node.netopts.ReadLimits`) as they stream in; without, stock pynetdicom reads
-    (its ARTIM timer, the sockets' time limits) and :func:`handle_store` refuses a data set
-    over ``scp.max_dataset_mb`` once received."""
+    connection's thread). PDU and message sizes are enforced as they stream in: with
+    ``fast_paths`` (``network.fast_paths`` as :func:`node.fastpaths.resolve` allows it) by
+    the fast paths' reader (:class:`node.netopts.ReadLimits`, with the read deadlines),
+    without by :class:`node.sockopts.MeteredSocket` on stock pynetdicom's reads (the
+    deadlines then are pynetdicom's ARTIM timer and the sockets' time limits)."""
     ae = build_ae(cfg, fast_paths)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [spool, metrics, cfg.max_dataset_mb * 2**20, intake]),
@@ -351,14 +350,13 @@ def start_server(
 
 
 def _socket_handler(cfg: ScpConfig, fast_paths: bool) -> tuple[Any, ...]:
-    """The EVT_CONN_OPEN handler: the fast paths with the reader's limits, or only the
-    socket options every association gets."""
+    """The EVT_CONN_OPEN handler: the fast paths with their reader's limits, or the
+    socket options every association gets with the same limits on stock pynetdicom's
+    reads (:class:`node.sockopts.MeteredSocket`)."""
+    message_bytes = cfg.max_dataset_mb * 2**20 + COMMAND_SLACK
     if not fast_paths:
-        return (evt.EVT_CONN_OPEN, plain_socket)
-    limits = ReadLimits(
-        message_bytes=cfg.max_dataset_mb * 2**20 + COMMAND_SLACK,
-        request_timeout=cfg.association_request_timeout,
-    )
+        return (evt.EVT_CONN_OPEN, metered_socket, [cfg.max_pdu, message_bytes])
+    limits = ReadLimits(message_bytes, request_timeout=cfg.association_request_timeout)
     return (evt.EVT_CONN_OPEN, set_nodelay, [limits])
 
 

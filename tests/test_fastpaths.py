@@ -31,6 +31,7 @@ from node.dicomio import Encoded, split_encoded
 from node.errors import AssociationRejected, Unreachable
 from node.scp import StoreStatus, start_server
 from node.scu import Peer, associate, echo, store_encoded
+from node.sockopts import MeteredSocket
 from node.spool import Spool
 
 pytestmark = pytest.mark.network
@@ -62,7 +63,7 @@ def patches(assoc: Any) -> list[str]:
     found += [f"to_provider_queue.{n}" for n in patched(dul.to_provider_queue)]
     if dul.socket is not None:
         found += [f"socket.{n}" for n in patched(dul.socket)]
-        if type(dul.socket) is not AssociationSocket:
+        if type(dul.socket) not in (AssociationSocket, MeteredSocket):
             found.append(f"socket class {type(dul.socket).__name__}")
     return found
 
@@ -101,8 +102,9 @@ def _sr(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
 def test_the_switch_routes_through_stock_pynetdicom(spool, tmp_path, fast):
     """fast_paths=False: neither end of an association carries a replaced pynetdicom
-    method or class (the check finds them with fast_paths=True), and an image and an SR
-    go over it and are stored."""
+    method or class (the check finds them with fast_paths=True), but for the SCP's read
+    limits (MeteredSocket: pynetdicom's socket, its recv() counted), and an image and an
+    SR go over it and are stored."""
     server = _serve(spool, fast)
     peer = Peer("127.0.0.1", server.server_address[1], "CXR_NODE", "TESTSCU", 10.0, None, fast)
     items = [_encoded(NIH), _encoded(_sr(tmp_path))]
@@ -111,6 +113,7 @@ def test_the_switch_routes_through_stock_pynetdicom(spool, tmp_path, fast):
         with associate(peer, [(e.sop_class_uid, [e.transfer_syntax]) for e in items]) as assoc:
             [acceptor] = server.active_associations
             seen = {"requestor": patches(assoc), "acceptor": patches(acceptor)}
+            sockets = {"requestor": type(assoc.dul.socket), "acceptor": type(acceptor.dul.socket)}
         result = store_encoded(peer, items)
         echo(peer)
         contexts = server.ae.supported_contexts
@@ -124,6 +127,7 @@ def test_the_switch_routes_through_stock_pynetdicom(spool, tmp_path, fast):
     else:
         assert seen == {"requestor": [], "acceptor": []}
         assert {type(cx) for cx in contexts} == {PresentationContext}
+        assert sockets == {"requestor": AssociationSocket, "acceptor": MeteredSocket}
     assert result.failures == ["", ""] and not result.lost
     stored = {pydicom.dcmread(job.image).SOPClassUID for job in spool.jobs()}
     assert stored == {pydicom.dcmread(NIH).SOPClassUID, SR_CLASS}
@@ -186,10 +190,11 @@ def test_an_unknown_pynetdicom_turns_the_fast_paths_off_and_the_node_serves_and_
     assert len(spool.jobs()) == 1
 
 
-def test_fast_paths_off_by_configuration_log_no_warning(caplog):
-    with caplog.at_level(logging.INFO, logger="node.fastpaths"):
+def test_fast_paths_off_by_configuration_are_not_checked_and_warn_nothing(caplog, monkeypatch):
+    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
+    with caplog.at_level(logging.DEBUG, logger="node.fastpaths"):
         assert fastpaths.resolve(False) is False
-    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert "network.fast_paths = false" in caplog.text
 
 
@@ -301,7 +306,7 @@ def test_push_retries_an_unreachable_peer_even_when_its_message_says_rejected(
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({FAST_PATHS_ENV: "false"}, "network.fast_paths = false"),
+        ({FAST_PATHS_ENV: "false"}, None),
         ({FAST_PATHS_ENV: "true", PRETEND: "4.0.0"}, "pynetdicom 4.0.0: network fast paths off"),
     ],
     ids=["configured", "unknown-pynetdicom"],
@@ -332,12 +337,20 @@ def test_the_node_without_fast_paths_receives_classifies_and_delivers(
         pacs.shutdown()
         spool.close()
     log = proc.log.read_text()
-    [line] = [ln for ln in log.splitlines() if "network fast paths off" in ln]
-    assert expected in line and ("WARNING" in line) == ("4.0.0" in expected)
-    assert "(stock pynetdicom)" in log
+    assert "listening as CXR_NODE" in log and "(stock pynetdicom)" in log
+    warned = [ln for ln in log.splitlines() if "network fast paths off" in ln]
+    assert warned == ([] if expected is None else [warned[0]])
+    assert expected is None or (expected in warned[0] and " WARNING " in warned[0])
 
 
 def _modalities(spool: Spool) -> list[str]:
     return sorted(
         str(pydicom.dcmread(j.image, stop_before_pixels=True).Modality) for j in spool.jobs()
     )
+
+
+def test_metered_socket_overrides_nothing_of_pynetdicom_but_recv():
+    overridden = {
+        n for n, v in vars(MeteredSocket).items() if callable(v) and not n.startswith("_")
+    }
+    assert overridden == {"recv"} and issubclass(MeteredSocket, AssociationSocket)

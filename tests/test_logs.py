@@ -64,6 +64,21 @@ def test_pydicom_decoder_tracebacks_only_at_debug(captured):
     assert "a plain pydicom error stays" in out
 
 
+def test_pynetdicom_tracebacks_are_one_escaped_line(captured):
+    """What stock pynetdicom logs when a peer's A-ASSOCIATE-RQ carries a forged AE title:
+    the exception on one escaped line, no traceback with the raw bytes."""
+
+    def emit() -> None:
+        try:
+            raise ValueError(f"Invalid value for an AE: {FORGED!s}")
+        except ValueError as exc:
+            logging.getLogger("pynetdicom.dul").exception(exc)
+
+    out = captured(False, emit)
+    assert out.count("\n") == 1 and "\x1b" not in out and "Traceback" not in out
+    assert "Invalid value for an AE: EVIL\\n2026-01-01" in out
+
+
 def test_a_python_warning_is_one_line(captured):
     text = warnings.formatwarning(
         "The string 'Covid0000' is unlikely to be a person name", UserWarning, "/x/base.py", 199
