@@ -13,7 +13,8 @@ silent sockets then lock every sender out. Here:
   request within that time out;
 * a pending connection that has not completed its A-ASSOCIATE-RQ within
   ``scp.association_request_timeout`` is closed (the DICOM ARTIM timer, enforced by the
-  reader: :mod:`node.netopts`); accepted sockets never block without a timeout;
+  fast paths' reader, :mod:`node.netopts`, or by pynetdicom's own timer without them);
+  accepted sockets never block without a timeout;
 * the TLS handshake runs in the connection's own thread, bounded by the same timeout.
 """
 

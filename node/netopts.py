@@ -1,7 +1,8 @@
 """Socket options and pynetdicom tuning shared by the SCP and the SCU.
 
-Small workarounds of pynetdicom 3.0 internals (pinned <4), each applied per association
-from the EVT_CONN_OPEN handler and covered by tests/test_wire.py and
+Small workarounds of pynetdicom 3.0 internals (pinned 3.0.*), each applied per association
+from the EVT_CONN_OPEN handler where ``network.fast_paths`` is on and :mod:`node.fastpaths`
+found the pynetdicom they were written for, and covered by tests/test_wire.py and
 tests/test_scp_network.py: whole-PDU socket reads, an event-driven DUL reactor (it blocks
 in ``select`` instead of napping and polling), an event-driven association reactor, C-STORE
 requests and responses encoded directly (``node.cstore``), received C-STORE requests
