@@ -41,7 +41,7 @@ from node.cstore import encoded_p_data, p_data, store_request, store_response
 from node.pdumeter import HEADER, P_DATA_TF_TYPE, PDU_TYPES, pdu_limit
 from node.receive import StoreAssembler, dispatch_p_data
 from node.sendnow import SendGuard, guard, send_now
-from node.sockopts import A_ABORT_INVALID_PDU, tune
+from node.sockopts import abort_peer, tune
 
 log = logging.getLogger(__name__)
 
@@ -382,17 +382,8 @@ def _pdu_limit(dul: DULServiceProvider, pdu_type: int) -> int:
 
 def _refuse(dul: DULServiceProvider, what: str) -> None:
     """A-ABORT the peer (best effort), close the connection and end the association."""
-    assoc = dul.assoc
-    peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-    log.warning("%s from %s: aborting the association", what, peer.address)
     wrapper = cast(AssociationSocket, dul.socket)
-    sock = wrapper.socket
-    if sock is not None:
-        try:
-            sock.settimeout(1.0)
-            sock.send(A_ABORT_INVALID_PDU)
-        except OSError as exc:
-            log.debug("A-ABORT not sent: %s", exc)
+    abort_peer(dul.assoc, wrapper.socket, what)
     wrapper.close()
     dul.event_queue.put("Evt17")
 

@@ -71,17 +71,21 @@ class MeteredSocket(AssociationSocket):
         return data
 
     def _refuse(self, why: str) -> None:
-        assoc = self.assoc
-        peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-        log.warning("%s from %s: aborting the association", why, peer.address)
-        sock = self.socket
-        if sock is not None:
-            try:
-                sock.settimeout(1.0)
-                sock.sendall(A_ABORT_INVALID_PDU)
-            except OSError as exc:
-                log.debug("A-ABORT not sent: %s", exc)
+        abort_peer(self.assoc, self.socket, why)
         raise ConnectionAbortedError(why)
+
+
+def abort_peer(assoc: Association, sock: socket.socket | None, why: str) -> None:
+    """Log why the peer is refused, and send it an A-ABORT (best effort: within 1 s)."""
+    peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    log.warning("%s from %s: aborting the association", why, peer.address)
+    if sock is None:
+        return
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(A_ABORT_INVALID_PDU)
+    except OSError as exc:
+        log.debug("A-ABORT not sent: %s", exc)
 
 
 def metered_socket(event: Event, max_pdu: int, message_bytes: int | None) -> None:
