@@ -194,6 +194,10 @@ def test_an_sr_lost_in_flight_goes_to_the_back_of_the_line_uncounted(spool):
     assert delivery.state.up is False and files[1].exists()
 
 
+def _peer(port: int, ae_title: str = "PACS", timeout: float = 5.0) -> Peer:
+    return Peer("127.0.0.1", port, ae_title, "CXR_NODE", timeout, fast_paths=fast_paths())
+
+
 @contextmanager
 def _pacs(*sc_syntaxes: str) -> Iterator[dict[str, object]]:
     """An in-process pynetdicom Storage SCP: counts associations, keeps the data set bytes
@@ -262,7 +266,7 @@ def test_a_jpeg_summary_goes_as_stored_or_decompressed_to_a_pacs_without_jpeg(sp
     plain = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
     syntaxes = [JPEGBaseline8Bit, *plain] if takes_jpeg else plain
     with _pacs(*syntaxes) as seen:
-        peer = Peer("127.0.0.1", int(str(seen["port"])), "PACS", "CXR_NODE", timeout=5.0)
+        peer = _peer(int(str(seen["port"])))
         assert Delivery(spool, _cfg(), PeerDestination(peer)).step() == 1
     [job] = spool.jobs()
     assert job.state == "sent" and seen["associations"] == 1
@@ -276,10 +280,6 @@ def test_a_jpeg_summary_goes_as_stored_or_decompressed_to_a_pacs_without_jpeg(sp
     got = pydicom.dcmread(BytesIO(meta + received))
     assert got.PhotometricInterpretation == "RGB" and got.pixel_array.shape == pixels.shape
     assert np.abs(got.pixel_array.astype(int) - pixels).mean() < 3  # JPEG at quality 95
-
-
-def _peer(port: int, ae_title: str = "PACS", timeout: float = 5.0) -> Peer:
-    return Peer("127.0.0.1", port, ae_title, "CXR_NODE", timeout, fast_paths=fast_paths())
 
 
 def test_due_srs_go_over_one_association_as_stored_bytes(spool, pacs):
