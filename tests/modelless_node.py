@@ -3,12 +3,16 @@ stand-in classifier (no torch: the process starts in about a second).
 
 A test-only wrapper, like ``faulty_node.py``: every image scores 0.25 on each label; the
 rest (the SCP, the spool, the worker, the SR and JSON files, the CLI) is the node's own.
-Imported, it only defines the stand-in (``StandIn(None, INFO, "cpu")``).
+``CXR_TEST_STAND_IN_SECONDS``: seconds each image takes (a sleep, no CPU), for a test that
+must catch the command half-way. Imported, it only defines the stand-in
+(``StandIn(None, INFO, "cpu")``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ INFO = node.model.ModelInfo(
 
 class StandIn(node.model.Classifier):
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        time.sleep(len(batch) * float(os.environ.get("CXR_TEST_STAND_IN_SECONDS", "0")))
         return np.full((len(batch), len(LABELS)), 0.25, dtype=np.float32)
 
     def predict_with_maps(
