@@ -98,7 +98,7 @@ def test_images_routed_while_the_node_was_down_are_fetched_once(
     started = time.monotonic()
     node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST, model=False)
     srs = wait_for(
-        lambda: len(_srs(orthanc)) >= 50 and _srs(orthanc), FAST["interval"] + 30, "50 SRs"
+        lambda: len(_srs(orthanc)) >= 50 and _srs(orthanc), FAST["interval"] + 120, "50 SRs"
     )
     took = time.monotonic() - started
     print(f"node start to the 50th SR in Orthanc: {took:.1f} s")
@@ -141,7 +141,7 @@ def test_images_refused_while_the_spool_was_full_are_fetched_after(
     stop_process(full.proc, 20)
 
     node = node_factory(orthanc.dicom_port, port=node_port, catchup=FAST, model=False)
-    wait_for(lambda: len(_srs(orthanc)) == 12, FAST["interval"] + 30, "12 SRs")
+    wait_for(lambda: len(_srs(orthanc)) == 12, FAST["interval"] + 120, "12 SRs")
     # Orthanc lists an SR before the node has its C-STORE response and marks the job sent
     wait_for(lambda: node.jobs() == {"sent": 12}, 30, "12 jobs sent")
     assert node.metrics()["cxr_node_catchup_fetched_total"] == 12.0
