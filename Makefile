@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 # with either; on a GPU host the same wheels use CUDA).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
+# tests in parallel (pytest-xdist): most wait on sockets and subprocesses, so more workers
+# than cores pays; a test file stays on one worker. TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 6
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 .PHONY: setup peers test test-fast lint demo bench certs clean
 
 setup: $(VENV)/.installed
@@ -21,11 +26,14 @@ $(VENV)/.installed: pyproject.toml
 peers:
 	scripts/install-peers.sh
 
+# the network and integration tiers run twice: with the pynetdicom fast paths (the default)
+# and without them (network.fast_paths = false: stock pynetdicom)
 test: setup peers
-	$(PY) -m pytest -q
+	$(PYTEST)
+	CXR_NODE_NETWORK__FAST_PATHS=false $(PYTEST) -m "network or integration"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PYTEST) -m "not integration"
 
 lint: setup
 	$(VENV)/bin/ruff check node tests scripts

@@ -45,14 +45,38 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _shared_dir(factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
+    """A folder for what every test process of one run can share (``name``) and its lock
+    file: under pytest-xdist, beside the workers' own temp folders; otherwise in this
+    process's."""
+    base = factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / name, root / f"{name}.lock"
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained DenseNet saved exactly as torchxrayvision's weights file is.
+    """An untrained DenseNet saved exactly as torchxrayvision's weights file is, made once
+    per run (the first xdist worker to need it writes it; the others wait and reuse it).
 
     Its classifier is rescaled so that outputs spread over (0, 1) instead of saturating
     and fall on both sides of the operating thresholds: a test comparing values or
     Present/Absent labels must be able to fail.
     """
+    import fcntl
+
+    d, lock = _shared_dir(tmp_path_factory, "weights")
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if not (d / WEIGHTS_NAME).is_file():
+            part = d.with_name(d.name + ".part")
+            part.mkdir(exist_ok=True)
+            _save_test_checkpoint(part / WEIGHTS_NAME)
+            part.rename(d)
+    return d
+
+
+def _save_test_checkpoint(path: Path) -> None:
     import torch
     import torchxrayvision as xrv
 
@@ -64,9 +88,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         logits = model.classifier(model.features2(torch.from_numpy(img)[None]))
         model.classifier.weight.mul_(2.0 / float(logits.abs().max()))
         model.classifier.bias.fill_(-3.0)  # some findings below their threshold, some above
-    d = tmp_path_factory.mktemp("weights")
-    torch.save(model, d / WEIGHTS_NAME)
-    return d
+    torch.save(model, path)
 
 
 def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
@@ -88,6 +110,16 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """:func:`stop_process` for several at once: each is sent SIGTERM first, so their
+    shutdowns overlap instead of adding up."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        stop_process(proc, grace)
 
 
 @dataclass
@@ -157,8 +189,9 @@ def orthanc_factory(tmp_path: Path) -> Iterator[object]:
         return Orthanc(proc, http, dicom, rest, log)
 
     yield start
-    for p in procs:
-        stop_process(p, 10)
+    for p in procs:  # its storage is the test's: no clean stop to wait for (about 3.5 s)
+        p.kill()
+        p.wait(10)
 
 
 @dataclass
@@ -278,12 +311,26 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
         return NodeProc(proc, port, conf, spool, log)
 
     yield start
-    for p in procs:
-        stop_process(p, 20)
+    stop_processes(procs, 20)
 
 
 REPORTS: list[str] = []
 """Tables that tests want shown after the run (the corpus tier's outcome counts)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test's REPORTS travel in its report's user_properties: under pytest-xdist, from the
+    worker that ran it to the process that prints the summary."""
+    outcome = yield
+    if call.when == "teardown" and REPORTS and os.environ.get("PYTEST_XDIST_WORKER"):
+        outcome.get_result().user_properties.extend(("report", t) for t in REPORTS)
+        REPORTS.clear()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        REPORTS.extend(str(v) for k, v in report.user_properties if k == "report")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -34,9 +34,7 @@ def _poisoned(ds, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 node.pipeline.preprocess = _poisoned  # type: ignore[assignment]
 if os.environ.get("CXR_TEST_STAND_IN") == "1":  # the model is not what the test is about
-    from modelless_node import load_classifier
+    from modelless_node import stand_in
 
-    import node.model
-
-    node.model.load_classifier = load_classifier
+    stand_in()
 sys.exit(main())

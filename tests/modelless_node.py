@@ -3,12 +3,18 @@ stand-in classifier (no torch: the process starts in about a second).
 
 A test-only wrapper, like ``faulty_node.py``: every image scores 0.25 on each label; the
 rest (the SCP, the spool, the worker, the SR and JSON files, the CLI) is the node's own.
+``CXR_TEST_STAND_IN_SECONDS``: seconds each image takes (a sleep, no CPU), for a test that
+must catch the command half-way. The SR template is used without its start-up check
+against highdicom's build (~2 s of CPU in every process; tests/test_srtemplate.py checks
+the equivalence, and the nodes with the real model still check it at start).
 Imported, it only defines the stand-in (``StandIn(None, INFO, "cpu")``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +23,7 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import node.model
+import node.srtemplate
 from node.cli import main
 from node.codes import PATHOLOGY_CODES
 from node.config import ModelConfig
@@ -35,6 +42,7 @@ INFO = node.model.ModelInfo(
 
 class StandIn(node.model.Classifier):
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        time.sleep(len(batch) * float(os.environ.get("CXR_TEST_STAND_IN_SECONDS", "0")))
         return np.full((len(batch), len(LABELS)), 0.25, dtype=np.float32)
 
     def predict_with_maps(
@@ -50,6 +58,14 @@ def load_classifier(cfg: ModelConfig) -> node.model.Classifier:
     return StandIn(None, INFO, "cpu")
 
 
-if __name__ == "__main__":
+def stand_in() -> None:
+    """Patch this process's node: the stand-in classifier, the SR template unchecked."""
     node.model.load_classifier = load_classifier
+    defaults = node.srtemplate.ReportEncoder.__init__.__kwdefaults__
+    assert defaults is not None and "verify" in defaults, "ReportEncoder(verify=) is gone"
+    defaults["verify"] = False
+
+
+if __name__ == "__main__":
+    stand_in()
     sys.exit(main())

@@ -4,7 +4,9 @@ serve's filter and pipeline, one CSV row per image, and ``--resume`` after Ctrl-
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -27,12 +29,17 @@ def _config(tmp_path: Path, weights_dir: Path, batch: int = 4) -> Path:
     return write_config(tmp_path / "c.toml", {"model": model})
 
 
-def _run(conf: Path, *args: str, **kw: object) -> subprocess.Popen[str]:
+STAND_IN = (str(ROOT / "tests" / "modelless_node.py"),)
+"""The command with a stand-in classifier, where the model is not what a test is about."""
+
+
+def _run(
+    conf: Path, *args: str, entry: tuple[str, ...] = ("-m", "node"), **kw: object
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "node",
+            *entry,
             "classify",
             "--config",
             str(conf),
@@ -125,10 +132,13 @@ def test_sigint_then_resume_gives_the_csv_of_an_uninterrupted_run(tmp_path, weig
         ds.save_as(source / f"{i:03d}.dcm")
     conf = _config(tmp_path, weights_dir, batch=1)  # the same computation for every image
     whole = tmp_path / "whole.csv"
-    proc = _run(conf, str(source), "--csv", str(whole), "--json", str(tmp_path / "whole.json"))
+    run = functools.partial(_run, conf, str(source), entry=STAND_IN)
+    proc = run("--csv", str(whole), "--json", str(tmp_path / "whole.json"))
     assert proc.wait(300) == 0
     cut, cut_json = tmp_path / "cut.csv", tmp_path / "cut.json"
-    proc = _run(conf, str(source), "--csv", str(cut), "--json", str(cut_json))
+    # 0.2 s an image: the interrupt lands half-way however fast the machine
+    slow = {**os.environ, "CXR_TEST_STAND_IN_SECONDS": "0.2"}
+    proc = run("--csv", str(cut), "--json", str(cut_json), env=slow)
     wait_for(lambda: cut.exists() and len(_rows(cut)) >= 6, 120, "6 rows written")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -136,13 +146,13 @@ def test_sigint_then_resume_gives_the_csv_of_an_uninterrupted_run(tmp_path, weig
     done = len(_rows(cut))
     assert 6 <= done < 24
     assert len(json.loads(cut_json.read_text())) == done  # the JSON array was closed
-    proc = _run(conf, str(source), "--csv", str(cut), "--json", str(cut_json), "--resume")
+    proc = run("--csv", str(cut), "--json", str(cut_json), "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert cut.read_text() == whole.read_text()
     uids = [r["source"]["sop_instance_uid"] for r in json.loads(cut_json.read_text())]
     assert len(uids) == 24 == len(set(uids))
-    again = _run(conf, str(source), "--csv", str(cut), "--resume")
+    again = run("--csv", str(cut), "--resume")
     _, err = again.communicate(timeout=300)
     assert "0 classified, 0 skipped, 0 failed" in err and cut.read_text() == whole.read_text()
 
@@ -155,7 +165,7 @@ def test_resume_needs_an_output(tmp_path, weights_dir):
 
 @pytest.mark.parametrize("n", [1])
 def test_the_json_on_stdout_is_an_array(tmp_path, weights_dir, n):
-    proc = _run(_config(tmp_path, weights_dir), str(ACRNEMA))
+    proc = _run(_config(tmp_path, weights_dir), str(ACRNEMA), entry=STAND_IN)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert len(json.loads(out)) == n

@@ -24,12 +24,18 @@ from node.preprocess import preprocess
 SCHEMA = json.loads((ROOT / "node" / "result.schema.json").read_text())
 
 
-def classify(tmp_path: Path, weights_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+STAND_IN = (str(ROOT / "tests" / "modelless_node.py"),)
+"""The command with a stand-in classifier, where the model is not what a test is about."""
+
+
+def classify(
+    tmp_path: Path, weights_dir: Path, *args: str, entry: tuple[str, ...] = ("-m", "node")
+) -> subprocess.CompletedProcess[str]:
     conf = write_config(
         tmp_path / "c.toml", {"model": {"cache_dir": str(weights_dir), "allow_download": False}}
     )
     return subprocess.run(
-        [sys.executable, "-m", "node", "classify", "--config", str(conf), *args],
+        [sys.executable, *entry, "classify", "--config", str(conf), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -92,7 +98,7 @@ def test_classify_refuses_untrained_without_flag(tmp_path, weights_dir):
 def test_classify_names_a_non_dicom_file_as_skipped(tmp_path, weights_dir):
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image\n")
-    done = classify(tmp_path, weights_dir, str(junk), "--allow-untrained")
+    done = classify(tmp_path, weights_dir, str(junk), "--allow-untrained", entry=STAND_IN)
     assert done.returncode == 0  # skipped, as push skips it
     assert f"{junk}: skipped: not a DICOM file" in done.stderr
     assert "0 classified, 1 skipped, 0 failed" in done.stderr
@@ -126,13 +132,16 @@ def test_classify_applies_the_serve_filter_and_counts(tmp_path, weights_dir):
         "--json",
         str(tmp_path / "first.json"),
         "--allow-untrained",
+        entry=STAND_IN,  # the filter is under test, not the model
     )
     assert first.returncode == 0, first.stderr
     [sr_made] = list((tmp_path / "SR").iterdir())
     sr.write_bytes(sr_made.read_bytes())  # an SR sent back to us is never classified
     files = [str(p) for p in (chest, *skipped, sr)]
     out = tmp_path / "r.json"
-    done = classify(tmp_path, weights_dir, *files, "--json", str(out), "--allow-untrained")
+    done = classify(
+        tmp_path, weights_dir, *files, "--json", str(out), "--allow-untrained", entry=STAND_IN
+    )
     assert done.returncode == 0, done.stderr  # every file classified or skipped
     assert len(json.loads(out.read_text())) == 1
     assert "1 classified, 4 skipped, 0 failed" in done.stderr
@@ -141,7 +150,14 @@ def test_classify_applies_the_serve_filter_and_counts(tmp_path, weights_dir):
     assert "no Pixel Data" not in done.stderr and "Modality SR" in done.stderr
     assert "Traceback" not in done.stderr
     everything = classify(
-        tmp_path, weights_dir, *files[:4], "--json", str(out), "--allow-untrained", "--no-filter"
+        tmp_path,
+        weights_dir,
+        *files[:4],
+        "--json",
+        str(out),
+        "--allow-untrained",
+        "--no-filter",
+        entry=STAND_IN,
     )
     assert everything.returncode == 0, everything.stderr
     assert len(json.loads(out.read_text())) == 4
@@ -163,6 +179,7 @@ def test_classify_fails_a_broken_image_alone_with_one_line(tmp_path, weights_dir
         "--json",
         str(out),
         "--allow-untrained",
+        entry=STAND_IN,  # what fails is the image's decoding, never the model
     )
     assert done.returncode == 1  # some failed
     assert "1 classified, 0 skipped, 2 failed" in done.stderr
@@ -180,7 +197,7 @@ def test_classify_outputs_in_new_folders_and_an_unwritable_one_in_one_line(tmp_p
     csv_path, json_path = tmp_path / "a" / "b" / "r.csv", tmp_path / "c" / "r.json"
     done = classify(
         tmp_path, weights_dir, str(NIH), "--allow-untrained",
-        "--csv", str(csv_path), "--json", str(json_path),
+        "--csv", str(csv_path), "--json", str(json_path), entry=STAND_IN,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(json.loads(json_path.read_text())) == 1
@@ -188,7 +205,13 @@ def test_classify_outputs_in_new_folders_and_an_unwritable_one_in_one_line(tmp_p
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     done = classify(
-        tmp_path, weights_dir, str(NIH), "--allow-untrained", "--json", str(blocker / "r.json")
+        tmp_path,
+        weights_dir,
+        str(NIH),
+        "--allow-untrained",
+        "--json",
+        str(blocker / "r.json"),
+        entry=STAND_IN,
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"cannot write {blocker / 'r.json'}" in done.stderr, done.stderr

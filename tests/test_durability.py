@@ -1,6 +1,7 @@
 """Durability with a real Orthanc and the node as a real process: kill -9, PACS outages, a
 wrong destination, an unwritable spool, SIGTERM. An image answered 0x0000 is never lost, and
-an SR is never given up on because the PACS was away."""
+an SR is never given up on because the PACS was away. The model is not what these are about:
+the nodes run the stand-in classifier (tests/modelless_node.py)."""
 
 from __future__ import annotations
 
@@ -10,30 +11,27 @@ import threading
 import time
 
 import pytest
-from helpers import WEIGHTS_NAME, Sender, chest_images, fast_paths, free_port, wait_for
+from helpers import Sender, chest_images, fast_paths, free_port, wait_for
+from modelless_node import INFO
 
 from node.config import ReportConfig
 from node.errors import SendError
-from node.model import sha256_file
 from node.scu import Peer, echo
 from node.uids import sr_instance_uid
 
 pytestmark = pytest.mark.integration
 
 
-def expected_srs(sop_uids: list[str], weights_dir) -> set[str]:
-    sha = sha256_file(weights_dir / WEIGHTS_NAME)
-    model_id = f"densenet121-res224-all@{sha[:16]}"
+def expected_srs(sop_uids: list[str]) -> set[str]:
+    """The SR UIDs the node (with the stand-in classifier) derives for these images."""
     root = ReportConfig().uid_root
-    return {str(sr_instance_uid(root, uid, model_id, sha)) for uid in sop_uids}
+    return {str(sr_instance_uid(root, u, INFO.model_id, INFO.weights_sha256)) for u in sop_uids}
 
 
-def test_kill_9_mid_stream_loses_nothing_that_was_acknowledged(
-    orthanc_factory, node_factory, weights_dir
-):
+def test_kill_9_mid_stream_loses_nothing_that_was_acknowledged(orthanc_factory, node_factory):
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node = node_factory(orthanc.dicom_port, port=node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port, model=False)
     images = chest_images(50, "kill9")
     sender = Sender(node_port)
     # paced, so that the kill lands mid-stream with jobs received, classified and sent
@@ -51,18 +49,18 @@ def test_kill_9_mid_stream_loses_nothing_that_was_acknowledged(
     thread.join(120)
     assert len(sender.acked) + len(sender.failed) == 50
     assert sender.failed, "the kill should have interrupted the stream"
-    node_factory(orthanc.dicom_port, port=node_port)
-    want = expected_srs(sender.acked, weights_dir)
+    node_factory(orthanc.dicom_port, port=node_port, model=False)
+    want = expected_srs(sender.acked)
     wait_for(lambda: want <= set(orthanc.sr_uids()), 180, "an SR for every acked image")
     got = orthanc.sr_uids()
-    assert len(got) == len(set(got)) and set(got) <= expected_srs(
-        [str(d.SOPInstanceUID) for d in images], weights_dir
-    )
+    assert len(got) == len(set(got))
+    assert set(got) <= expected_srs([str(d.SOPInstanceUID) for d in images])
 
 
-def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factory, weights_dir):
+def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factory):
     node_port, dicom_port = free_port(), free_port()
-    node = node_factory(dicom_port, port=node_port)  # Orthanc is down: nothing listens there
+    # Orthanc is down: nothing listens there
+    node = node_factory(dicom_port, port=node_port, model=False)
     images = chest_images(20, "outage")
     sender = Sender(node_port)
     sender.send(images)
@@ -73,7 +71,7 @@ def test_orthanc_outage_all_pending_srs_arrive_once(orthanc_factory, node_factor
         "20 SRs pending, the destination found unreachable",
     )
     orthanc = orthanc_factory(node_port, dicom_port=dicom_port)
-    want = expected_srs(sender.acked, weights_dir)
+    want = expected_srs(sender.acked)
     wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "all 20 SRs in Orthanc")
     wait_for(lambda: node.jobs().get("sent", 0) == 20, 30, "all 20 jobs sent")
     assert sorted(orthanc.sr_uids()) == sorted(want)
@@ -93,7 +91,7 @@ def _first_echo(port: int, stop: threading.Event, found: list[float]) -> None:
 
 
 def test_an_outage_past_the_old_dead_letter_window_loses_no_sr_and_ends_within_10_s(
-    orthanc_factory, node_factory, weights_dir
+    orthanc_factory, node_factory
 ):
     """The issue's acceptance, scaled down: with 3 attempts and 0.2..1 s backoff the old
     delivery dead-lettered every SR within ~2 s of the PACS going away; now a 10 s outage
@@ -105,6 +103,7 @@ def test_an_outage_past_the_old_dead_letter_window_loses_no_sr_and_ends_within_1
         port=node_port,
         worker={"max_attempts": 3, "backoff_base": 0.2, "backoff_max": 1.0},
         destination={"probe_interval": 1.0, "timeout": 5.0},
+        model=False,
     )  # Orthanc is down: nothing listens on dicom_port
     down_at = time.monotonic()
     sender = Sender(node_port)
@@ -125,7 +124,7 @@ def test_an_outage_past_the_old_dead_letter_window_loses_no_sr_and_ends_within_1
     prober.start()
     try:
         orthanc = orthanc_factory(node_port, dicom_port=dicom_port)
-        want = expected_srs(sender.acked, weights_dir)
+        want = expected_srs(sender.acked)
         wait_for(lambda: set(orthanc.sr_uids()) == want, 60, "all 8 SRs in Orthanc", every=0.05)
         delivered_at = time.monotonic()
         prober.join(10)
@@ -140,7 +139,7 @@ def test_an_outage_past_the_old_dead_letter_window_loses_no_sr_and_ends_within_1
 
 
 def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
-    orthanc_factory, node_factory, weights_dir
+    orthanc_factory, node_factory
 ):
     """A wrong destination (nothing listens there) is a connection failure: the SRs wait,
     nothing is dead-lettered however many attempts, and ``status`` says why; the node
@@ -148,7 +147,11 @@ def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
     node_port, wrong = free_port(), free_port()
     orthanc = orthanc_factory(node_port)
     node = node_factory(
-        wrong, port=node_port, worker={"max_attempts": 2}, destination={"probe_interval": 0.2}
+        wrong,
+        port=node_port,
+        worker={"max_attempts": 2},
+        destination={"probe_interval": 0.2},
+        model=False,
     )
     sender = Sender(node_port)
     sender.send(chest_images(3, "dead"))
@@ -165,8 +168,8 @@ def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
     assert (
         listing.returncode == 0 and "classified=3" in listing.stdout and "dead=0" in listing.stdout
     )
-    node_factory(orthanc.dicom_port, port=node_port)  # config fixed: right port
-    want = expected_srs(sender.acked, weights_dir)
+    node_factory(orthanc.dicom_port, port=node_port, model=False)  # config fixed: right port
+    want = expected_srs(sender.acked)
     wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "the 3 SRs after the fix")
 
 
@@ -186,10 +189,10 @@ def _make_unwritable(path):
     return restore
 
 
-def test_unwritable_spool_answers_a700_and_recovers(orthanc_factory, node_factory, weights_dir):
+def test_unwritable_spool_answers_a700_and_recovers(orthanc_factory, node_factory):
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node = node_factory(orthanc.dicom_port, port=node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port, model=False)
     restore = _make_unwritable(node.spool / "incoming")
     try:
         refused = Sender(node_port)
@@ -205,17 +208,15 @@ def test_unwritable_spool_answers_a700_and_recovers(orthanc_factory, node_factor
     sender = Sender(node_port)
     sender.send(chest_images(1, "ro-2"))
     assert len(sender.acked) == 1
-    want = expected_srs(sender.acked, weights_dir)
+    want = expected_srs(sender.acked)
     wait_for(lambda: want <= set(orthanc.sr_uids()), 60, "the SR after recovery")
     assert "refused" in node.log_text()
 
 
-def test_sigterm_during_processing_exits_cleanly_and_loses_nothing(
-    orthanc_factory, node_factory, weights_dir
-):
+def test_sigterm_during_processing_exits_cleanly_and_loses_nothing(orthanc_factory, node_factory):
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node = node_factory(orthanc.dicom_port, port=node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port, model=False)
     sender = Sender(node_port)
     sender.send(chest_images(12, "term"))
     assert len(sender.acked) == 12
@@ -224,6 +225,6 @@ def test_sigterm_during_processing_exits_cleanly_and_loses_nothing(
     assert "stopped" in node.log_text()
     status = node.cli("status")
     assert status.returncode == 3 and "node: NOT running" in status.stdout
-    node_factory(orthanc.dicom_port, port=node_port)
-    want = expected_srs(sender.acked, weights_dir)
+    node_factory(orthanc.dicom_port, port=node_port, model=False)
+    want = expected_srs(sender.acked)
     wait_for(lambda: set(orthanc.sr_uids()) == want, 120, "all 12 SRs after restart")

@@ -80,7 +80,10 @@ def test_fuzzed_input_never_kills_the_node(orthanc_factory, node_factory):
     orthanc = orthanc_factory(node_port)
     # a short network timeout bounds how long a half-open garbage connection holds one of
     # the association slots (scp.max_associations): the hardening a hostile network needs
-    node = node_factory(orthanc.dicom_port, port=node_port, scp={"network_timeout": 5.0})
+    # (the model is not what this is about: the stand-in classifier, tests/modelless_node.py)
+    node = node_factory(
+        orthanc.dicom_port, port=node_port, scp={"network_timeout": 5.0}, model=False
+    )
     client = Client(node_port)
     valid = _valid_dataset_bytes()
     head = valid[:4096]  # header region: where mutations hurt parsing

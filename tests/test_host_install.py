@@ -24,7 +24,6 @@ from node.config import load_config
 
 UNIT = ROOT / "deploy" / "cxr-node.service"
 HOST_TOML = ROOT / "deploy" / "node.toml"
-INSTALL = ROOT / "scripts" / "install-host.sh"
 PREFIX = "/opt/cxr-node"
 
 
@@ -111,7 +110,17 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
 
 # -- the install, into a staging root -------------------------------------------------------
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def install(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scripts/install-host.sh of a copy of this checkout: pip builds the node where the
+    script is (build/, *.egg-info), which must not be the checkout other tests read."""
+    copy = tmp_path_factory.mktemp("src") / "cxr-node"
+    skip = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "var", ".*cache")
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(*skip, ".hypothesis"))
+    return copy / "scripts" / "install-host.sh"
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory, install: Path) -> Path:
     """scripts/install-host.sh --destdir ROOT. Offline: the venv it installs into is made
     beforehand, seeing this interpreter's packages (torch, pip, setuptools) through a .pth
     file, and pip runs with --no-index; the node itself is built from this checkout."""
@@ -125,7 +134,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc" / "orthanc").mkdir(parents=True)
     (root / "etc" / "orthanc" / "orthanc.json").write_text("{}")  # Debian's, replaced
     done = subprocess.run(
-        [str(INSTALL), "--destdir", str(root)],
+        [str(install), "--destdir", str(root)],
         env=env,
         capture_output=True,
         text=True,
@@ -137,7 +146,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_install_lays_out_the_host(staged):
+def test_the_install_lays_out_the_host(staged, install):
     root = staged
     link = root / "usr/local/bin/cxr-node"
     assert os.readlink(link) == f"{PREFIX}/venv/bin/cxr-node"
@@ -166,7 +175,7 @@ def test_the_install_lays_out_the_host(staged):
     assert where.stdout.startswith(str(root)), where.stdout
     # a second run keeps the generated password and the operator's config
     again = subprocess.run(
-        [str(INSTALL), "--destdir", str(root)],
+        [str(install), "--destdir", str(root)],
         env={**os.environ, "PIP_INSTALL_ARGS": "--no-index --no-build-isolation"},
         capture_output=True,
         text=True,

@@ -117,7 +117,7 @@ def test_route_reaches_a_node_restarted_after_kill_9_while_images_keep_coming(
 
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node = node_factory(orthanc.dicom_port, port=node_port)
+    node = node_factory(orthanc.dicom_port, port=node_port, model=False)  # the route's test
     files = []
     for i, ds in enumerate(chest_images(40, "route-kill")):
         ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["route-kill", str(i)])
@@ -133,7 +133,9 @@ def test_route_reaches_a_node_restarted_after_kill_9_while_images_keep_coming(
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait(10)
     restarted = threading.Thread(
-        target=node_factory, args=(orthanc.dicom_port,), kwargs={"port": node_port}
+        target=node_factory,
+        args=(orthanc.dicom_port,),
+        kwargs={"port": node_port, "model": False},
     )
     restarted.start()
     sent = 1

@@ -209,7 +209,7 @@ def test_pushed_zip_of_chest_images_gets_one_sr_each(orthanc_factory, node_facto
 
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    node_factory(orthanc.dicom_port, port=node_port)
+    node_factory(orthanc.dicom_port, port=node_port, model=False)  # push is under test
     images = chest_images(5, "zip-e2e")
     path = tmp_path / "chest.zip"
     with zipfile.ZipFile(path, "w") as zf:
