@@ -111,10 +111,10 @@ def test_an_sr_that_cannot_be_built_fails_that_image_alone(node_parts, monkeypat
     uids = _store(spool, chest_images(2, seed="sr"))
     real = worker.reports.encode
 
-    def encode(ds, findings, now):
+    def encode(ds, findings, now, summary=None):
         if str(ds.SOPInstanceUID) == uids[0]:
             raise KeyError("1.2.840.10008.5.1.4.1.1.6")
-        return real(ds, findings, now)
+        return real(ds, findings, now, summary)
 
     monkeypatch.setattr(worker.reports, "encode", encode)
     _drain(worker, delivery)
