@@ -233,18 +233,19 @@ def test_association_reactor_serves_releases_survives_aborts_and_times_out(tmp_p
     from node.netopts import association_reactor
 
     spool = Spool(tmp_path / "spool", fsync=False)
-    cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=1.0)
+    # long enough for a loaded machine between two of the messages below
+    cfg = ScpConfig(port=0, allowed_calling_aets=("TESTSCU",), network_timeout=3.0)
     server = start_server(cfg, spool)
     ended: list[str] = []
     server.bind(evt.EVT_RELEASED, lambda _e: ended.append("released"))
     server.bind(evt.EVT_ABORTED, lambda _e: ended.append("aborted"))
     port = server.server_address[1]
     try:
+        ds = pydicom.dcmread(NIH)
         assoc = _assoc(port, SecondaryCaptureImageStorage)
         [acceptor] = server.active_associations
         assert acceptor._run_reactor.__func__ is association_reactor
         for _ in range(3):  # several messages on one association
-            ds = pydicom.dcmread(NIH)
             ds.SOPInstanceUID = generate_uid()
             assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
         assoc.release()
@@ -254,7 +255,7 @@ def test_association_reactor_serves_releases_survives_aborts_and_times_out(tmp_p
         wait_for(lambda: ended[-1:] == ["aborted"], 5, "the peer's abort")
 
         idle = _assoc(port, Verification)
-        wait_for(lambda: not idle.is_established, 10, "the network timeout")
+        wait_for(lambda: not idle.is_established, 30, "the network timeout")
         assert idle.is_aborted
         assert len(spool.jobs()) == 3
         again = _assoc(port, Verification)  # still serving
