@@ -177,7 +177,7 @@ def test_the_worker_thread_survives_a_failed_round(node_parts, monkeypatch):
     thread.start()
     delivering.start()
     try:
-        wait_for(lambda: sent, 30, "the SR after a failed round")
+        wait_for(lambda: sent, 90, "the SR after a failed round")
         assert thread.is_alive() and delivering.is_alive()
         assert failed == {"received", "classified"}
     finally:

@@ -68,7 +68,7 @@ def _warm(node: object) -> None:
     seconds after the store is answered)."""
     ok, _ = _storescu(node.port)  # type: ignore[attr-defined]
     assert ok
-    wait_for(lambda: node.jobs() == {"classified": 1}, 60, "the first image classified")  # type: ignore[attr-defined]
+    wait_for(lambda: node.jobs() == {"classified": 1}, 180, "the first image classified")  # type: ignore[attr-defined]
 
 
 def _connect(port: int, first: bytes = b"") -> socket.socket:
