@@ -18,6 +18,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptu
 
 from node.netopts import NODELAY_HANDLER
 from node.scp import StoreStatus
+from node.scu import usable
 from node.sockopts import PLAIN_HANDLER
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,9 @@ class Client:
         if self.assoc is None or not self.assoc.is_established:
             self._connect()
         status = send_raw_c_store(self.assoc, SecondaryCaptureImageStorage, sop_uid, payload)
-        if "Status" not in status and not self.assoc.is_established:
+        # usable(), not is_established: that is updated by the association's reactor, which
+        # may not have seen the A-ABORT yet (a node's idle timeout on a loaded machine)
+        if "Status" not in status and not usable(self.assoc):
             self.resent += 1
             self._connect()
             status = send_raw_c_store(self.assoc, SecondaryCaptureImageStorage, sop_uid, payload)
