@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 BATCH = 64
 """SRs sent per round at most, over one association (a few KiB each)."""
 BATCH_BYTES = 32 * 2**20
-"""Bytes read and sent per round at most (summary images are ~3 MiB each), beyond its first
-job: after an outage a round must not read hundreds of MiB into memory."""
+"""Bytes read and sent per round at most, beyond its first job (an uncompressed summary image
+is ~3 MiB): after an outage a round must not read hundreds of MiB into memory."""
 STATE_FILE = "delivery.json"
 
 

@@ -431,12 +431,12 @@ def preprocess(ds: Dataset, size: int = INPUT_SIZE, display_max: int | None = No
         raise PreprocessError(f"{_uid(ds)}: image of shape {grey.data.shape} is not a 2-D image")
     height, width = grey.data.shape
     geometry = crop_geometry(height, width, size)
-    if display_max is None:
-        square, display = _scaled(ds, grey, centre_crop(grey.data)), None
-    elif (shape := display_shape(height, width, display_max)) == (height, width):
+    shape = None if display_max is None else display_shape(height, width, display_max)
+    display: npt.NDArray[np.uint8] | None
+    if shape == (height, width):
         whole = _scaled(ds, grey, grey.data)
         square, display = centre_crop(whole), _grey_levels(whole)
     else:
         square = _scaled(ds, grey, centre_crop(grey.data))
-        display = _grey_levels(_display(ds, grey, shape))
+        display = None if shape is None else _grey_levels(_display(ds, grey, shape))
     return Preprocessed(resize_square(square, size), tuple(steps), geometry, display)

@@ -342,11 +342,16 @@ def _store_one(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
     except ValueError as exc:  # this (class, syntax) refused while others were accepted
         if UID(e.transfer_syntax).is_compressed:
             return _store_uncompressed(assoc, e, msg_id)
-        refused = Dataset()
-        refused.Status = CANNOT_UNDERSTAND
-        refused.ErrorComment = f"presentation context refused by the peer: {exc}"
-        return refused
+        return _cannot_send(f"presentation context refused by the peer: {exc}")
     return status if "Status" in status else None
+
+
+def _cannot_send(comment: str) -> Dataset:
+    """A failure status, as if the peer had answered, for an object the node cannot send."""
+    failed = Dataset()
+    failed.Status = CANNOT_UNDERSTAND
+    failed.ErrorComment = comment
+    return failed
 
 
 def _store_uncompressed(assoc: Association, e: Encoded, msg_id: int) -> Dataset | None:
@@ -355,10 +360,7 @@ def _store_uncompressed(assoc: Association, e: Encoded, msg_id: int) -> Dataset 
     try:
         plain = uncompressed(e)
     except PreprocessError as exc:
-        failed = Dataset()
-        failed.Status = CANNOT_UNDERSTAND
-        failed.ErrorComment = f"its transfer syntax was refused and {exc}"
-        return failed
+        return _cannot_send(f"its transfer syntax was refused and {exc}")
     log.info(
         "%s: the peer refused %s: sent uncompressed",
         e.sop_instance_uid,
