@@ -217,12 +217,12 @@ def test_an_instance_refused_for_good_is_not_fetched_again(orthanc_factory, node
 def test_five_restarts_under_a_steady_stream_lose_nothing_and_duplicate_nothing(
     orthanc_factory, node_factory, tmp_path
 ):
-    """150 images stored into Orthanc at a steady rate while the node is restarted five
-    times as a supervisor does it (TERM, then KILL after a few seconds): 150 SRs in Orthanc,
+    """90 images stored into Orthanc at a steady rate while the node is restarted five
+    times as a supervisor does it (TERM, then KILL after a few seconds): 90 SRs in Orthanc,
     none twice — the route drops what arrives while the node is down, the catch-up fetches
     it. The restarts follow the stream (one every 5 of its 30 associations), so that it
     runs through all five on any machine."""
-    n, per_association = 150, 5
+    n, per_association = 90, 3
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
     images = _images(tmp_path / "in", n, "restarts", _today())
@@ -230,7 +230,7 @@ def test_five_restarts_under_a_steady_stream_lose_nothing_and_duplicate_nothing(
     node = start()
     progress = tmp_path / "associations"
     progress.touch()
-    sender = subprocess.Popen(  # 5 images an association, one association a second or so
+    sender = subprocess.Popen(  # 3 images an association, one association a second or so
         [
             "bash",
             "-c",
