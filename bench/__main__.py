@@ -38,8 +38,8 @@ from bench.common import (
     wait_for,
 )
 from bench.route import bench_route
-from node.config import ModelConfig
-from node.threads import apply_wait_policy
+from node.analysis.threads import apply_wait_policy
+from node.core.config import ModelConfig
 
 PY = sys.executable
 ROUNDS = 5  # push and ingest: rounds of all clients in turn; ratios are per-round medians
@@ -266,15 +266,15 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     import torch
     import torchxrayvision as xrv
 
-    from node.allocator import keep_freed_memory
-    from node.config import ModelConfig
-    from node.dicomio import read_dataset
-    from node.model import load_classifier
-    from node.pipeline import analyze
-    from node.preprocess import preprocess
-    from node.report import ReportContext
-    from node.srtemplate import ReportEncoder
-    from node.summarize import Summarizer
+    from node.analysis.allocator import keep_freed_memory
+    from node.analysis.model import load_classifier
+    from node.analysis.preprocess import preprocess
+    from node.core.config import ModelConfig
+    from node.dicom.dicomio import read_dataset
+    from node.process.pipeline import analyze
+    from node.process.summarize import Summarizer
+    from node.sr.report import ReportContext
+    from node.sr.srtemplate import ReportEncoder
 
     clf = load_classifier(
         ModelConfig(
@@ -399,7 +399,7 @@ def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str,
         cmd += ["--csv", str(out.with_suffix(".csv")), "--json", str(out.with_suffix(".json"))]
         return timed(lambda: subprocess.run(cmd, env=env, check=True, capture_output=True))
 
-    from node.allocator import keep_freed_memory
+    from node.analysis.allocator import keep_freed_memory
 
     keep_freed_memory(4)  # as classify sets it: raw model(x) under the same malloc tuning
     module = xrv.models.DenseNet(weights=None).eval()

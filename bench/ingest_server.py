@@ -10,11 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
-from node.allocator import keep_freed_memory
-from node.config import ModelConfig, ScpConfig
-from node.fastpaths import resolve
-from node.scp import start_server
-from node.spool import Spool
+from node.analysis.allocator import keep_freed_memory
+from node.core.config import ModelConfig, ScpConfig
+from node.net.fast.fastpaths import resolve
+from node.net.scp import start_server
+from node.store.spool import Spool
 
 
 def main() -> None:

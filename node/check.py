@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from node.config import NodeConfig, ReportConfig
-from node.errors import NodeError
+from node.core.config import NodeConfig, ReportConfig
+from node.core.errors import NodeError
 
 if TYPE_CHECKING:
-    from node.scu import Peer
+    from node.net.scu import Peer
 
 Level = Literal["OK", "WARN", "FAIL"]
 # pydicom's root, the default of report.uid_root: fine for a test, not for a hospital's SRs
@@ -72,7 +72,7 @@ def check_uid_root(cfg: NodeConfig) -> Result:
 
 
 def check_weights(cfg: NodeConfig) -> Result:
-    from node.model import OFFICIAL_SHA256, expected_weights_path, sha256_file
+    from node.analysis.model import OFFICIAL_SHA256, expected_weights_path, sha256_file
 
     m = cfg.model
     try:
@@ -110,7 +110,7 @@ def check_weights(cfg: NodeConfig) -> Result:
 
 
 def check_spool(cfg: NodeConfig) -> Result:
-    from node.spool import lock_holder
+    from node.store.spool import lock_holder
 
     root = cfg.spool.directory
     folder = root if root.exists() else _existing_parent(root)
@@ -174,7 +174,7 @@ def check_port(name: str, address: str, port: int, keys: str) -> Result:
 
 def check_fast_paths(cfg: NodeConfig) -> Result:
     """Whether ``network.fast_paths`` can be used with the installed pynetdicom."""
-    from node.fastpaths import TESTED, problems, version
+    from node.net.fast.fastpaths import TESTED, problems, version
 
     name = "network fast paths"
     if not cfg.network.fast_paths:
@@ -202,7 +202,7 @@ def check_destination(cfg: NodeConfig) -> Result:
 
 
 def check_catchup_peer(cfg: NodeConfig) -> Result:
-    from node.catchup import qr_peer
+    from node.jobs.catchup import qr_peer
 
     return _echo(
         "catch-up peer",
@@ -213,7 +213,7 @@ def check_catchup_peer(cfg: NodeConfig) -> Result:
 
 
 def _destination_peer(cfg: NodeConfig) -> Peer:
-    from node.scu import Peer, client_ssl_context
+    from node.net.scu import Peer, client_ssl_context
 
     d = cfg.destination
     tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
@@ -223,7 +223,7 @@ def _destination_peer(cfg: NodeConfig) -> Peer:
 
 
 def _echo(name: str, make_peer: Callable[[], Peer], keys: str) -> Result:
-    from node.scu import echo
+    from node.net.scu import echo
 
     try:
         peer = make_peer()

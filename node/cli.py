@@ -20,26 +20,26 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from node import __version__
-from node.allocator import keep_freed_memory, release_start_up_garbage
-from node.errors import ConfigError, NodeError
-from node.logs import setup_logging
+from node.analysis.allocator import keep_freed_memory, release_start_up_garbage
+from node.core.errors import ConfigError, NodeError
+from node.core.logs import setup_logging
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
-    from node.delivery import PeerDestination
-    from node.model import ModelInfo
-    from node.scu import Peer
-    from node.spool import Spool
+    from node.analysis.model import ModelInfo
+    from node.core.config import NodeConfig
+    from node.jobs.delivery import PeerDestination
+    from node.net.scu import Peer
+    from node.store.spool import Spool
 
 log = logging.getLogger("node.cli")
-# node.spool.STATES, without importing sqlite3 into every command's start-up
+# node.store.spool.STATES, without importing sqlite3 into every command's start-up
 JOB_STATES = ("received", "classified", "sent", "skipped", "failed", "quarantined", "dead")
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """The configuration; logging set up, and ``spool.umask`` applied to the process: every
     file the command writes (spool, jobs.sqlite, results JSON, SRs) is the user's alone."""
-    from node.config import load_config  # pydantic: ~0.15 s of import that push does not need
+    from node.core.config import load_config  # pydantic: ~0.15 s of import that push does not need
 
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
@@ -50,8 +50,8 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 
 # -- serve -------------------------------------------------------------------------------
 def _destination(cfg: NodeConfig) -> PeerDestination:
-    from node.delivery import PeerDestination
-    from node.scu import Peer, client_ssl_context
+    from node.jobs.delivery import PeerDestination
+    from node.net.scu import Peer, client_ssl_context
 
     d = cfg.destination
     tls = client_ssl_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file) if d.tls else None
@@ -63,8 +63,8 @@ def _destination(cfg: NodeConfig) -> PeerDestination:
 
 def _fast_paths_checked(cfg: NodeConfig) -> NodeConfig:
     """``cfg`` with ``network.fast_paths`` as it can be used: off where the installed
-    pynetdicom is not the one they were written for (node.fastpaths logs one WARNING)."""
-    from node.fastpaths import resolve
+    pynetdicom is not the one they were written for (node.net.fast.fastpaths logs one WARNING)."""
+    from node.net.fast.fastpaths import resolve
 
     return cfg.with_fast_paths(resolve(cfg.network.fast_paths))
 
@@ -85,7 +85,7 @@ STATUS_FILE = "status.json"
 
 
 def _spool(cfg: NodeConfig, min_free_mb: int = 0) -> Spool:
-    from node.spool import Spool  # sqlite3: not imported by push
+    from node.store.spool import Spool  # sqlite3: not imported by push
 
     return Spool(cfg.spool.directory, fsync=cfg.spool.fsync, min_free_mb=min_free_mb)
 
@@ -105,10 +105,10 @@ def _write_status(spool: Spool, info: ModelInfo, port: int, metrics_port: int | 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.dicomio import read_uids
-    from node.model import load_classifier
+    from node.analysis.model import load_classifier
+    from node.dicom.dicomio import read_uids
+    from node.jobs.watchdog import report_last_hang
     from node.service import NodeService
-    from node.watchdog import report_last_hang
 
     overrides = {"scp.port": args.port, "model.allow_untrained": args.allow_untrained or None}
     cfg = _fast_paths_checked(_config(args, overrides))
@@ -154,9 +154,9 @@ PEER_DEFAULTS: dict[str, Any] = {
     "calling_ae_title": "CXR_NODE",
     "timeout": 30.0,
 }
-"""``[destination]``'s defaults (node.config.DestinationConfig; tests/test_units.py checks
+"""``[destination]``'s defaults (node.core.config.DestinationConfig; tests/core/test_units.py checks
 they agree), here so that ``push`` without a config needs no pydantic (~0.15 s)."""
-ENV_PREFIX = "CXR_NODE_"  # node.config.ENV_PREFIX
+ENV_PREFIX = "CXR_NODE_"  # node.core.config.ENV_PREFIX
 ECHO_EXIT_CODES = """exit codes:
   0  the peer answered the C-ECHO with success
   2  no association (refused, timed out, aborted, rejected: the reason is printed),
@@ -176,7 +176,7 @@ def _destination_settings(args: argparse.Namespace) -> dict[str, Any]:
     checked (a healthcheck's echo does not fail for a key only serve uses)."""
     if _nothing_configured(args):
         return {**PEER_DEFAULTS, "tls": False}
-    from node.config import load_destination
+    from node.core.config import load_destination
 
     return load_destination(args.config, os.environ).model_dump()
 
@@ -189,7 +189,7 @@ def _nothing_configured(args: argparse.Namespace) -> bool:
 def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> Peer:
     """The peer: command-line flags > ``--config``'s ``[destination]`` (and environment) >
     defaults. ``calling_default`` replaces destination.calling_ae_title when given."""
-    from node.scu import Peer, client_ssl_context
+    from node.net.scu import Peer, client_ssl_context
 
     d = _destination_settings(args)
     calling = args.calling_aet or calling_default or d["calling_ae_title"]
@@ -210,12 +210,12 @@ def _cli_peer(args: argparse.Namespace, calling_default: str | None = None) -> P
 
 def _fast_paths(args: argparse.Namespace) -> bool:
     """``network.fast_paths`` for push and echo (a config file or ``CXR_NODE_`` variables
-    read as for ``[destination]``), as node.fastpaths allows it."""
-    from node.fastpaths import resolve
+    read as for ``[destination]``), as node.net.fast.fastpaths allows it."""
+    from node.net.fast.fastpaths import resolve
 
     if _nothing_configured(args):
         return resolve(True)
-    from node.config import load_network
+    from node.core.config import load_network
 
     return resolve(load_network(args.config, os.environ).fast_paths)
 
@@ -225,7 +225,7 @@ def _first(flag: Any, configured: Any) -> Any:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.scu import echo
+    from node.net.scu import echo
 
     setup_logging(args.log_level or "WARNING")
     if args.log_level != "DEBUG":  # its failures are in the one line printed
@@ -243,7 +243,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """The pre-flight (node/check.py): one line per check, exit 1 if any FAILs."""
     from node.check import Result, run_checks
-    from node.config import load_config
+    from node.core.config import load_config
 
     setup_logging(args.log_level or "ERROR")
     if args.log_level != "DEBUG":  # a failed C-ECHO is reported on its check's line, once
@@ -269,10 +269,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from node.classify import Options, Outputs, Run, count_inputs
-    from node.model import load_classifier
-    from node.srtemplate import ReportEncoder
-    from node.worker import report_context, summarizer
+    from node.analysis.model import load_classifier
+    from node.jobs.worker import report_context, summarizer
+    from node.sr.srtemplate import ReportEncoder
+    from node.tools.classify import Options, Outputs, Run, count_inputs
 
     start = time.perf_counter()
     cfg = _config(args, {"model.allow_untrained": args.allow_untrained or None})
@@ -321,10 +321,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 # -- push --------------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
-    from node.imports import PUSH_NEVER_USES, hidden
+    from node.core.imports import PUSH_NEVER_USES, hidden
 
     with hidden(PUSH_NEVER_USES):  # ~0.2 s less start-up in a fresh process
-        from node.push import push
+        from node.tools.push import push
 
     setup_logging(args.log_level or "WARNING")
     if args.log_level != "DEBUG":  # failures are reported in the summary, once
@@ -382,7 +382,7 @@ def _counts_line(spool: Spool) -> str:
 
 def _delivery_lines(cfg: NodeConfig, spool: Spool) -> list[str]:
     """The destination as the node last found it, the SRs pending, the C-STOREs refused."""
-    from node.delivery import read_state
+    from node.jobs.delivery import read_state
 
     d = cfg.destination
     counts = spool.counts()
@@ -419,8 +419,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _catchup_line(root: Path) -> str:
-    """The last catch-up round, as the node saved it (node/catchup.py)."""
-    from node.catchup import STATUS_FILE as CATCHUP_FILE
+    """The last catch-up round, as the node saved it (node/jobs/catchup.py)."""
+    from node.jobs.catchup import STATUS_FILE as CATCHUP_FILE
 
     path = root / CATCHUP_FILE
     if not path.is_file():
@@ -468,8 +468,8 @@ def _date(text: str) -> date:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from node.catchup import backfill, date_range
-    from node.spool import SpoolIndex
+    from node.jobs.catchup import backfill, date_range
+    from node.store.spool import SpoolIndex
 
     cfg = _fast_paths_checked(_config(args))
     if args.since is None and not args.study:

@@ -6,7 +6,7 @@ Stopping is graceful, in an order that never loses or half-answers an image:
 
 1. the listening socket is closed (no new connections);
 2. C-STOREs are refused from now on (0xA700, out of resources: the sender keeps the image),
-   and those being spooled are waited for (:class:`Intake`);
+   and those being spooled are waited for (:class:`node.net.intake.Intake`);
 3. the open associations are aborted (pynetdicom's ``shutdown`` leaves them, and their
    threads, running), and their threads waited for;
 4. the worker finishes its batch, and the delivery its SR round;
@@ -23,49 +23,22 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from node.errors import NodeError
+from node.core.errors import NodeError
+from node.net.intake import Intake
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
-    from node.catchup import CatchUp
-    from node.config import NodeConfig
-    from node.delivery import Delivery, Destination
-    from node.metrics import Metrics
-    from node.model import Classifier
-    from node.spool import Spool
-    from node.watchdog import HangWatchdog
-    from node.worker import Worker
+    from node.analysis.model import Classifier
+    from node.core.config import NodeConfig
+    from node.core.metrics import Metrics
+    from node.jobs.catchup import CatchUp
+    from node.jobs.delivery import Delivery, Destination
+    from node.jobs.watchdog import HangWatchdog
+    from node.jobs.worker import Worker
+    from node.store.spool import Spool
 
 log = logging.getLogger(__name__)
-
-
-class Intake:
-    """Whether C-STOREs are still taken, and how many are being spooled right now."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._open = True
-        self._busy = 0
-
-    def enter(self) -> bool:
-        """Begin a C-STORE; False once closing (the caller refuses it)."""
-        with self._cond:
-            if not self._open:
-                return False
-            self._busy += 1
-            return True
-
-    def leave(self) -> None:
-        with self._cond:
-            self._busy -= 1
-            self._cond.notify_all()
-
-    def close(self, timeout: float) -> bool:
-        """Take no more C-STOREs; wait up to ``timeout`` s for those in progress."""
-        with self._cond:
-            self._open = False
-            return self._cond.wait_for(lambda: self._busy == 0, timeout)
 
 
 class NodeService:
@@ -92,11 +65,11 @@ class NodeService:
         self._catchup_thread: threading.Thread | None = None
 
     def start(self) -> int:
-        from node.delivery import Delivery
-        from node.metrics import Metrics
-        from node.scp import start_server
-        from node.watchdog import HangWatchdog
-        from node.worker import Worker
+        from node.core.metrics import Metrics
+        from node.jobs.delivery import Delivery
+        from node.jobs.watchdog import HangWatchdog
+        from node.jobs.worker import Worker
+        from node.net.scp import start_server
 
         cfg = self.cfg
         self.metrics = Metrics()
@@ -128,8 +101,8 @@ class NodeService:
         return int(self.server.server_address[1])
 
     def _start_catchup(self) -> None:
-        """Query/retrieve what the PACS holds and the node never received (node/catchup.py)."""
-        from node.catchup import CatchUp
+        """Query/retrieve what the PACS holds and the node never received (node/jobs/catchup.py)."""
+        from node.jobs.catchup import CatchUp
 
         if not self.cfg.catchup.enabled:
             log.info("catch-up disabled (catchup.enabled = false)")

@@ -60,7 +60,7 @@ def weights_state() -> tuple[bool, str]:
     """(the published weights are in torchxrayvision's cache, what to say): the same check
     as ``cxr-node check`` (no torch, no download: the demo never waits on the network)."""
     from node.check import check_weights
-    from node.config import NodeConfig
+    from node.core.config import NodeConfig
 
     result = check_weights(NodeConfig(model={"allow_untrained": True, "allow_download": False}))
     if result.level == "OK":

@@ -279,9 +279,9 @@ def node_factory(tmp_path: Path, weights_dir: Path) -> Iterator[object]:
             },
             "worker": {"poll_interval": 0.05, "backoff_base": 0.2, "backoff_max": 2.0},
             "metrics": {"port": 0},
-            "catchup": {"enabled": False},  # on where a test says so (tests/test_catchup.py)
+            "catchup": {"enabled": False},  # on where a test says so (tests/jobs/test_catchup.py)
             # a 3 MB Secondary Capture beside every SR: on where the test is about it
-            # (tests/test_summary_orthanc.py; the worker and delivery tests cover it too)
+            # (tests/system/test_summary_orthanc.py; the worker and delivery tests cover it too)
             "report": {"summary_image": False},
         }
         for section, values in extra.items():

@@ -16,12 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import node.pipeline
+import node.process.pipeline
 from node.cli import main
 
 _POISON = os.environ["CXR_TEST_POISON_UID"]
 _MODE = os.environ.get("CXR_TEST_POISON_MODE", "exit")
-_real = node.pipeline.preprocess
+_real = node.process.pipeline.preprocess
 
 
 def _poisoned(ds, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -32,7 +32,7 @@ def _poisoned(ds, *args, **kwargs):  # type: ignore[no-untyped-def]
     return _real(ds, *args, **kwargs)
 
 
-node.pipeline.preprocess = _poisoned  # type: ignore[assignment]
+node.process.pipeline.preprocess = _poisoned  # type: ignore[assignment]
 if os.environ.get("CXR_TEST_STAND_IN") == "1":  # the model is not what the test is about
     from modelless_node import stand_in
 

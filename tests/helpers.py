@@ -36,7 +36,7 @@ def fast_paths() -> bool:
     network tests with stock pynetdicom."""
     import os
 
-    from node.config import load_network
+    from node.core.config import load_network
 
     return load_network(None, os.environ).fast_paths
 
@@ -61,7 +61,7 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
 
 def send_raw_c_store(assoc: Association, sop_class: str, sop_uid: str, payload: bytes) -> Dataset:
     """Send a C-STORE whose data set is ``payload`` as is (no encoding); return the status."""
-    from node.scu import send_raw
+    from node.net.scu import send_raw
 
     [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
     return send_raw(assoc, sop_class, sop_uid, cx.transfer_syntax[0], payload)
@@ -187,7 +187,7 @@ class Sender:
 
 
 class Recorder:
-    """A destination (``node.delivery.Destination``) in memory: takes every SR, hands each to
+    """A destination (``node.jobs.delivery.Destination``) in memory: takes every SR, hands each to
     ``take`` as a Part 10 file (the data set bytes as sent, behind a File Meta group), or
     raises ``down`` (a connection failure) while it is set."""
 
@@ -200,8 +200,8 @@ class Recorder:
         self.associations = 0
 
     def store(self, items: Any, stop: Callable[[], bool]) -> Any:
-        from node.scu import BatchResult
-        from node.wire import file_meta_bytes
+        from node.dicom.wire import file_meta_bytes
+        from node.net.scu import BatchResult
 
         if self.down is not None:
             raise self.down

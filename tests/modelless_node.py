@@ -5,7 +5,7 @@ A test-only wrapper, like ``faulty_node.py``: every image scores 0.25 on each la
 rest (the SCP, the spool, the worker, the SR and JSON files, the CLI) is the node's own.
 ``CXR_TEST_STAND_IN_SECONDS``: seconds each image takes (a sleep, no CPU), for a test that
 must catch the command half-way. The SR template is used without its start-up check
-against highdicom's build (~2 s of CPU in every process; tests/test_srtemplate.py checks
+against highdicom's build (~2 s of CPU in every process; tests/sr/test_srtemplate.py checks
 the equivalence, and the nodes with the real model still check it at start).
 Imported, it only defines the stand-in (``StandIn(None, INFO, "cpu")``).
 """
@@ -22,14 +22,14 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import node.model
-import node.srtemplate
+import node.analysis.model
+import node.sr.srtemplate
 from node.cli import main
-from node.codes import PATHOLOGY_CODES
-from node.config import ModelConfig
+from node.core.config import ModelConfig
+from node.sr.codes import PATHOLOGY_CODES
 
 LABELS = tuple(PATHOLOGY_CODES)
-INFO = node.model.ModelInfo(
+INFO = node.analysis.model.ModelInfo(
     weights="densenet121-res224-all",
     weights_file="",
     weights_sha256="0" * 64,
@@ -40,7 +40,7 @@ INFO = node.model.ModelInfo(
 )
 
 
-class StandIn(node.model.Classifier):
+class StandIn(node.analysis.model.Classifier):
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         time.sleep(len(batch) * float(os.environ.get("CXR_TEST_STAND_IN_SECONDS", "0")))
         return np.full((len(batch), len(LABELS)), 0.25, dtype=np.float32)
@@ -54,14 +54,14 @@ class StandIn(node.model.Classifier):
         return np.zeros((len(LABELS), 1024), dtype=np.float32)
 
 
-def load_classifier(cfg: ModelConfig) -> node.model.Classifier:
+def load_classifier(cfg: ModelConfig) -> node.analysis.model.Classifier:
     return StandIn(None, INFO, "cpu")
 
 
 def stand_in() -> None:
     """Patch this process's node: the stand-in classifier, the SR template unchecked."""
-    node.model.load_classifier = load_classifier
-    defaults = node.srtemplate.ReportEncoder.__init__.__kwdefaults__
+    node.analysis.model.load_classifier = load_classifier
+    defaults = node.sr.srtemplate.ReportEncoder.__init__.__kwdefaults__
     assert defaults is not None and "verify" in defaults, "ReportEncoder(verify=) is gone"
     defaults["verify"] = False
 

@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pynetdicom
 from modelless_node import load_classifier
 
-import node.model
+import node.analysis.model
 from node.cli import main
 
 if __name__ == "__main__":
     pynetdicom.__version__ = os.environ.get("CXR_TEST_PYNETDICOM_VERSION", pynetdicom.__version__)
-    node.model.load_classifier = load_classifier
+    node.analysis.model.load_classifier = load_classifier
     sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every stage shares: errors, the configuration, metrics, logging."""

@@ -1,0 +1,3 @@
+"""Offline input: push files, folders and zips to a PACS (push, archive, precheck);
+classify an archive without a PACS (classify).
+"""
