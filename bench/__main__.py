@@ -350,6 +350,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         rounds.append({"raw": r, "pipeline": p, "ratio": p / r, "summary": ps, "s_ratio": ps / r})
     ratio = statistics.median(x["ratio"] for x in rounds)
     summary_ratio = statistics.median(x["s_ratio"] for x in rounds)
+    encoders = sr_encoders(clf.info, ctx, [read_dataset(b) for b in blobs[:32]])
     return {
         "threads": torch.get_num_threads(),
         "malloc_thresholds_kept": malloc_tuned,
@@ -365,8 +366,34 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
             k: v / (3 * len(blobs)) for k, v in with_summary.items()
         },
         "summary_heat_maps_per_image": maps_drawn[0] / (3 * len(blobs)),
+        "sr_encode_ms_per_image": encoders,
         "numpy": np.__version__,
     }
+
+
+def sr_encoders(info: Any, ctx: Any, sources: list[Any]) -> dict[str, float]:
+    """CPU ms per SR: the template encoder (``report.fast_encoder = true``) and highdicom's
+    build (false), on the same sources and findings, each kind's first image (the template
+    encoder's check against highdicom) left out."""
+    from datetime import datetime
+
+    import numpy as np
+
+    from node.analysis.model import to_findings
+    from node.sr.srtemplate import ReportEncoder
+
+    findings = to_findings(np.linspace(0.1, 0.9, len(info.pathologies), dtype=np.float32), info)
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    out = {}
+    for name, fast in (("template", True), ("highdicom", False)):
+        encoder = ReportEncoder(info, ctx, fast=fast)
+        for ds in sources:  # warm: the template, each header kind and its check
+            encoder.encode(ds, findings, now)
+        t = time.process_time()
+        for ds in sources:
+            encoder.encode(ds, findings, now)
+        out[name] = 1000 * (time.process_time() - t) / len(sources)
+    return out
 
 
 def bench_classify(images: list[Path], work: Path, rounds: int = 3) -> dict[str, Any]:

@@ -291,7 +291,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     keep_freed_memory(cfg.model.batch_size)
     classifier = load_classifier(cfg.model)
     context = report_context(cfg)
-    reports = ReportEncoder(classifier.info, context)
+    reports = ReportEncoder(classifier.info, context, fast=cfg.report.fast_encoder)
     outputs = Outputs(opts, classifier.info.pathologies, sys.stdout)
     summaries = None
     if args.summary_dir is not None:  # asked for: whatever report.summary_image says

@@ -283,6 +283,7 @@ class ReportConfig(_Section):
     not_analyzed_notice: bool = True
     summary_image: bool = True
     summary_compression: Literal["jpeg", "none"] = "jpeg"
+    fast_encoder: bool = True  # false: every SR built by highdicom (node.sr.srtemplate)
 
     @field_validator("uid_root")
     @classmethod

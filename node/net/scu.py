@@ -19,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from node.core.errors import (
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+STORED = frozenset({STATUS_SUCCESS, STATUS_WARNING})  # pynetdicom.status categories
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,12 @@ def check_status(status: Dataset | None, what: str) -> int:
 
 
 def status_failure(status: Dataset | None) -> str:
-    """Why a C-STORE response is a failure ("" for success and warning statuses)."""
+    """Why a C-STORE response is a failure ("" for success and warning statuses, as
+    :func:`pynetdicom.status.code_to_category` tells them: 0x0001, 0xB000-0xBFFF...)."""
     if status is None or "Status" not in status:
         return "no response (association aborted, rejected or timed out)"
     code = int(status.Status)
-    if code == SUCCESS or code in WARNING_STATUSES:
+    if code_to_category(code) in STORED:
         return ""
     comment = status.get("ErrorComment", "")
     return f"C-STORE failed with status 0x{code:04X} {comment}".rstrip()

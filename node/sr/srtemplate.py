@@ -1,25 +1,27 @@
-"""Encode the SR of :func:`node.sr.report.build_sr` in ~2 % of its time (pure).
+"""Encode the SR of :func:`node.sr.report.build_sr` from a template of it (pure).
 
-Building the whole document with highdicom costs ~0.1 s per image on this project's
-2-core machine (the constructor deep-copies and re-walks the 600-element content tree),
-and pydicom's writer another ~25 ms: more than the model itself. Yet from one image to
-the next the content tree differs only in a few values. So highdicom builds the content
-tree once, for a sentinel image, and pydicom encodes it once, with undefined-length
-sequences and items (so that no enclosing length depends on a value). For each image:
+Building the whole document with highdicom costs more than the model itself (the
+constructor deep-copies and re-walks the 600-element content tree, then pydicom writes it;
+``python -m bench inference`` measures both ways). Yet from one image to the next the
+content tree differs only in a few values. So highdicom builds the content tree once, for a
+sentinel image, and pydicom encodes it once, with undefined-length sequences and items (so
+that no enclosing length depends on a value). For each image:
 
 * the document header (patient, study, evidence, flags) is highdicom's, built around a
-  one-item stub of the content tree for the first source of each kind (SOP class and
-  which patient/study values it has) and encoded once with this image's values left out;
-  later images of that kind encode only their own values into it (~0.5 ms);
+  one-item stub of the content tree for the first source of each kind (SOP class,
+  character set and which patient/study values it has) and encoded once with this image's
+  values left out; every image of that kind encodes only its own values into it;
 * the encoded content tree is reused with its variable elements (the source image
   reference, tracking identifier and UID, each score as DS and FD, each present/absent
   code, and the reference to the summary image or nothing) re-encoded from this image's
-  values (< 1 ms).
+  values.
 
 The result decodes to the same dataset as ``build_sr`` (a unit test compares them on
-generated inputs), and :class:`ReportEncoder` checks that at construction: should a
-highdicom or pydicom upgrade break the equivalence, it logs a warning and falls back to
-``build_sr`` for every image.
+generated inputs), and :class:`ReportEncoder` checks that for a mixed example before its
+first SR, then for the first source of each header kind: should a highdicom or pydicom
+upgrade, or a kind of source nobody tried, break the equivalence, it logs a warning and
+builds those SRs (all of them, if the first check fails) with ``build_sr``.
+``report.fast_encoder = false`` builds every SR with ``build_sr``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from node.sr.report import (
     content_tree,
     datetime_value,
     document,
+    escaped,
     identify,
     library_errors,
     sr_charset,
@@ -157,8 +160,8 @@ def _ui(tag: BaseTag, uid: str) -> bytes:
 
 class _HeaderTemplate:
     """A cached header encoded once with each image's values left out, so that a header
-    of the same kind costs only the encoding of those values (~0.5 ms, where building a
-    pydicom Dataset and writing it cost ~1.9 ms).
+    of the same kind costs only the encoding of those values, not building and writing a
+    pydicom Dataset.
 
     Each image's values are those ``_stamp`` and highdicom take from the source and the
     clock: the source's patient and study attributes (``FROM_SOURCE``), the dates and
@@ -427,17 +430,27 @@ class ReportEncoder:
     """Encodes one SR per classified image, equal to :func:`node.sr.report.build_sr`'s.
 
     The content template and its check against highdicom's build cost several highdicom
-    builds (~1-2 s with 18 findings): they are made on the first :meth:`encode`, not at
-    start-up, so that a node (re)starts and listens without waiting for them; every
-    :meth:`encode` after is cheap.
+    builds: they are made on the first :meth:`encode`, not at start-up, so that a node
+    (re)starts and listens without waiting for them. The first image of each header kind
+    costs one more highdicom build (its check); every other :meth:`encode` is cheap.
     """
 
-    def __init__(self, model: ModelInfo, ctx: ReportContext, *, verify: bool = True) -> None:
+    def __init__(
+        self, model: ModelInfo, ctx: ReportContext, *, verify: bool = True, fast: bool = True
+    ) -> None:
+        """``fast`` False: every SR is ``build_sr``'s (``report.fast_encoder``). ``verify``
+        False: no comparison with highdicom's build (tests that run many processes)."""
         self.model, self.ctx, self._verify = model, ctx, verify
         self._stub = self._root_stub()
         self._headers: dict[tuple[str, ...], _HeaderTemplate | None] = {}
+        self._slow: set[tuple[str, ...]] = set()  # header kinds that disagreed: build_sr
         self._template: _ContentTemplate | None = None
-        self._built = False
+        self._built = not fast
+
+    @property
+    def slow_kinds(self) -> frozenset[tuple[str, ...]]:
+        """The header kinds whose check against highdicom disagreed: built by highdicom."""
+        return frozenset(self._slow)
 
     @property
     def fast(self) -> bool:
@@ -500,18 +513,69 @@ class ReportEncoder:
         self.prepare()
         labels = tuple(f.pathology for f in findings)
         if self._template is None or labels != self._template.labels:
-            sr = build_sr(source, findings, self.model, self.ctx, now, summary)
-            return EncodedSR(encode_dataset(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
+            return self._reference(source, findings, now, summary)
         ident = identify(source, self.model, self.ctx)
         check_summary(ident, summary)
-        content = self._template.fill(ident, findings, summary)
-        data = self._header_bytes(ident, now, summary) + content
+        key = _header_key(ident.clean, self.ctx)
+        if key in self._slow:
+            return self._reference(source, findings, now, summary)
+        first = key not in self._headers
+        data = self._fast_bytes(self._template, key, ident, findings, now, summary)
+        if first and self._verify:  # the first source of a kind: checked against highdicom
+            return self._checked(key, data, source, findings, now, summary)
         return EncodedSR(data, ident.sop_instance_uid, ident.series_instance_uid)
 
-    def _header_bytes(self, ident: Identity, now: datetime, summary: ImageRef | None) -> bytes:
-        """The encoded document header: highdicom's for the first source of its kind,
-        then reused with this image's values."""
-        key = _header_key(ident.clean, self.ctx)
+    def _reference(
+        self, source: Dataset, findings: Sequence[Finding], now: datetime, summary: ImageRef | None
+    ) -> EncodedSR:
+        sr = build_sr(source, findings, self.model, self.ctx, now, summary)
+        return EncodedSR(encode_dataset(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
+
+    def _checked(
+        self,
+        key: tuple[str, ...],
+        fast: bytes,
+        source: Dataset,
+        findings: Sequence[Finding],
+        now: datetime,
+        summary: ImageRef | None,
+    ) -> EncodedSR:
+        """highdicom's SR for this image; where the fast encoding differs, this kind of
+        header is built by highdicom from now on."""
+        reference = self._reference(source, findings, now, summary)
+        if comparable(fast) != comparable(reference.data):
+            log.warning(
+                "the fast SR encoder disagrees with highdicom's build for sources like %s "
+                "(SOP class %s, character set %r, values: %s): their SRs are built by "
+                "highdicom",
+                escaped(str(source.get("SOPInstanceUID", "?"))),
+                key[0],
+                key[1],
+                ", ".join(key[2:]) or "none",
+            )
+            if len(self._slow) >= _MAX_HEADERS:
+                self._slow.clear()
+            self._slow.add(key)
+        return reference
+
+    def _fast_bytes(
+        self,
+        template: _ContentTemplate,
+        key: tuple[str, ...],
+        ident: Identity,
+        findings: Sequence[Finding],
+        now: datetime,
+        summary: ImageRef | None,
+    ) -> bytes:
+        content = template.fill(ident, findings, summary)
+        return self._header_bytes(key, ident, now, summary) + content
+
+    def _header_bytes(
+        self, key: tuple[str, ...], ident: Identity, now: datetime, summary: ImageRef | None
+    ) -> bytes:
+        """The encoded document header: highdicom's, built for the first source of its kind
+        and kept with each image's values left out (:class:`_HeaderTemplate`), then filled
+        with this image's values, the first's too (so that its check covers the template)."""
         template = self._headers.get(key)
         if template is not None:
             return template.write(ident, now, summary)
@@ -522,7 +586,9 @@ class ReportEncoder:
         if key not in self._headers:
             if len(self._headers) >= _MAX_HEADERS:
                 self._headers.pop(next(iter(self._headers)))
-            self._headers[key] = self._template_of(header)
+            template = self._headers[key] = self._template_of(header)
+            if template is not None:
+                return template.write(ident, now, summary)
         return encode_dataset(header)
 
     @staticmethod
@@ -534,7 +600,8 @@ class ReportEncoder:
             return None
 
     def _agrees(self) -> bool:
-        """Whether a mixed example encodes to the same dataset as ``build_sr``'s."""
+        """Whether a mixed example encodes to the same dataset as ``build_sr``'s (the
+        header of the first image built, the others' reused from it)."""
         source = _ContentTemplate._sentinel_source()
         source.PatientName = "Check^Self"
         findings = [
@@ -546,7 +613,11 @@ class ReportEncoder:
             now = datetime(2001 + n, 2, 3, 4, 5, 6)
             source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{n + 1}"  # later ones reuse
             source.PatientID = f"SELFCHECK{n}"  # the header of the first
-            fast = self.encode(source, findings, now, ref).data
+            ident = identify(source, self.model, self.ctx)
+            key = _header_key(ident.clean, self.ctx)
+            if self._template is None:
+                return False
+            fast = self._fast_bytes(self._template, key, ident, findings, now, ref)
             slow = encode_dataset(build_sr(source, findings, self.model, self.ctx, now, ref))
             if comparable(fast) != comparable(slow):
                 return False

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -195,25 +195,34 @@ def chunks(prepared: Iterator[Prepared], max_files: int = CHUNK_FILES) -> Iterat
 
 
 class Progress:
-    """A one-line progress display on a terminal; silent otherwise."""
+    """tqdm's progress line on a terminal (files done, rate, failed, skipped, MB); silent
+    otherwise. Every sending thread updates it: one lock keeps the line whole."""
 
     def __init__(self, stream: TextIO | None) -> None:
-        self.stream = stream if stream is not None and stream.isatty() else None
-        self.start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._done = 0
+        self._bar: Any = None
+        if stream is not None and stream.isatty():
+            from tqdm import tqdm  # only on a terminal: a scripted push starts without it
+
+            self._bar = tqdm(unit="file", file=stream, dynamic_ncols=True, mininterval=0.2)
 
     def update(self, s: Summary) -> None:
-        if self.stream is None:
+        if self._bar is None:
             return
-        elapsed = max(1e-6, time.perf_counter() - self.start)
-        self.stream.write(
-            f"\r{s.sent} sent, {s.failed} failed, {s.skipped} skipped, "
-            f"{s.bytes / 1e6:.1f} MB, {s.sent / elapsed:.0f} files/s "
-        )
-        self.stream.flush()
+        with s.lock:
+            done, failed, skipped, mb = s.sent + s.failed, s.failed, s.skipped, s.bytes / 1e6
+        with self._lock:
+            self._bar.update(max(0, done - self._done))
+            self._done = max(done, self._done)
+            self._bar.set_postfix_str(
+                f"{failed} failed, {skipped} skipped, {mb:.1f} MB", refresh=False
+            )
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.write("\n")
+        if self._bar is not None:
+            with self._lock:
+                self._bar.close()
 
 
 class _Link:

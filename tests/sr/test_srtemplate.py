@@ -34,6 +34,15 @@ def encoder() -> ReportEncoder:
     return ReportEncoder(info(), CTX)
 
 
+@pytest.fixture(autouse=True)
+def _every_kind_agrees(request):
+    """The first image of each kind is highdicom's build, checked against the fast one;
+    a kind that disagreed would be built by highdicom ever after, and compare equal."""
+    yield
+    if "encoder" in request.fixturenames:
+        assert request.getfixturevalue("encoder").slow_kinds == frozenset()
+
+
 def reference(src, findings, model=None, now=NOW, summary=None) -> bytes:
     return encode_dataset(build_sr(src, findings, model or info(), CTX, now, summary))
 
@@ -46,6 +55,7 @@ def test_the_template_is_used_and_agrees_on_the_shared_images(encoder):
     for path in (NIH, ACRNEMA):
         src = read_dataset(path, stop_before_pixels=True)
         findings = to_findings(SCORES, info())
+        encoder.encode(src, findings, NOW)  # the first of its kind: highdicom's, checked
         fast = encoder.encode(src, findings, NOW)
         assert comparable(fast.data) == comparable(reference(src, findings))
         sr = roundtrip(read_dataset(fast.data))  # strict pydicom validation
@@ -97,6 +107,7 @@ def test_fast_equals_highdicom_for_generated_inputs(
         with pytest.raises(ReportError):
             encoder.encode(src, findings, NOW, ref)
         return
+    encoder.encode(src, findings, NOW, ref)  # the first of its kind: checked against highdicom
     assert comparable(encoder.encode(src, findings, NOW, ref).data) == comparable(expected)
 
 
@@ -149,9 +160,80 @@ def test_untrained_models_and_other_clocks_agree():
     src = read_dataset(ACRNEMA, stop_before_pixels=True)
     findings = to_findings(SCORES[::-1].copy(), info(False))
     now = datetime(2030, 12, 31, 23, 59, 59)
+    enc.encode(src, findings, NOW)  # the first of its kind: highdicom's, checked
     got = comparable(enc.encode(src, findings, now).data)
     assert got == comparable(reference(src, findings, info(False), now))
     assert "UNTRAINED" in got["0008103E"]["Value"][0]
+    assert enc.slow_kinds == frozenset()
+
+
+def test_fast_encoder_off_builds_every_sr_with_highdicom(monkeypatch):
+    from node.sr import srtemplate
+
+    built: list[str] = []
+    real = srtemplate.build_sr
+
+    def counted(source, *args):  # type: ignore[no-untyped-def]
+        built.append(str(source.SOPInstanceUID))
+        return real(source, *args)
+
+    monkeypatch.setattr(srtemplate, "build_sr", counted)
+    enc = ReportEncoder(info(), CTX, fast=False)
+    src = read_dataset(NIH, stop_before_pixels=True)
+    findings = to_findings(SCORES, info())
+    for _ in range(3):
+        assert comparable(enc.encode(src, findings, NOW).data) == comparable(
+            reference(src, findings)
+        )
+    assert not enc.fast
+    assert built == [str(src.SOPInstanceUID)] * 3  # none from a template, no self-check
+
+
+def test_a_kind_whose_header_disagrees_is_built_by_highdicom_and_the_others_stay_fast(
+    monkeypatch, caplog
+):
+    """The first image of each header kind is checked against highdicom's build: a kind
+    nobody tried (here: sources with an accession number, whose template is made to encode
+    it wrongly) is built by highdicom from then on, with one warning naming the kind."""
+    from node.sr import srtemplate
+
+    write = srtemplate._HeaderTemplate.write
+
+    def wrong(self, ident, now, summary):  # type: ignore[no-untyped-def]
+        return write(self, ident, now, summary).replace(b"ACC12345", b"ACC99999")
+
+    monkeypatch.setattr(srtemplate._HeaderTemplate, "write", wrong)
+    built: list[str] = []
+    real = srtemplate.build_sr
+    monkeypatch.setattr(
+        srtemplate,
+        "build_sr",
+        lambda src, *a: built.append(str(src.SOPInstanceUID)) or real(src, *a),
+    )
+    enc = ReportEncoder(info(), CTX)
+    enc.prepare()  # its self-check's sources have no accession number: it agrees
+    built.clear()
+    findings = to_findings(SCORES, info())
+    plain, with_accession = [], []
+    for i in range(3):
+        src = read_dataset(NIH, stop_before_pixels=True)
+        src.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.5.{i}"
+        src.pop("AccessionNumber", None)
+        plain.append(src)
+        odd = read_dataset(NIH, stop_before_pixels=True)
+        odd.SOPInstanceUID, odd.AccessionNumber = f"1.2.826.0.1.3680043.8.498.6.{i}", "ACC12345"
+        with_accession.append(odd)
+    with caplog.at_level(logging.WARNING, logger="node.sr.srtemplate"):
+        for src in plain + with_accession:
+            got = enc.encode(src, findings, NOW).data
+            assert comparable(got) == comparable(reference(src, findings))
+    warnings = [r.getMessage() for r in caplog.records if "disagrees" in r.getMessage()]
+    assert len(warnings) == 1 and "AccessionNumber" in warnings[0]
+    [kind] = enc.slow_kinds
+    assert "AccessionNumber" in kind
+    # the plain kind: highdicom's for its first image (the check), then fast; the odd kind:
+    # its first image checked, the two after it built by highdicom
+    assert built == [plain[0].SOPInstanceUID, *(odd.SOPInstanceUID for odd in with_accession)]
 
 
 def test_reused_headers_agree_with_highdicoms_across_scripts_and_clocks(encoder):

@@ -326,8 +326,7 @@ def test_the_sr_references_its_summary_image_and_lists_it_as_evidence(tmp_path, 
 
     src = pydicom.dcmread(NIH)
     info = classifier.info
-    fast, slow = ReportEncoder(info, CTX), ReportEncoder(info, CTX, verify=False)
-    slow._built = True  # its template never built: highdicom builds every SR
+    fast, slow = ReportEncoder(info, CTX), ReportEncoder(info, CTX, fast=False)
     summaries = Summarizer(info, CTX, classifier.class_weights())
     for reports in (fast, slow):
         [out] = analyze([src], classifier, reports, NOW, summaries)
