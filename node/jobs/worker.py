@@ -84,9 +84,7 @@ class Worker:
         self.metrics = metrics
         self.watchdog = watchdog
         self.context = report_context(cfg)
-        self.reports = ReportEncoder(
-            classifier.info, self.context, fast=cfg.report.fast_encoder
-        )
+        self.reports = ReportEncoder(classifier.info, self.context, fast=cfg.report.fast_encoder)
         self.summaries = (
             summarizer(classifier, self.context, cfg.report.summary_compression)
             if cfg.report.summary_image

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -159,28 +160,66 @@ def finish(
         "preprocess_s": batch.seconds / max(1, len(datasets)),
         "inference_s": (t2 - t1) / max(1, len(ok)),
     }
-    results: list[Outcome | NodeError] = []
+    items: list[_Classified | NodeError] = []
     for ds, prep in zip(datasets, prepared, strict=True):
         if isinstance(prep, NodeError):
-            results.append(prep)
+            items.append(prep)
             continue
         row = next(scores)
         if isinstance(row, NodeError):
-            results.append(row)
+            items.append(row)
             continue
-        findings = to_findings(row[0], classifier.info)
-        t3 = time.perf_counter()
-        summary = _summary(summaries, ds, prep, findings, row[1], now)
+        items.append(_Classified(ds, prep, to_findings(row[0], classifier.info), row[1]))
+    t3 = time.perf_counter()
+    summary_of = _summaries(summaries, items, now)  # before the SRs: they reference them
+    per_image["summary_s"] = (time.perf_counter() - t3) / max(1, len(ok))
+    results: list[Outcome | NodeError] = []
+    for item, summary in zip(items, summary_of, strict=True):
+        if isinstance(item, NodeError):
+            results.append(item)
+            continue
         t4 = time.perf_counter()
-        sr = _encode(reports, ds, findings, now, summary)  # it references the summary
+        sr = _encode(reports, item.ds, item.findings, now, summary)
         if isinstance(sr, NodeError):
             results.append(sr)
             continue
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t4}
-        if summaries is not None:
-            timings["summary_s"] = t4 - t3
-        results.append(Outcome(ds, findings, sr, prep.steps, timings, summary))
+        if summaries is None:
+            del timings["summary_s"]
+        results.append(Outcome(item.ds, item.findings, sr, item.prep.steps, timings, summary))
     return results
+
+
+@dataclass(frozen=True)
+class _Classified:
+    """One image through the model: what its summary image and SR are made of."""
+
+    ds: Dataset
+    prep: Preprocessed
+    findings: tuple[Finding, ...]
+    features: np.ndarray | None
+
+
+def _summaries(
+    summaries: Summarizer | None, items: list[_Classified | NodeError], now: datetime
+) -> list[EncodedSummary | None]:
+    """Each classified image's summary image (None for the others), built by
+    ``summaries.threads`` threads at once: most of the work (scaling, blending, JPEG) runs
+    in Pillow and numpy, which release the GIL."""
+    if summaries is None:
+        return [None] * len(items)
+    s = summaries
+
+    def one(item: _Classified | NodeError) -> EncodedSummary | None:
+        if isinstance(item, NodeError):
+            return None
+        return _summary(s, item.ds, item.prep, item.findings, item.features, now)
+
+    work = sum(isinstance(item, _Classified) for item in items)
+    if s.threads <= 1 or work <= 1:
+        return [one(item) for item in items]
+    with ThreadPoolExecutor(min(s.threads, work), "summary") as pool:
+        return list(pool.map(one, items))
 
 
 def analyze(

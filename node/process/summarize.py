@@ -32,11 +32,14 @@ class Summarizer:
         ctx: ReportContext,
         weights: npt.NDArray[np.float32],
         compression: str = "jpeg",
+        threads: int = 2,
     ) -> None:
+        """``threads``: how many images of a batch are summarised at once."""
         self.model = model
         self.ctx = ctx
         self.weights = weights
         self.compression = compression
+        self.threads = threads
 
     def heat_maps(
         self,

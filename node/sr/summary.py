@@ -22,7 +22,7 @@ NONE_SHOWN = "No finding above its operating threshold"
 HEAT_FLOOR = 0.3
 """Parts of a map below this fraction of its maximum are not coloured."""
 HEAT_ALPHA = 0.55
-OVERLAY_STEP = 4
+OVERLAY_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,31 @@ def render(display: npt.NDArray[np.uint8], heats: Sequence[HeatMap], untrained: 
     pil = Image.fromarray(display).convert("RGB")
     if heats:
         colours, alpha = _overlay(heats)
-        # Scaled apart: the opacity smoothly; the colour, which changes only slowly (where
-        # maps overlap), as cells (a fifth of the time, and no premultiplying).
-        tint = Image.fromarray(colours).resize(pil.size, Image.Resampling.NEAREST)
-        mask = Image.fromarray(alpha).resize(pil.size, Image.Resampling.BILINEAR)
-        pil = Image.composite(tint, pil, mask)
+        box = drawn_box(alpha, pil.size)
+        if box is not None:  # scaled up and blended only where a map is drawn
+            x0, y0, x1, y1 = box
+            sx, sy = alpha.shape[1] / pil.width, alpha.shape[0] / pil.height
+            cells, size = (x0 * sx, y0 * sy, x1 * sx, y1 * sy), (x1 - x0, y1 - y0)
+            # Scaled apart: the opacity smoothly; the colour, which changes only slowly
+            # (where maps overlap), as cells (a fifth of the time, no premultiplying).
+            tint = Image.fromarray(colours).resize(size, Image.Resampling.NEAREST, box=cells)
+            mask = Image.fromarray(alpha).resize(size, Image.Resampling.BILINEAR, box=cells)
+            pil.paste(tint, (x0, y0), mask)
     return _annotate(pil, heats, untrained)
+
+
+def drawn_box(alpha: npt.NDArray[np.uint8], size: tuple[int, int]) -> tuple[int, ...] | None:
+    """The display pixels (x0, y0, x1, y1) outside which an opacity grid ``alpha`` scaled
+    bilinearly to ``size`` (width, height) is zero: its non-zero cells with one cell
+    around them (bilinear reaches that far); None where no cell is drawn."""
+    rows, cols = np.nonzero(alpha.any(axis=1))[0], np.nonzero(alpha.any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    (width, height), (grid_h, grid_w) = size, alpha.shape
+    fx, fy = width / grid_w, height / grid_h
+    return (
+        max(0, int(np.floor((cols[0] - 1) * fx))),
+        max(0, int(np.floor((rows[0] - 1) * fy))),
+        min(width, int(np.ceil((cols[-1] + 2) * fx))),
+        min(height, int(np.ceil((rows[-1] + 2) * fy))),
+    )

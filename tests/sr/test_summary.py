@@ -371,3 +371,43 @@ def test_heat_maps_on_the_coarse_overlay_grid_look_as_on_the_full_one():
     coarse = render(display, [HeatMap("x", 0.7, coarse_grid)], False)
     diff = np.abs(full.astype(int) - coarse.astype(int))
     assert diff.mean() < 0.5 and np.percentile(diff, 99.5) <= 8
+
+
+@pytest.mark.parametrize("where", ["corner", "middle", "edge", "none"])
+def test_blending_only_the_drawn_box_gives_the_whole_images_blend(where):
+    """render scales up and blends only the box around the drawn cells: the pixels are
+    those of scaling and blending the whole display (within one level)."""
+    from PIL import Image
+
+    from node.sr.summary import HeatMap, _overlay, overlay_shape
+
+    display = np.random.default_rng(5).integers(0, 255, (701, 998), dtype=np.uint8)
+    grid = np.zeros(overlay_shape(display.shape), np.float32)
+    h, w = grid.shape
+    spots = {
+        "corner": (slice(0, h // 20), slice(0, w // 20)),
+        "middle": (slice(h * 45 // 100, h * 55 // 100), slice(w * 40 // 100, w * 56 // 100)),
+        "edge": (slice(h * 9 // 10, None), slice(w * 24 // 25, None)),
+    }
+    if where in spots:
+        grid[spots[where]] = np.linspace(0.1, 1.0, grid[spots[where]].size).reshape(
+            grid[spots[where]].shape
+        )
+    heats = [HeatMap("x", 0.7, grid)]
+    got = render(display, heats, False)
+    pil = Image.fromarray(display).convert("RGB")
+    colours, alpha = _overlay(heats)
+    tint = Image.fromarray(colours).resize(pil.size, Image.Resampling.NEAREST)
+    mask = Image.fromarray(alpha).resize(pil.size, Image.Resampling.BILINEAR)
+    whole = np.asarray(Image.composite(tint, pil, mask))
+    band = banner_height(998, 701)
+    legend = slice(0, 400)  # the legend's columns (bottom left) are drawn over both alike
+
+    def differ(a: np.ndarray, b: np.ndarray) -> int:
+        return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+    # within one level: the box's scaling computes its coefficients from the box's bounds
+    assert differ(got[band:, legend.stop :], whole[band:, legend.stop :]) <= 1
+    assert differ(got[band:-120], whole[band:-120]) <= 1
+    plain = np.asarray(pil)
+    assert (got[band:, 400:] != plain[band:, 400:]).any() == (where in ("middle", "edge"))
