@@ -1,4 +1,5 @@
-"""The per-image JSON results record (pure), and where files go."""
+"""The per-image JSON results record (pure), and where files go. The record's JSON Schema
+is ``result.schema.json`` beside this module (the tests validate against it)."""
 
 from __future__ import annotations
 

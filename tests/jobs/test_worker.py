@@ -18,7 +18,7 @@ from node.jobs.delivery import Delivery
 from node.jobs.worker import Worker
 from node.store.spool import Spool
 
-SCHEMA = json.loads((ROOT / "node" / "result.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "node" / "process" / "result.schema.json").read_text())
 
 
 @pytest.fixture

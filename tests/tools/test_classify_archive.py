@@ -21,7 +21,7 @@ from helpers import ACRNEMA, ROOT, chest_images, wait_for
 
 from node.process.results import SCORE_THRESHOLD
 
-SCHEMA = json.loads((ROOT / "node" / "result.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "node" / "process" / "result.schema.json").read_text())
 
 
 def _config(tmp_path: Path, weights_dir: Path, batch: int = 4) -> Path:

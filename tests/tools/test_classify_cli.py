@@ -21,7 +21,7 @@ from node.analysis.preprocess import preprocess
 from node.dicom.dicomio import read_dataset
 from node.sr.codes import pathology_code
 
-SCHEMA = json.loads((ROOT / "node" / "result.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "node" / "process" / "result.schema.json").read_text())
 
 
 STAND_IN = (str(ROOT / "tests" / "modelless_node.py"),)
