@@ -39,7 +39,7 @@ JOB_STATES = ("received", "classified", "sent", "skipped", "failed", "quarantine
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """The configuration; logging set up, and ``spool.umask`` applied to the process: every
     file the command writes (spool, jobs.sqlite, results JSON, SRs) is the user's alone."""
-    from node.core.config import load_config  # pydantic: ~0.15 s of import that push does not need
+    from node.core.config import load_config  # pydantic: imported only where a config is read
 
     cfg = load_config(args.config, os.environ, overrides or {})
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.json_format)
@@ -155,7 +155,8 @@ PEER_DEFAULTS: dict[str, Any] = {
     "timeout": 30.0,
 }
 """``[destination]``'s defaults (node.core.config.DestinationConfig; tests/core/test_units.py checks
-they agree), here so that ``push`` without a config needs no pydantic (~0.15 s)."""
+they agree), here so that ``push`` without a config never imports pydantic (its import time:
+bench/RESULTS.md, "What changed, and what each change bought", Push)."""
 ENV_PREFIX = "CXR_NODE_"  # node.core.config.ENV_PREFIX
 ECHO_EXIT_CODES = """exit codes:
   0  the peer answered the C-ECHO with success
@@ -323,7 +324,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from node.core.imports import PUSH_NEVER_USES, hidden
 
-    with hidden(PUSH_NEVER_USES):  # ~0.2 s less start-up in a fresh process
+    with hidden(PUSH_NEVER_USES):  # kept out of push's start-up: node.core.imports
         from node.tools.push import push
 
     setup_logging(args.log_level or "WARNING")

@@ -2,18 +2,18 @@
 
 torch's CPU allocator hands every activation back to malloc after each layer. glibc's
 defaults then return most of it to the kernel, and the next forward pass faults it in
-again, zero-filled: ~3,000 page faults per image at batch 4 and ~7,000 at batch 8 for
-DenseNet-121 on this project's 2-core machine, 15-30 % of the pipeline's time. With large
-allocations kept on the heap (mmap threshold 32 MiB, the most glibc takes) and the heap
-trimmed only past 16 MiB of free space per image of a batch, the faults go to ~0 (the
-node's memory peak stayed at 864-884 MB in three runs). Setting only one of the two
-makes it worse: glibc then stops adapting the other (measured: 3-8x the faults, 1.5-3x
-slower).
+again, zero-filled: thousands of page faults per image, a large share of the pipeline's
+time. With large allocations kept on the heap (mmap threshold 32 MiB, the most glibc
+takes) and the heap trimmed only past 16 MiB of free space per image of a batch, those
+faults stop without raising the node's memory peak. Setting only one of the two makes it
+worse: glibc then stops adapting the other (more faults, slower). Measured in
+bench/RESULTS.md, third session, Inference: "Page faults".
 
-The start-up (imports, loading the model, the SR encoder's self-check) leaves ~50 MB free
+The start-up (imports, loading the model, the SR encoder's self-check) leaves free memory
 in the main thread's heap, which the serving threads, allocating mostly from arenas of
-their own, do not reuse: ``serve`` hands it back once before it starts serving (peak with
-a 1,000-image backlog 946-961 -> 904-927 MB, 4 alternating runs each).
+their own, do not reuse: ``serve`` hands it back once before it starts serving, which
+lowers the memory peak (measured in bench/RESULTS.md, fifth session, "Start-up garbage
+handed back").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # HEAP_MAX_SIZE / 2 on 64-bit: the largest glibc accepts
-TRIM_PER_IMAGE = 16 * 2**20  # batch 4: 64 MiB, batch 8: 128 MiB (both measured ~0 faults)
+TRIM_PER_IMAGE = 16 * 2**20  # of free heap kept per batch image: batch 4 trims past 64 MiB
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
@@ -52,8 +52,9 @@ def keep_freed_memory(batch_size: int) -> bool:
 
 def release_start_up_garbage() -> bool:
     """Collect the start-up's garbage and hand glibc's free pages back to the kernel
-    (``malloc_trim(0)``), once, before serving: imports and the SR self-check leave ~50 MB
-    free in the main heap that the serving threads, with their own arenas, mostly do not reuse.
+    (``malloc_trim(0)``), once, before serving: imports and the SR self-check leave free
+    memory in the main heap that the serving threads, with their own arenas, mostly do not
+    reuse.
     Returns whether glibc was asked."""
     gc.collect()
     libc = _glibc()

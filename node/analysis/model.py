@@ -93,10 +93,10 @@ def import_xrv() -> ModuleType:
     xrv imports torchvision, whose ``ops.roi_align`` imports ``torch._dynamo.utils`` for a
     single helper, ``is_compile_supported`` (torchvision meant to keep dynamo out of eager
     users' imports: pytorch/vision#8436). That drags in dynamo, sympy, torch.distributed
-    and triton: ~125 MB resident and ~1 s of start-up in a node that never compiles. So
-    while xrv is first imported, that one module is a stand-in whose helper imports the
-    real one when called; it leaves ``sys.modules`` right after, so any later
-    ``import torch._dynamo`` gets the real package.
+    and triton: memory and start-up time for a node that never compiles (measured in
+    bench/RESULTS.md, third session, Memory). So while xrv is first imported, that one
+    module is a stand-in whose helper imports the real one when called; it leaves
+    ``sys.modules`` right after, so any later ``import torch._dynamo`` gets the real package.
     """
     loaded = sys.modules.get("torchxrayvision")
     if loaded is not None:

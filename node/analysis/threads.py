@@ -4,11 +4,12 @@ torch's CPU kernels run on libgomp. Between two parallel regions (a DenseNet for
 has hundreds) libgomp's threads by default spin for ~300,000 iterations before they sleep.
 On a machine whose cores are shared - the node's own threads receiving, decoding and
 sending, Orthanc, the senders - a spinning thread burns the core that the thread it waits
-for needs: the node's CPU time per image grew up to 7x and its throughput fell up to 10x
-under load (bench/RESULTS.md). ``passive`` (libgomp's OMP_WAIT_POLICY=PASSIVE: sleep at
-once) gives those cycles back; ``active`` spins without limit; ``default`` leaves libgomp's
-own setting. libgomp reads the variable once, when torch loads it: set it before the first
-``import torch`` of the process; an OMP_WAIT_POLICY already in the environment wins.
+for needs, and under load the node's CPU time per image and its throughput get many times
+worse (measured in bench/RESULTS.md, "How torch's threads wait"). ``passive`` (libgomp's
+OMP_WAIT_POLICY=PASSIVE: sleep at once) gives those cycles back; ``active`` spins without
+limit; ``default`` leaves libgomp's own setting. libgomp reads the variable once, when torch
+loads it: set it before the first ``import torch`` of the process; an OMP_WAIT_POLICY
+already in the environment wins.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 pydicom imports numpy, Pillow, the pylibjpeg plugins, pyjpegls, requests and tqdm when
 they are installed (pixel handlers and decoders, its test-data downloader) but works
-without them, as documented. ``cxr-node push`` never touches pixel data, and those
-imports were ~0.2 s of its ~0.5 s start-up on this project's 2-core machine, time in
-which the receiving PACS idles.
+without them, as documented. ``cxr-node push`` never touches pixel data, and its start-up
+is time in which the receiving PACS idles, so those imports are kept out of it (measured in
+bench/RESULTS.md, fifth session, "Push start-up").
 """
 
 from __future__ import annotations

@@ -267,10 +267,12 @@ def build_ae(cfg: ScpConfig, fast_paths: bool = True) -> AE:
 class CheapCopyContext(PresentationContext):
     """A supported presentation context that pynetdicom can copy quickly.
 
-    pynetdicom deep-copies the server's supported contexts for every association (171
-    contexts x 13 transfer syntaxes here: ~40 ms of CPU per association, i.e. per image
-    that Orthanc routes one by one). Its state is immutable UIDs, ints, bools and one list
-    of transfer syntaxes, so a shallow copy with its own list is an equivalent deep copy.
+    pynetdicom deep-copies the server's supported contexts for every association (every
+    storage SOP class, each with every transfer syntax the node decodes), and Orthanc's
+    route opens an association per image, so that copy is paid per image (measured in
+    bench/RESULTS.md, "What changed, and what each change bought", Ingest: association
+    setup). Its state is immutable UIDs, ints, bools and one list of transfer syntaxes, so
+    a shallow copy with its own list is an equivalent deep copy.
     """
 
     def __deepcopy__(self, memo: dict[int, object]) -> CheapCopyContext:

@@ -398,7 +398,7 @@ def reactor_paused(assoc: Association) -> Iterator[Association]:
 
     pynetdicom's ``send_c_store`` pauses the reactor, sends, reads the response and lets the
     reactor run again, once per message; the reactor then naps 1 ms before it can be paused
-    again, so every image waited ~1 ms for it. Inside this block :func:`send_raw` (with
+    again, so every image waited out that nap. Inside this block :func:`send_raw` (with
     ``resume=False``) pauses it once and leaves it paused until the block ends.
     """
     try:

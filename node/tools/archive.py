@@ -164,7 +164,8 @@ def _is_zip(path: Path) -> bool:
     """A zip by name, magic or content (so that a damaged zip is an error, not skipped).
 
     A Part 10 DICOM file (``DICM`` after its preamble) is not searched for a zip directory:
-    ``zipfile.is_zipfile`` reads and scans up to 64 KiB of its end (~7 % of a push's CPU).
+    ``zipfile.is_zipfile`` reads and scans up to 64 KiB of its end, for every file pushed
+    (measured in bench/RESULTS.md, third session, Push).
     """
     if not path.is_file():
         return False

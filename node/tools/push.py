@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 CHUNK_FILES = 32  # files held in memory per association
 ASSOCIATION_RETRIES = 3
-DEFAULT_ASSOCIATIONS = 4  # into a local Orthanc on 2 cores: 1 -> 2 -> 4 gave 43 -> 57 -> 64 img/s
+DEFAULT_ASSOCIATIONS = 4  # in parallel they hide the peer's per-image latency (bench/RESULTS.md)
 
 
 SENT, WARNING, FAILED, SKIPPED = "sent", "warning", "failed", "skipped"
@@ -400,7 +400,7 @@ def _rejected(item: Rejected, summary: Summary) -> None:
 
 def _split(item: Item) -> Encoded:
     """The file's identity and data set bytes: from its File Meta group and first elements
-    where they suffice (~0.1 ms), else through pydicom's full header read (~1 ms)."""
+    where they suffice (the cheap path), else through pydicom's full header read."""
     fast = split_part10(item.data)
     if fast is None:
         return split_encoded(item.data, item.name)

@@ -1,11 +1,12 @@
 """C-STORE messages encoded and decoded directly: command sets and P-DATA fragments (pure).
 
-pynetdicom encodes each command set through a pydicom Dataset (~0.2-0.4 ms, 13 % of the
-SCP's time per received image) and builds the P-DATA primitives after it. A C-STORE
-request or response without optional elements is six elements of fixed shape; these
-functions give byte for byte what pynetdicom's ``DIMSEMessage.encode_msg`` gives (the unit
-tests compare them), for ``node.net.fast.netopts.send_msg``. :func:`parse_store_request` reads such
-a request back, for ``node.net.fast.receive``.
+pynetdicom encodes each command set through a pydicom Dataset, once per message (measured
+in bench/RESULTS.md, third session, "C-STORE messages encoded directly"), and builds the
+P-DATA primitives after it. A C-STORE request or response without optional elements is six
+elements of fixed shape; these functions give byte for byte what pynetdicom's
+``DIMSEMessage.encode_msg`` gives (the unit tests compare them), for
+``node.net.fast.netopts.send_msg``. :func:`parse_store_request` reads such a request back,
+for ``node.net.fast.receive``.
 """
 
 from __future__ import annotations

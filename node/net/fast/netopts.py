@@ -274,8 +274,9 @@ def read_pdu_data(dul: DULServiceProvider, assembler: StoreAssembler | None = No
 
     pynetdicom copies every received fragment five times before the DIMSE layer stores it
     (``bytestream +=``, ``bytes()`` for EVT_DATA_RECV, the PDU's and the PDV's slices,
-    ``data[1:]``): with their decoding, a third of the SCP's GIL time per 1 MB image. Here
-    the PDV items are views into the one buffer the PDU was read into. Same events, same
+    ``data[1:]``), each a copy of the whole fragment, under the GIL (measured in
+    bench/RESULTS.md, third session, "P-DATA decoded over a memoryview"). Here the PDV
+    items are views into the one buffer the PDU was read into. Same events, same
     order, same endings (Evt17 when the connection fails, Evt19 for what cannot be
     decoded); other PDU types, and every PDU while an EVT_DATA_RECV or EVT_PDU_RECV handler
     watches, go through pynetdicom's own decoder.
@@ -484,18 +485,23 @@ def read_exact(sock: socket.socket, nr_bytes: int, deadline: float | None = None
 
 REACTOR_WAIT = 0.001
 """Longest wait for a DIMSE message before the association's reactor makes its other
-checks."""
+checks: an idle association's loop wakes this often (it waits on its message queue, not in
+``select``)."""
 
 
 def association_reactor(assoc: Association) -> None:
-    """``Association._run_reactor`` of pynetdicom 3.0, event-driven and safe to pause.
+    """``Association._run_reactor`` of pynetdicom 3.0, woken by each decoded message and safe
+    to pause.
 
-    pynetdicom's loop naps 1 ms, then looks for a decoded DIMSE message: every C-STORE
-    waited 0.5 ms on average before its handler ran. This loop blocks on the message queue
-    for up to :data:`REACTOR_WAIT` instead, so a request is served as soon as its last
-    fragment is decoded; the pause handshake, release, abort, dead-DUL and network-timeout
-    handling are pynetdicom's, in the same order (the node keeps pynetdicom's default
-    ``network_timeout_response``, A-ABORT, so its A-RELEASE variant is not carried over).
+    pynetdicom's loop naps 1 ms, then looks for a decoded DIMSE message, so a C-STORE that
+    is decoded during the nap waits for the rest of it before its handler runs. This loop
+    waits on the message queue itself, for up to :data:`REACTOR_WAIT` per turn, so a request
+    is served as soon as its last fragment is decoded. While idle it still wakes every
+    :data:`REACTOR_WAIT` for its end-of-association checks (only the DUL reactor blocks in
+    ``select``: :class:`EventDrivenSocket`). The pause handshake, release, abort, dead-DUL
+    and network-timeout handling are pynetdicom's, in the same order (the node keeps
+    pynetdicom's default ``network_timeout_response``, A-ABORT, so its A-RELEASE variant is
+    not carried over).
 
     Pausing (``send_c_store``, :func:`node.net.scu.send_raw`, ``release``) clears
     ``_reactor_checkpoint`` and waits for ``_is_paused``; pynetdicom's loop could pass its
@@ -550,7 +556,8 @@ def quiet_pynetdicom() -> None:
     """Skip pynetdicom's standard logging handlers unless its logger shows INFO.
 
     They run on every PDU and DIMSE message, and decode and format each command set
-    (~1.5 ms per received image) for INFO/DEBUG lines that the node's logging setup
+    (measured in bench/RESULTS.md, "What changed, and what each change bought", Ingest:
+    "per-message logging handlers") for INFO/DEBUG lines that the node's logging setup
     (``pynetdicom`` at WARNING or above) discards anyway. Warnings and errors are still
     logged. Takes effect for AEs and associations created afterwards.
     """

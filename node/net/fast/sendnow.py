@@ -4,15 +4,16 @@ pinned <4).
 pynetdicom hands every outgoing P-DATA to its DUL thread: the sending thread (the
 acceptor thread that ran a C-STORE handler, or a C-STORE client's thread) puts each PDU's
 primitive on the DUL's send queue and wakes the reactor, which turns its state machine
-once per PDU (Sta6 + Evt9: DT-1, back to Sta6), encodes the PDU and sends it: ~0.4 ms
-and two thread switches per answered image, and for a 1 MB request 64 turns and 64
-socket writes into a peer with 16 KB PDUs. P-DATA sent in Sta6 changes no state. So
-:func:`send_now` writes the whole message at once, in pieces of ~1 MB, holding the lock
-(:func:`guard`) that the DUL thread then holds for every state machine action and every
-send; where anything else is queued, an A-ABORT went out, the reactor is stopping,
-anybody watches PDUs, data or transitions (or binds a handler that runs inside a state
-machine action), or the socket is TLS (one TLS connection must not read and write from
-two threads at once), it does nothing and pynetdicom's way is taken.
+once per PDU (Sta6 + Evt9: DT-1, back to Sta6), encodes the PDU and sends it: two thread
+switches per answered image, and for a 1 MB request 64 turns and 64 socket writes into a
+peer with 16 KB PDUs (measured in bench/RESULTS.md, fourth session, "Responses written by
+the answering thread"; fifth session, "C-STORE requests written whole"). P-DATA sent in
+Sta6 changes no state. So :func:`send_now` writes the whole message at once, in pieces of
+~1 MB, holding the lock (:func:`guard`) that the DUL thread then holds for every state
+machine action and every send; where anything else is queued, an A-ABORT went out, the
+reactor is stopping, anybody watches PDUs, data or transitions (or binds a handler that
+runs inside a state machine action), or the socket is TLS (one TLS connection must not
+read and write from two threads at once), it does nothing and pynetdicom's way is taken.
 
 Every write is bounded (:func:`write_within`): a peer that stops reading holds the lock,
 and with it the DUL thread and ``kill()``, for at most the association's

@@ -2,10 +2,10 @@
 Nagle's algorithm off, and a time limit on every read and write; and, without them, the
 SCP's limits on what a peer may make it read (with them, their reader checks the same).
 
-DICOM sends a small PDV header then a large fragment; with Nagle on, the peer's delayed
-ACK stalls every message by ~40 ms. pynetdicom 3.0 clears the requestor's socket timeout
-once it has connected: a peer that stops reading would then block the DUL thread's next
-write (and everything waiting for that thread) for ever. The association's
+DICOM sends a small PDV header then a large fragment; with Nagle on, every message waits
+for the peer's delayed ACK (a 40 ms timer on Linux). pynetdicom 3.0 clears the requestor's
+socket timeout once it has connected: a peer that stops reading would then block the DUL
+thread's next write (and everything waiting for that thread) for ever. The association's
 ``network_timeout`` bounds it instead: a write that makes no progress for that long fails,
 and pynetdicom ends the association as for a closed connection.
 """
