@@ -464,9 +464,7 @@ def _layered(file: dict[str, Any], variables: dict[str, str]) -> type[NodeConfig
     over ``variables`` over ``file`` over the defaults."""
 
     class Layered(BaseSettings, NodeConfig):
-        model_config = SettingsConfigDict(
-            frozen=True,
-            extra="forbid",
+        model_config = SettingsConfigDict(  # frozen, extra="forbid": NodeConfig's
             case_sensitive=True,  # the prefix; _variables lower-cases the rest
             env_prefix=ENV_PREFIX,
             env_nested_delimiter="__",
