@@ -8,7 +8,6 @@ Environment variables are named ``CXR_NODE_<SECTION>__<KEY>``, e.g.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import tomllib
@@ -25,6 +24,14 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
 )
 
 from node.core.errors import ConfigError
@@ -355,50 +362,6 @@ class NodeConfig(_Section):
         return self.model_copy(update={"network": network})
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _env_value(name: str, value: str) -> Any:
-    """Lists come as JSON (``["ORTHANC","MODALITY1"]``); everything else as a string."""
-    if not value.lstrip().startswith("["):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{name}: not a JSON list: {exc}") from exc
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ``CXR_NODE_SECTION__KEY=value`` variables into a nested dict of strings."""
-    out: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        out.setdefault(section, {})[key] = _env_value(name, value)
-    return out
-
-
-def dotted_overrides(pairs: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn ``{"scp.port": 104}`` into ``{"scp": {"port": 104}}``; ``None`` values are dropped."""
-    out: dict[str, Any] = {}
-    for dotted, value in pairs.items():
-        if value is None:
-            continue
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ValueError(f"override {dotted!r} must be of the form section.key")
-        out.setdefault(section, {})[key] = value
-    return out
-
-
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -419,12 +382,7 @@ def load_config(
     Relative paths in the file are taken from the file's folder; those of the environment
     and the command line from the current directory. An invalid value is a
     :class:`ConfigError` of one line per problem, naming the key and where it came from."""
-    environ = os.environ if environ is None else environ
-    data = _layers(path, environ, overrides or {})
-    try:
-        return NodeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise _config_error(exc, (), _Sources(path, environ, overrides or {})) from None
+    return _load(path, environ, overrides or {}, None)
 
 
 def load_destination(
@@ -432,40 +390,105 @@ def load_destination(
 ) -> DestinationConfig:
     """Only ``[destination]`` (defaults < file < environment), as :func:`load_config` reads
     it, for ``echo`` and ``push``: the other sections are the node's business."""
-    return _load_section(DestinationConfig, "destination", path, environ)
+    return _load(path, environ, {}, "destination").destination
 
 
 def load_network(
     path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> NetworkConfig:
     """Only ``[network]``, as :func:`load_destination` reads ``[destination]``."""
-    return _load_section(NetworkConfig, "network", path, environ)
+    return _load(path, environ, {}, "network").network
 
 
-def _load_section(
-    model: type[_S], name: str, path: Path | None, environ: Mapping[str, str] | None
-) -> _S:
+def _load(
+    path: Path | None,
+    environ: Mapping[str, str] | None,
+    overrides: Mapping[str, Any],
+    section: str | None,
+) -> NodeConfig:
+    """The layers as pydantic-settings merges them; ``section``: that section's values
+    only (the others keep their defaults, so they cannot fail)."""
     environ = os.environ if environ is None else environ
-    data = _layers(path, environ, {}).get(name, {})
+    settings = _layered(_file_values(path, section), _variables(environ, section))
+    cli: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is not None:
+            name, _, key = dotted.partition(".")
+            cli.setdefault(name, {})[key] = value
     try:
-        return model.model_validate(data)
+        return NodeConfig.model_validate(dict(settings(**cli)))
     except ValidationError as exc:
-        raise _config_error(exc, (name,), _Sources(path, environ, {})) from None
+        raise _config_error(exc, _Sources(path, environ, overrides)) from None
 
 
-def _layers(
-    path: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Any]
-) -> dict[str, Any]:
-    from_file: dict[str, Any] = read_toml(path) if path is not None else {}
-    if path is not None:
-        from_file = anchor_paths(from_file, path.absolute().parent)  # `--config etc/x.toml` too
-    data = _merge(from_file, env_overrides(environ))
-    return _merge(data, dotted_overrides(overrides))
+def _file_values(path: Path | None, section: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    data = anchor_paths(read_toml(path), path.absolute().parent)  # `--config etc/x.toml` too
+    return data if section is None else {k: v for k, v in data.items() if k == section}
 
 
-def _config_error(exc: ValidationError, prefix: tuple[str, ...], where: _Sources) -> ConfigError:
+def _variables(environ: Mapping[str, str], section: str | None) -> dict[str, str]:
+    """The ``CXR_NODE_<SECTION>__<KEY>`` variables (``section``'s only, when named), their
+    names lower-cased after the prefix; others (``CXR_NODE_X`` too) are not the node's."""
+    out: dict[str, str] = {}
+    for name, value in environ.items():
+        rest = name[len(ENV_PREFIX) :].lower()
+        if name.startswith(ENV_PREFIX) and "__" in name and section in (None, rest.split("__")[0]):
+            out[ENV_PREFIX + rest] = value
+    return out
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' reading of ``variables`` (a list's value as JSON), with an empty
+    section for each unknown one named, which ``extra="forbid"`` then refuses."""
+
+    def __init__(self, settings_cls: type[BaseSettings], variables: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = variables
+
+    def __call__(self) -> dict[str, Any]:
+        named = {name[self.env_prefix_len :].split("__")[0] for name in self.env_vars}
+        return {**{section: {} for section in named}, **super().__call__()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        """A list that is not JSON stays a string, which validation refuses by its name."""
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+
+def _layered(file: dict[str, Any], variables: dict[str, str]) -> type[NodeConfig]:
+    """NodeConfig as pydantic-settings reads it: its keyword arguments (the command line's)
+    over ``variables`` over ``file`` over the defaults."""
+
+    class Layered(BaseSettings, NodeConfig):
+        model_config = SettingsConfigDict(  # frozen, extra="forbid": NodeConfig's
+            case_sensitive=True,  # the prefix; _variables lower-cases the rest
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            env_nested_max_split=1,  # CXR_NODE_SCP__PORT__X names the key port__x
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            environment = _Environment(settings_cls, variables)
+            return init_settings, environment, InitSettingsSource(settings_cls, file)
+
+    return Layered
+
+
+def _config_error(exc: ValidationError, where: _Sources) -> ConfigError:
     """One line per problem (the same problem once), each naming its key and source."""
-    lines = [where.explain({**e, "loc": prefix + e["loc"]}) for e in exc.errors(include_url=False)]
+    lines = [where.explain(e) for e in exc.errors(include_url=False)]
     return ConfigError("\n".join(dict.fromkeys(lines)))
 
 
@@ -561,6 +584,7 @@ class _Sources:
                 return f"command line: {key} = {self.overrides[dotted]!r}: {why}"
             if pair in self.env:
                 name = self.env[pair]
+                why = 'not a JSON list, e.g. ["A","B"]' if err["type"] == "tuple_type" else why
                 return f"{name}={self.environ[name]!r}: {key}: {why}"
         elif loc:
             names = sorted(n for (section, _), n in self.env.items() if section == loc[0])

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
 from node.analysis.triage import skip_reason
-from node.core.config import FilterConfig, load_config
+from node.core.config import FilterConfig, load_config, load_destination, load_network
 from node.core.errors import ConfigError, SpoolError
 from node.dicom.dicomio import read_dataset
 from node.jobs.delivery import backoff_delay, dead_letter_due
@@ -40,6 +40,67 @@ def test_config_precedence_cli_over_env_over_file(tmp_path):
 def test_invalid_config_is_a_config_error(tmp_path, bad):
     with pytest.raises(ConfigError):
         load_config(write_config(tmp_path / "c.toml", bad), {})
+
+
+def test_environment_values_are_parsed_by_their_fields_type():
+    """pydantic-settings reads the variables: a list's value is JSON, any other key's a plain
+    string even when it starts with "[" (the hand-written parser took that for a list);
+    names without ``__``, or not spelled ``CXR_NODE_``, are not the node's."""
+    env = {
+        "CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["PACS_A", "PACS_B"]',
+        "CXR_NODE_REPORT__MANUFACTURER": '["lab"]',
+        "CXR_NODE_scp__Port": "2000",
+        "CXR_NODE_SCP": "not a section",
+        "cxr_node_scp__max_pdu": "not read",
+    }
+    cfg = load_config(None, env)
+    assert cfg.scp.allowed_calling_aets == ("PACS_A", "PACS_B")
+    assert cfg.report.manufacturer == '["lab"]'
+    assert (cfg.scp.port, cfg.scp.max_pdu) == (2000, 131072)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"CXR_NODE_SCP__BOGUS": "1"},
+            "CXR_NODE_SCP__BOGUS='1': scp.bogus: unknown key (config/node.toml lists them all)",
+        ),
+        (
+            {"CXR_NODE_SCP__PORT__X": "1"},
+            "CXR_NODE_SCP__PORT__X='1': scp.port__x: unknown key (config/node.toml lists them all)",
+        ),
+        (
+            {"CXR_NODE_BOGUS__X": "1"},
+            "CXR_NODE_BOGUS__X: bogus: unknown section (config/node.toml lists them all)",
+        ),
+        (
+            {"CXR_NODE_SCP__ALLOWED_CALLING_AETS": '["A",'},
+            "CXR_NODE_SCP__ALLOWED_CALLING_AETS='[\"A\",': scp.allowed_calling_aets: "
+            'not a JSON list, e.g. ["A","B"]',
+        ),
+    ],
+)
+def test_an_environment_error_is_one_line_naming_the_variable(env, line):
+    with pytest.raises(ConfigError) as failed:
+        load_config(None, env)
+    assert str(failed.value) == line
+
+
+def test_echo_and_push_read_only_their_section(tmp_path):
+    """load_destination and load_network validate their section alone: a key only serve
+    uses (file or environment) does not fail a healthcheck's echo."""
+    conf = write_config(tmp_path / "c.toml", {"tls": {"enabled": True}, "destination": {"port": 1}})
+    env = {
+        "CXR_NODE_SCP__PORT": "abc",
+        "CXR_NODE_BOGUS__X": "1",
+        "CXR_NODE_NETWORK__FAST_PATHS": "0",
+    }
+    assert load_destination(conf, env).port == 1
+    assert load_network(conf, env).fast_paths is False
+    with pytest.raises(ConfigError) as failed:
+        load_destination(conf, {**env, "CXR_NODE_DESTINATION__PORT": "x"})
+    assert str(failed.value) == "CXR_NODE_DESTINATION__PORT='x': destination.port: not an integer"
 
 
 def test_config_is_frozen():

@@ -32,12 +32,14 @@ from node.store.spool import Spool
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-def cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path = ROOT, entry: tuple[str, ...] = ("-m", "node"), **env: str
+) -> subprocess.CompletedProcess[str]:
     """``cxr-node ARGS`` in a fresh process, with no CXR_NODE_ variable but ``env``'s."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CXR_NODE_")}
     clean["PYTHONPATH"] = os.pathsep.join([str(ROOT), clean.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "node", *args],
+        [sys.executable, *entry, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -309,6 +311,20 @@ def test_a_relative_config_path_anchors_its_paths_absolutely(tmp_path, monkeypat
 
 
 # -- push --dry-run ---------------------------------------------------------------------------
+def test_push_imports_pydantic_only_to_read_a_configuration():
+    """No --config, no CXR_NODE_ variable: push starts without pydantic (~0.15 s) and
+    pydantic-settings; with a variable, pydantic-settings reads it."""
+    code = (
+        "import sys; from node.cli import main; rc = main(sys.argv[1:]); "
+        "print('loaded:', *(m for m in ('pydantic', 'pydantic_settings') if m in sys.modules))"
+    )
+    push = ("push", str(NIH), "--dry-run")
+    bare = cli(*push, entry=("-c", code))
+    assert bare.stdout.splitlines()[-1] == "loaded:", bare.stdout + bare.stderr
+    configured = cli(*push, entry=("-c", code), CXR_NODE_DESTINATION__PORT="4243")
+    assert configured.stdout.splitlines()[-1] == "loaded: pydantic pydantic_settings"
+
+
 def test_a_dry_run_lists_each_object_and_names_skipped_files(tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "a.dcm").write_bytes(NIH.read_bytes())
