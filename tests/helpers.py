@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -45,6 +46,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port where nothing listens, held for the block: bound, never listening,
+    so a connection is refused and no other test's peer (tests run in parallel) can take
+    it, as one could take a port that :func:`free_port` only found free."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from helpers import Sender, chest_images, fast_paths, free_port, wait_for
+from helpers import Sender, chest_images, closed_port, fast_paths, free_port, wait_for
 from modelless_node import INFO
 
 from node.core.config import ReportConfig
@@ -144,7 +144,12 @@ def test_wrong_destination_keeps_srs_pending_shown_then_fixed_config_delivers(
     """A wrong destination (nothing listens there) is a connection failure: the SRs wait,
     nothing is dead-lettered however many attempts, and ``status`` says why; the node
     restarted with the right destination delivers them without `jobs retry`."""
-    node_port, wrong = free_port(), free_port()
+    with closed_port() as wrong:  # held: no other test's Orthanc can answer there
+        _wrong_then_fixed(orthanc_factory, node_factory, wrong)
+
+
+def _wrong_then_fixed(orthanc_factory, node_factory, wrong: int) -> None:
+    node_port = free_port()
     orthanc = orthanc_factory(node_port)
     node = node_factory(
         wrong,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ACRNEMA, NIH, ROOT, fast_paths, free_port
+from helpers import ACRNEMA, NIH, ROOT, closed_port, fast_paths, free_port
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -201,7 +201,11 @@ def test_an_unknown_calling_ae_is_told_by_push_with_the_reason(node_scp, caplog)
 
 
 def test_a_closed_port_is_connection_refused_with_host_and_port():
-    port = free_port()
+    with closed_port() as port:
+        _refused(port)
+
+
+def _refused(port: int) -> None:
     done = cli("push", str(NIH), "--port", str(port))
     assert done.returncode == 1
     assert f"connection refused by 127.0.0.1:{port}" in done.stdout
