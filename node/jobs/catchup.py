@@ -23,7 +23,10 @@ Study Root query/retrieve (any PACS that speaks it, not only Orthanc):
 
 A study whose every instance was known is remembered with the NumberOfStudyRelatedInstances
 the PACS reported; while it reports the same number, the study is not queried again (one
-C-FIND per round on a quiet day).
+C-FIND per round on a quiet day). Only where the answers were complete: as many series as
+its NumberOfStudyRelatedSeries, and in each series of interest as many instances as its
+NumberOfSeriesRelatedInstances. A lost C-FIND response (stock pynetdicom's association loop
+can take one) or a PACS that does not return the counts leaves the study queried each round.
 
 The pure part (:func:`plan_round`, :func:`study_dates`, :func:`date_range`) takes the clock
 as an argument; :class:`CatchUp` is the node's thread; :func:`backfill` the CLI's run.
@@ -92,6 +95,22 @@ class Study:
     uid: str
     related: str  # NumberOfStudyRelatedInstances as the PACS wrote it; "" if not returned
     modalities: tuple[str, ...]  # ModalitiesInStudy; () if not returned
+    series: str = ""  # NumberOfStudyRelatedSeries as the PACS wrote it; "" if not returned
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A study's instances of interest, and whether the answers were complete: every
+    series the study counts was listed, and every instance each of those series counts."""
+
+    instances: list[Instance]
+    complete: bool
+
+
+def related_count(value: object) -> int | None:
+    """A Number Of ... Related ... value as a count; None if not returned or not a count."""
+    text = str(value if value is not None else "").strip()
+    return int(text) if text.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,8 @@ def wanted(study: Study, modalities: Collection[str]) -> bool:
 
 @dataclass(frozen=True)
 class Done:
-    """A study whose every instance of interest was known (or refused) at ``related``."""
+    """A study whose answers were complete and every instance of interest known (or
+    refused) at ``related``."""
 
     related: str
     instances: int
@@ -240,35 +260,48 @@ class QRSession:
             query = _query("STUDY", StudyInstanceUID=uid, StudyDate=dates)
             query.ModalitiesInStudy = ""
             query.NumberOfStudyRelatedInstances = ""
+            query.NumberOfStudyRelatedSeries = ""
             for m in self.find(query):
                 out.append(
                     Study(
                         str(m.get("StudyInstanceUID", "")),
                         str(m.get("NumberOfStudyRelatedInstances", "") or ""),
                         tuple(_values(m.get("ModalitiesInStudy"))),
+                        str(m.get("NumberOfStudyRelatedSeries", "") or ""),
                     )
                 )
         return [s for s in out if s.uid]
 
-    def instances(self, study: str, modalities: Collection[str]) -> list[Instance]:
-        """The instances of ``modalities`` in ``study``."""
+    def instances(self, study: Study, modalities: Collection[str]) -> Listing:
+        """The instances of ``modalities`` in ``study``; complete only where the PACS's
+        counts say nothing was left out (a lost response, a PACS that stops early)."""
         series = self.find(
-            _query("SERIES", StudyInstanceUID=study, SeriesInstanceUID="", Modality="")
+            _query(
+                "SERIES",
+                StudyInstanceUID=study.uid,
+                SeriesInstanceUID="",
+                Modality="",
+                NumberOfSeriesRelatedInstances="",
+            )
         )
+        complete = related_count(study.series) == len(series)
         out: list[Instance] = []
         for s in series:
             uid = str(s.get("SeriesInstanceUID", ""))
             if not uid or str(s.get("Modality", "")) not in modalities:
                 continue
             query = _query(
-                "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPInstanceUID=""
+                "IMAGE", StudyInstanceUID=study.uid, SeriesInstanceUID=uid, SOPInstanceUID=""
             )
-            out += [
-                Instance(study, uid, str(m.SOPInstanceUID))
+            listed = [
+                Instance(study.uid, uid, str(m.SOPInstanceUID))
                 for m in self.find(query)
                 if m.get("SOPInstanceUID")
             ]
-        return out
+            expected = related_count(s.get("NumberOfSeriesRelatedInstances"))
+            complete = complete and expected == len({i.sop for i in listed})
+            out += listed
+        return Listing(out, complete)
 
     def move(self, inst: Instance) -> None:
         """C-MOVE one instance to our SCP; raises :class:`MoveFailed` unless it arrived."""
@@ -498,7 +531,8 @@ class CatchUp:
                 s for s in qr.studies(study_dates(self.today(), c.window_hours)) if wanted(s, mods)
             ]
             todo, unchanged = split_done(studies, self._done)
-            found = [i for s in todo if not stop.is_set() for i in qr.instances(s.uid, mods)]
+            listed = {s.uid: qr.instances(s, mods) for s in todo if not stop.is_set()}
+            found = [i for listing in listed.values() for i in listing.instances]
             uids = {i.sop for i in found}
             known = self.spool.known_uids(uids)
             refused = self.spool.refused_uids(uids - known)
@@ -512,7 +546,9 @@ class CatchUp:
                 c.grace,
                 c.max_per_round,
             )
-            self._remember(plan, todo, found, unchanged)
+            # a study is remembered as done only where its answers were complete
+            complete = [s for s in todo if s.uid in listed and listed[s.uid].complete]
+            self._remember(plan, complete, found, unchanged)
             tally = fetch(qr, plan.due, stop, self._failures)
         cached = sum(d.instances for d in unchanged.values())
         return RoundSummary(
@@ -594,7 +630,7 @@ def backfill(
     began, mods = time.monotonic(), cfg.filter.modalities
     with open_session(qr_peer(cfg), cfg.scp.ae_title) as qr:
         studies = [s for s in qr.studies(dates, study_uids) if wanted(s, mods)]
-        found = [i for s in studies for i in qr.instances(s.uid, mods)]
+        found = [i for s in studies for i in qr.instances(s, mods).instances]
         uids = {i.sop for i in found}
         known = index.known_uids(uids)
         refused = index.refused_uids(uids - known)

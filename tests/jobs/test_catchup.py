@@ -20,6 +20,9 @@ from conftest import stop_process
 from helpers import NIH, free_port, wait_for
 from pydicom.uid import generate_uid
 
+from node.jobs.catchup import open_session
+from node.net.scu import Peer
+
 pytestmark = pytest.mark.integration
 FAST = {"enabled": True, "interval": 1.0, "grace": 2.0, "window_hours": 24.0}
 """Catch-up timers scaled down: a round a second, fetched after 2 s missing."""
@@ -257,3 +260,16 @@ def test_five_restarts_under_a_steady_stream_lose_nothing_and_duplicate_nothing(
     uids = {orthanc.rest.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in srs}
     assert len(uids) == n
     assert node.proc.poll() is None
+
+
+def test_orthanc_answers_the_counts_that_let_a_study_be_remembered(orthanc_factory, tmp_path):
+    """A study is queried again each round unless its answers were complete by the PACS's
+    own counts: Orthanc gives them, so a quiet day costs one C-FIND per round."""
+    orthanc = orthanc_factory(free_port())
+    storescu(orthanc.dicom_port, *_images(tmp_path / "in", 3, "counts", _today()))
+    peer = Peer("127.0.0.1", orthanc.dicom_port, "ORTHANC", "CXR_NODE")
+    with open_session(peer, "CXR_NODE") as qr:
+        [study] = qr.studies("")
+        listing = qr.instances(study, ("CR", "DX"))
+    assert (study.related, study.series) == ("3", "1")
+    assert len(listing.instances) == 3 and listing.complete

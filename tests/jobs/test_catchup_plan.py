@@ -3,11 +3,17 @@ period with the clock passed in, StudyDate ranges and the studies not queried ag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import date, datetime
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
 
 from node.jobs.catchup import (
     Done,
     Instance,
+    QRSession,
     Study,
     date_range,
     newly_done,
@@ -115,4 +121,89 @@ def test_a_failed_round_is_logged_and_the_next_one_runs(tmp_path, caplog):
     assert "association to ORTHANC@127.0.0.1" in caplog.text
     last = json.loads((spool.root / STATUS_FILE).read_text())
     assert last["errors"] == 1 and last["error"].startswith("Unreachable: association to")
+    spool.close()
+
+
+class _Pacs:
+    """An association whose C-FINDs answer from ``series`` ({uid: (modality, count, sops)})
+    and ``study_series`` (the study's NumberOfStudyRelatedSeries); '' leaves a count out."""
+
+    def __init__(self, series: dict[str, tuple[str, str, list[str]]]) -> None:
+        self.series = series
+
+    def send_c_find(self, query: Dataset, model: str) -> Iterator[tuple[Dataset, Any]]:
+        if query.QueryRetrieveLevel == "SERIES":
+            matches = [
+                _ds(SeriesInstanceUID=uid, Modality=mod, NumberOfSeriesRelatedInstances=count)
+                for uid, (mod, count, _) in self.series.items()
+            ]
+        else:
+            sops = self.series[query.SeriesInstanceUID][2]
+            matches = [_ds(SOPInstanceUID=sop) for sop in sops]
+        for m in matches:
+            yield _ds(Status=0xFF00), m
+        yield _ds(Status=0x0000), None
+
+
+def _ds(**values: Any) -> Dataset:
+    ds = Dataset()
+    for k, v in values.items():
+        if v != "":
+            setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("study_series", "dx_count", "dx_listed", "complete"),
+    [
+        ("2", "3", 3, True),  # every series and every instance listed
+        ("3", "3", 3, False),  # a series' answer lost
+        ("2", "3", 2, False),  # an instance's answer lost
+        ("", "3", 3, False),  # the PACS gives no series count: never remembered as done
+        ("2", "", 3, False),  # nor an instance count
+    ],
+)
+def test_a_study_is_complete_only_where_the_pacs_counts_agree(
+    study_series, dx_count, dx_listed, complete
+):
+    sops = [f"1.2.{i}" for i in range(3)][:dx_listed]
+    pacs = _Pacs({"1.1.1": ("DX", dx_count, sops), "1.1.2": ("SR", "1", ["1.3.1"])})
+    qr = QRSession(pacs, "PACS", "CXR_NODE")  # type: ignore[arg-type]
+    listing = qr.instances(Study("1.1", "4", ("DX", "SR"), study_series), ("CR", "DX"))
+    assert [i.sop for i in listing.instances] == sops
+    assert listing.complete is complete
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_study_answered_incompletely_is_queried_again_next_round(
+    tmp_path, monkeypatch, complete
+):
+    """Remembered as done (not queried while its count stays) only after complete answers."""
+    import threading
+    from contextlib import contextmanager
+
+    from node.core.config import load_config
+    from node.jobs import catchup
+    from node.store.spool import Spool
+
+    queried: list[str] = []
+
+    class Session:
+        def studies(self, dates: str, uids: Any = ()) -> list[Study]:
+            return [Study("1.1", "1", ("DX", "SR"), "1")]  # one SR series: nothing to fetch
+
+        def instances(self, study: Study, modalities: Any) -> catchup.Listing:
+            queried.append(study.uid)
+            return catchup.Listing([], complete)
+
+    @contextmanager
+    def session(*args: Any, **kwargs: Any) -> Iterator[Session]:
+        yield Session()
+
+    monkeypatch.setattr(catchup, "open_session", session)
+    spool = Spool(tmp_path / "spool")
+    rounds = catchup.CatchUp(load_config(None, {}, {}), spool)
+    for _ in range(3):
+        rounds.round(threading.Event())
+    assert queried == ["1.1"] * (1 if complete else 3)
     spool.close()
