@@ -175,9 +175,7 @@ def test_a_study_is_complete_only_where_the_pacs_counts_agree(
 
 
 @pytest.mark.parametrize("complete", [True, False])
-def test_a_study_answered_incompletely_is_queried_again_next_round(
-    tmp_path, monkeypatch, complete
-):
+def test_a_study_answered_incompletely_is_queried_again_next_round(tmp_path, monkeypatch, complete):
     """Remembered as done (not queried while its count stays) only after complete answers."""
     import threading
     from contextlib import contextmanager
