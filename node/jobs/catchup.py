@@ -531,7 +531,7 @@ class CatchUp:
                 s for s in qr.studies(study_dates(self.today(), c.window_hours)) if wanted(s, mods)
             ]
             todo, unchanged = split_done(studies, self._done)
-            listed = {s.uid: qr.instances(s, mods) for s in todo if not stop.is_set()}
+            listed = {s.uid: listed_fully(qr, s, mods) for s in todo if not stop.is_set()}
             found = [i for listing in listed.values() for i in listing.instances]
             uids = {i.sop for i in found}
             known = self.spool.known_uids(uids)
@@ -618,6 +618,30 @@ class BackfillReport:
         )
 
 
+LISTING_TRIES = 3
+"""How many times in all a study whose answers came back incomplete by the PACS's own
+counts is asked for (a lost response); a catch-up round that still finds it incomplete
+leaves it to the next round."""
+
+
+def listed_fully(qr: QRSession, study: Study, modalities: Collection[str]) -> Listing:
+    """``qr.instances``, asked again (up to :data:`LISTING_TRIES` times in all) while the
+    answers are incomplete and the PACS gives the counts that say so."""
+    listing = qr.instances(study, modalities)
+    for _ in range(LISTING_TRIES - 1):
+        if listing.complete or related_count(study.series) is None:
+            return listing
+        listing = qr.instances(study, modalities)
+    if not listing.complete:
+        log.warning(
+            "study %s: the PACS's answers stayed incomplete in %d tries (fewer series or "
+            "instances than it counts): fetching what was listed",
+            study.uid,
+            LISTING_TRIES,
+        )
+    return listing
+
+
 def backfill(
     cfg: NodeConfig,
     index: KnownIndex,
@@ -630,7 +654,7 @@ def backfill(
     began, mods = time.monotonic(), cfg.filter.modalities
     with open_session(qr_peer(cfg), cfg.scp.ae_title) as qr:
         studies = [s for s in qr.studies(dates, study_uids) if wanted(s, mods)]
-        found = [i for s in studies for i in qr.instances(s, mods).instances]
+        found = [i for s in studies for i in listed_fully(qr, s, mods).instances]
         uids = {i.sop for i in found}
         known = index.known_uids(uids)
         refused = index.refused_uids(uids - known)

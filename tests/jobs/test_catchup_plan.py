@@ -203,5 +203,32 @@ def test_a_study_answered_incompletely_is_queried_again_next_round(tmp_path, mon
     rounds = catchup.CatchUp(load_config(None, {}, {}), spool)
     for _ in range(3):
         rounds.round(threading.Event())
-    assert queried == ["1.1"] * (1 if complete else 3)
+    # incomplete: asked again within each round, then again the next round
+    assert queried == ["1.1"] * (1 if complete else 3 * catchup.LISTING_TRIES)
     spool.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "series", "calls", "complete"),
+    [
+        ([False, True], "1", 2, True),  # a lost answer: asked again, then complete
+        ([False] * 5, "1", 3, False),  # never complete: three tries, then what was listed
+        ([False] * 5, "", 1, False),  # no counts from the PACS: nothing says it is short
+        ([True], "1", 1, True),
+    ],
+)
+def test_backfill_asks_again_for_a_study_answered_incompletely(
+    caplog, answers, series, calls, complete
+):
+    from node.jobs.catchup import Listing, listed_fully
+
+    asked: list[bool] = []
+
+    class Session:
+        def instances(self, study: Study, modalities: Any) -> Listing:
+            asked.append(answers[len(asked)])
+            return Listing([_inst(len(asked))], asked[-1])
+
+    listing = listed_fully(Session(), Study("1.1", "1", ("DX",), series), ("DX",))  # type: ignore[arg-type]
+    assert len(asked) == calls and listing.complete is complete
+    assert ("stayed incomplete" in caplog.text) == (calls == 3)
