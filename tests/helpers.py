@@ -175,7 +175,7 @@ class Sender:
         ae = AE(ae_title="TESTSCU")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
-        assoc = ae.associate("127.0.0.1", self.port, ae_title=self.called)
+        assoc = peer_associate(ae, "127.0.0.1", self.port, ae_title=self.called)
         self._assoc = assoc if assoc.is_established else None
         return self._assoc
 
@@ -286,3 +286,26 @@ def deeply_nested(ds: Dataset, depth: int = 2500) -> Dataset:
         inner = outer
     ds.ReferencedImageSequence = Sequence([inner])
     return ds
+
+
+def peer_associate(ae: Any, *args: Any, **kwargs: Any) -> Association:
+    """``ae.associate(...)`` for a test's own pynetdicom peer, without stock pynetdicom
+    3.0's pause race: its association loop may take a response off the queue while the
+    peer's ``send_c_*`` waits for it, and drop it ("Received unexpected C-STORE service
+    message"; the send then times out). A peer that only requests has nothing for that
+    loop to take: here it takes only requests. The node's own associations are not
+    changed (the fast paths close the race; without them the node recovers by itself)."""
+    assoc: Association = ae.associate(*args, **kwargs)
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            with dimse.msg_queue.mutex:
+                head = dimse.msg_queue.queue[0] if dimse.msg_queue.queue else None
+            if head is None or head[1] is None or not head[1].is_valid_request:
+                return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+    return assoc

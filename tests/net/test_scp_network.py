@@ -10,7 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from helpers import NIH, Recorder, drain, fast_paths, send_raw_c_store, wait_for
+from helpers import NIH, Recorder, drain, fast_paths, peer_associate, send_raw_c_store, wait_for
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -51,7 +51,7 @@ def _assoc(port: int, *contexts: str, called: str = "CXR_NODE"):
     ae = AE(ae_title="TESTSCU")
     for cx in contexts:
         ae.add_requested_context(cx, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return peer_associate(ae, "127.0.0.1", port, ae_title=called)
 
 
 def _ct_dataset() -> pydicom.Dataset:
@@ -111,7 +111,7 @@ def test_garbage_dataset_gets_failure_status_and_node_keeps_serving(scp):
 def _explicit_assoc(port: int, sop_class: str):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
-    return ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+    return peer_associate(ae, "127.0.0.1", port, ae_title="CXR_NODE")
 
 
 def _classifier(weights_dir: Path) -> tuple[NodeConfig, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH, fast_paths
+from helpers import NIH, fast_paths, peer_associate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
@@ -61,7 +61,7 @@ def _assoc(port: int, calling: str, ssl_ctx=None):
         SecondaryCaptureImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
     )
     tls = (ssl_ctx, "localhost") if ssl_ctx is not None else None
-    return ae.associate("127.0.0.1", port, ae_title="CXR_NODE", tls_args=tls)
+    return peer_associate(ae, "127.0.0.1", port, ae_title="CXR_NODE", tls_args=tls)
 
 
 def test_unknown_calling_ae_rejected_with_reason_known_accepted(serve):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, peer_associate, wait_for
 from pynetdicom import AE
 
 pytestmark = pytest.mark.integration
@@ -16,7 +16,7 @@ REJECTED = "cxr_node_associations_rejected_total"
 def _associate(port: int, calling: str, called: str) -> bool:
     ae = AE(ae_title=calling)
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = peer_associate(ae, "127.0.0.1", port, ae_title=called)
     established = bool(assoc.is_established)
     if established:
         assoc.release()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import NIH, Recorder, drain, fast_paths
+from helpers import NIH, Recorder, drain, fast_paths, peer_associate
 from modelless_node import INFO, StandIn
 from sr_tree import texts
 from test_delivery import Refusing
@@ -153,7 +153,7 @@ def test_an_image_the_scp_refused_gets_no_notice(tmp_path):
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(str(lateral.SOPClassUID))
         ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
+        assoc = peer_associate(ae, "127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
         assert assoc.send_c_store(lateral).Status == StoreStatus.OUT_OF_RESOURCES
         assoc.release()
         assert full.jobs() == [] and _run(full, _cfg()) == []

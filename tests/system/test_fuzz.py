@@ -9,7 +9,16 @@ import time
 
 import pydicom
 import pytest
-from helpers import NIH, Sender, chest_images, fast_paths, free_port, send_raw_c_store, wait_for
+from helpers import (
+    NIH,
+    Sender,
+    chest_images,
+    fast_paths,
+    free_port,
+    peer_associate,
+    send_raw_c_store,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import ImplicitVRLittleEndian
@@ -46,7 +55,8 @@ class Client:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         for cx in (SecondaryCaptureImageStorage, ComputedRadiographyImageStorage):
             ae.add_requested_context(cx, [ImplicitVRLittleEndian])
-        self.assoc = ae.associate(
+        self.assoc = peer_associate(
+            ae,
             "127.0.0.1",
             self.port,
             ae_title="CXR_NODE",

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 from conftest import stop_process
-from helpers import ROOT, OrthancRest, free_port, http_status, move_orthanc, wait_for
+from helpers import (
+    ROOT,
+    OrthancRest,
+    free_port,
+    http_status,
+    move_orthanc,
+    peer_associate,
+    wait_for,
+)
 from pynetdicom import AE
 
 from node.core.config import load_config
@@ -190,7 +198,7 @@ def test_the_install_lays_out_the_host(staged, install):
 def _echo(port: int) -> bool:
     ae = AE(ae_title="ORTHANC")
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+    assoc = peer_associate(ae, "127.0.0.1", port, ae_title="CXR_NODE")
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()

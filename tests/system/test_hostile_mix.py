@@ -16,6 +16,7 @@ from helpers import (
     chest_images,
     deeply_nested,
     free_port,
+    peer_associate,
     send_raw_c_store,
     sr_sources,
     storescp,
@@ -216,7 +217,7 @@ def _send_encoded(port: int, ds: Dataset, sender: Sender) -> None:
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(str(ds.SOPClassUID), ["1.2.840.10008.1.2"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+    assoc = peer_associate(ae, "127.0.0.1", port, ae_title="CXR_NODE")
     uid = str(ds.SOPInstanceUID)
     if not assoc.is_established or not assoc.accepted_contexts:  # a class it does not take
         if assoc.is_established:

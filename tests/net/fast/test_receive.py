@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import peer_associate
 from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
@@ -220,7 +221,7 @@ def test_a_message_streaming_in_longer_than_the_network_timeout_is_received(tmp_
     ds = pydicom.dcmread(NIH)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ds.SOPClassUID, [ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
+    assoc = peer_associate(ae, "127.0.0.1", server.server_address[1], ae_title="CXR_NODE")
     try:
         assert assoc.is_established
         context_id = assoc.accepted_contexts[0].context_id
