@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -55,9 +55,6 @@ AETitle = Annotated[str, AfterValidator(_check_ae)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-_S = TypeVar("_S", bound=_Section)
 
 
 class ScpConfig(_Section):

@@ -172,7 +172,8 @@ def finish(
         items.append(_Classified(ds, prep, to_findings(row[0], classifier.info), row[1]))
     t3 = time.perf_counter()
     summary_of = _summaries(summaries, items, now)  # before the SRs: they reference them
-    per_image["summary_s"] = (time.perf_counter() - t3) / max(1, len(ok))
+    if summaries is not None:
+        per_image["summary_s"] = (time.perf_counter() - t3) / max(1, len(ok))
     results: list[Outcome | NodeError] = []
     for item, summary in zip(items, summary_of, strict=True):
         if isinstance(item, NodeError):
@@ -184,8 +185,6 @@ def finish(
             results.append(sr)
             continue
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t4}
-        if summaries is None:
-            del timings["summary_s"]
         results.append(Outcome(item.ds, item.findings, sr, item.prep.steps, timings, summary))
     return results
 

@@ -200,7 +200,6 @@ class Progress:
 
     def __init__(self, stream: TextIO | None) -> None:
         self._lock = threading.Lock()
-        self._done = 0
         self._bar: Any = None
         if stream is not None and stream.isatty():
             from tqdm import tqdm  # only on a terminal: a scripted push starts without it
@@ -212,9 +211,8 @@ class Progress:
             return
         with s.lock:
             done, failed, skipped, mb = s.sent + s.failed, s.failed, s.skipped, s.bytes / 1e6
-        with self._lock:
-            self._bar.update(max(0, done - self._done))
-            self._done = max(done, self._done)
+        with self._lock:  # the bar's count is the files done when it last moved
+            self._bar.update(max(0, done - self._bar.n))
             self._bar.set_postfix_str(
                 f"{failed} failed, {skipped} skipped, {mb:.1f} MB", refresh=False
             )
