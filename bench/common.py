@@ -132,6 +132,7 @@ class Orthanc:
 
 ENV_PREFIX, OMP = "CXR_NODE_", "OMP_WAIT_POLICY"
 WAIT_POLICY_ENV = "CXR_NODE_MODEL__OMP_WAIT_POLICY"
+TRACE_ENV = "CXR_NODE_MODEL__TRACE"
 
 
 def node_settings_env() -> dict[str, str]:

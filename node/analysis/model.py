@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from node.analysis.graph import traced
 from node.analysis.threads import apply_wait_policy
 from node.core.config import ModelConfig
 from node.core.errors import ModelError
@@ -182,6 +183,23 @@ class Classifier:
         self._module = module
         self.info = info
         self.device = device
+        self.traced = False
+
+    def trace(self) -> bool:
+        """Run DenseNet-121's layers as a TorchScript graph from now on, where it is checked
+        to compute what the module does (:mod:`node.analysis.graph`, ``model.trace``);
+        returns whether it does. Before the first batch, in the thread that runs the model."""
+        if self.traced:
+            return True
+        try:
+            graph = traced(self._module.features, self.device)
+        except Exception as exc:  # whatever it is, the module runs as it is
+            log.warning("model.trace: not traced (%s: %s); eager", type(exc).__name__, exc)
+            return False
+        if graph is not None:
+            self._module.features = graph
+            self.traced = True
+        return self.traced
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``batch`` is ``(N, 1, 224, 224)`` in [-1024, 1024]; returns ``(N, 18)``."""

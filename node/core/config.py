@@ -190,6 +190,10 @@ class ModelConfig(_Section):
     threads: int = Field(default=0, ge=0, description="0 = torch default")
     omp_wait_policy: WaitPolicy = "passive"
     batch_size: int = Field(default=4, ge=1, le=256)
+    trace: bool = Field(
+        default=True,
+        description="run the layers as a TorchScript graph, checked against the module (CPU)",
+    )
 
     @model_validator(mode="after")
     def _unsafe_needs_untrained(self) -> ModelConfig:
@@ -275,6 +279,10 @@ class WorkerConfig(_Section):
     )
     image_timeout: float = Field(
         default=120.0, gt=0, description="seconds per image of a batch before the node exits"
+    )
+    overlap: bool = Field(
+        default=True,
+        description="build a batch's summary images and SRs while the model runs on the next",
     )
 
 

@@ -4,8 +4,14 @@
 One job never stops the worker: whatever reading, filtering, classifying or saving one
 image raises fails that job alone, with the stage and the reason. A job that kills or hangs
 the process is caught across restarts: each start on a job is counted before the work
-(``Spool.begin``); a job seen again after a crash is worked on alone, and one whose count
-reaches ``worker.max_crash_attempts`` is quarantined instead of tried again.
+(``Spool.begin``); a job seen again after a crash is worked on alone (no other batch in
+flight), and one whose count reaches ``worker.max_crash_attempts`` is quarantined instead
+of tried again.
+
+Two batches are in flight at a time (``worker.overlap``): while the model runs on one, the
+summary images and SRs of the one before are built in a thread of their own
+(:mod:`node.process.overlap`); the worker's thread saves them, and the hang watchdog covers
+both batches' jobs.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from node.core.errors import (
 from node.core.metrics import Metrics
 from node.dicom.dicomio import read_dataset
 from node.jobs.rounds import run_rounds
-from node.process.pipeline import Outcome, analyze
+from node.process.overlap import Overlap
+from node.process.pipeline import Classified, Outcome, prepare, run_model
 from node.process.results import result_record
-from node.process.summarize import Summarizer
+from node.process.summarize import DISPLAY_MAX, Summarizer
 from node.sr.notice import build_notice
 from node.sr.report import ReportContext, summary_text
 from node.sr.srtemplate import ReportEncoder
@@ -45,6 +52,9 @@ log = logging.getLogger(__name__)
 
 Watchdog = Callable[[Sequence[Job]], AbstractContextManager[object]]
 """Guards the work on a batch of jobs (e.g. ends a process that hangs on it)."""
+
+Loaded = list[tuple[Job, Dataset]]
+"""A batch's jobs that were read and are to be classified, with their data sets."""
 
 
 def no_watchdog(_jobs: Sequence[Job]) -> AbstractContextManager[object]:
@@ -90,6 +100,7 @@ class Worker:
             if cfg.report.summary_image
             else None
         )
+        self.overlap: Overlap[Loaded] = Overlap(self.reports, self.summaries, cfg.worker.overlap)
 
     # -- classification ------------------------------------------------------------------
     def _fail(self, job: Job, exc: NodeError, ds: Dataset | None = None) -> None:
@@ -180,8 +191,9 @@ class Worker:
         """The next jobs to classify, each counted as started. A job started before without
         an outcome (the process died or hung on it) is quarantined at the limit, and is
         otherwise worked on alone, so that it cannot take healthy jobs down with it."""
-        limit = self.cfg.worker.max_crash_attempts
-        while jobs := self.spool.due("received", time.time(), self.cfg.model.batch_size):
+        limit, size = self.cfg.worker.max_crash_attempts, self.cfg.model.batch_size
+        busy = [j.id for j in self._in_flight()]  # still "received" until saved
+        while jobs := self.spool.due("received", time.time(), size, exclude=busy):
             suspects = [j for j in jobs if j.attempts > 0]
             for job in (j for j in suspects if j.attempts >= limit):
                 self._quarantine(job)
@@ -204,29 +216,60 @@ class Worker:
         with self.watchdog([job]):  # its header is read again: a hang there ends the process
             self._notice(job, None, "the node stopped or hung each time it processed the image")
 
-    def classify_due(self) -> int:
+    def step(self) -> int:
+        """One round: run the model on the next batch, then save the batch before it (its
+        summary images and SRs were built meanwhile) and start building this one's. A batch
+        of a job started before (worked on alone) is never in flight with another one.
+        Returns the jobs worked on."""
         jobs = self._batch()
-        with self.watchdog(jobs):
-            return self._classify(jobs)
+        # a job started before (the process died on it) is in flight alone
+        alone = any(j.attempts > 0 for j in jobs) or not self.overlap.enabled
+        settled = self.drain() if alone else 0
+        with self.watchdog([*self._in_flight(), *jobs]):
+            classified = self._classify(jobs)
+            settled += self._settle()
+            if classified is not None:
+                self.overlap.submit(*classified)
+            if alone:
+                settled += self._settle()
+        return len(jobs) + settled
 
-    def _classify(self, jobs: list[Job]) -> int:
+    def _in_flight(self) -> list[Job]:
+        return [job for job, _ in self.overlap.pending or []]
+
+    def _classify(self, jobs: list[Job]) -> tuple[Loaded, Classified, datetime] | None:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
-            return len(jobs)
-        outcomes = analyze(
-            [ds for _, ds in loaded], self.classifier, self.reports, self.clock(), self.summaries
-        )
+            return None
+        display = None if self.summaries is None else DISPLAY_MAX
+        prepared = prepare([ds for _, ds in loaded], display)
+        maps = self.summaries is not None
+        return loaded, run_model(prepared, self.classifier, maps), self.clock()
+
+    def _settle(self) -> int:
+        """Save the batch in flight, once its summary images and SRs are built; returns
+        its jobs. What building them raised fails the round: the jobs, counted as started,
+        are tried again, each alone."""
+        done = self.overlap.collect()
+        if done is None:
+            return 0
+        loaded, outcomes = done
         if self.metrics is not None:
-            done = [o for o in outcomes if not isinstance(o, NodeError)]
-            for o in done:  # the model's share of the batch, per image
+            ok = [o for o in outcomes if not isinstance(o, NodeError)]
+            for o in ok:  # the model's share of the batch, per image
                 self.metrics.inference_seconds.observe(o.timings["inference_s"])
-            self.metrics.classified.inc(len(done))
+            self.metrics.classified.inc(len(ok))
         for (job, ds), outcome in zip(loaded, outcomes, strict=True):
             if isinstance(outcome, NodeError):
                 self._fail(job, outcome, ds)
             else:
                 self._save_guarded(job, outcome)
-        return len(jobs)
+        return len(loaded)
+
+    def drain(self) -> int:
+        """Save the batch in flight (the worker's last act before it stops)."""
+        with self.watchdog(self._in_flight()):
+            return self._settle()
 
     def _save_guarded(self, job: Job, outcome: Outcome) -> None:
         """Save one outcome; a full or failing disk postpones the job (it is not the
@@ -280,12 +323,21 @@ class Worker:
             self.spool.write_atomic(text, rc.json_dir / f"{outcome.source.SOPInstanceUID}.json")
 
     # -- loop ----------------------------------------------------------------------------
-    def step(self) -> int:
-        """One round: classify a batch; returns the jobs worked on."""
-        return self.classify_due()
-
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; jobs are failed one by one inside a round, and a
-        failed round is logged and the next one tried (:mod:`node.jobs.rounds`)."""
+        """Work until ``stop`` is set, then save the batch in flight; jobs are failed one by
+        one inside a round, and a failed round is logged and the next one tried
+        (:mod:`node.jobs.rounds`)."""
         self.reports.prepare()  # its highdicom builds take seconds: not in a batch's time limit
-        run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)
+        if self.cfg.model.trace:
+            self.classifier.trace()  # seconds too, and in the thread that runs the model
+        try:
+            run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)
+        finally:
+            self._last_drain()
+
+    def _last_drain(self) -> None:
+        try:
+            self.drain()
+        except Exception as exc:  # its jobs were counted as started: tried again next start
+            log.error("saving the last batch failed: %s: %s", type(exc).__name__, exc)
+            log.debug("saving the last batch failed", exc_info=True)

@@ -142,19 +142,26 @@ def prepare(datasets: Sequence[Dataset], display_max: int | None = None) -> Prep
     return Prepared(datasets, inputs, time.perf_counter() - t0)
 
 
-def finish(
-    batch: Prepared,
-    classifier: Classifier,
-    reports: ReportEncoder,
-    now: datetime,
-    summaries: Summarizer | None = None,
-) -> list[Outcome | NodeError]:
-    """Run the model on a prepared batch and build one SR per image (and, with
-    ``summaries``, its summary image, from the same forward pass)."""
+@dataclass(frozen=True)
+class Classified:
+    """A batch through the model, ready for :func:`complete`: each image classified (or its
+    error) and the model's share of the time, per image."""
+
+    items: list[_Classified | NodeError]
+    per_image: dict[str, float]
+
+    @property
+    def ok(self) -> int:
+        return sum(isinstance(item, _Classified) for item in self.items)
+
+
+def run_model(batch: Prepared, classifier: Classifier, maps: bool = False) -> Classified:
+    """Run the model on a prepared batch (``maps``: also the feature maps the summary images
+    need, from the same forward pass)."""
     datasets, prepared = batch.datasets, batch.inputs
     ok = [p for p in prepared if isinstance(p, Preprocessed)]
     t1 = time.perf_counter()
-    scores = iter(_predict(classifier, ok, maps=summaries is not None))
+    scores = iter(_predict(classifier, ok, maps=maps))
     t2 = time.perf_counter()
     per_image = {
         "preprocess_s": batch.seconds / max(1, len(datasets)),
@@ -170,12 +177,26 @@ def finish(
             items.append(row)
             continue
         items.append(_Classified(ds, prep, to_findings(row[0], classifier.info), row[1]))
+    return Classified(items, per_image)
+
+
+def complete(
+    batch: Classified,
+    reports: ReportEncoder,
+    now: datetime,
+    summaries: Summarizer | None = None,
+) -> list[Outcome | NodeError]:
+    """One SR per classified image (and, with ``summaries``, its summary image); the
+    images that failed before keep their errors. Touches nothing but its arguments, so it
+    may run in a thread of its own while the model runs on the next batch
+    (:mod:`node.process.overlap`)."""
+    per_image = dict(batch.per_image)
     t3 = time.perf_counter()
-    summary_of = _summaries(summaries, items, now)  # before the SRs: they reference them
+    summary_of = _summaries(summaries, batch.items, now)  # before the SRs: they reference them
     if summaries is not None:
-        per_image["summary_s"] = (time.perf_counter() - t3) / max(1, len(ok))
+        per_image["summary_s"] = (time.perf_counter() - t3) / max(1, batch.ok)
     results: list[Outcome | NodeError] = []
-    for item, summary in zip(items, summary_of, strict=True):
+    for item, summary in zip(batch.items, summary_of, strict=True):
         if isinstance(item, NodeError):
             results.append(item)
             continue
@@ -187,6 +208,19 @@ def finish(
         timings: dict[str, Any] = {**per_image, "report_s": time.perf_counter() - t4}
         results.append(Outcome(item.ds, item.findings, sr, item.prep.steps, timings, summary))
     return results
+
+
+def finish(
+    batch: Prepared,
+    classifier: Classifier,
+    reports: ReportEncoder,
+    now: datetime,
+    summaries: Summarizer | None = None,
+) -> list[Outcome | NodeError]:
+    """Run the model on a prepared batch and build one SR per image (and, with
+    ``summaries``, its summary image, from the same forward pass)."""
+    classified = run_model(batch, classifier, maps=summaries is not None)
+    return complete(classified, reports, now, summaries)
 
 
 @dataclass(frozen=True)

@@ -290,13 +290,15 @@ class Spool:
             rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [self._job(r) for r in rows]
 
-    def due(self, state: str, now: float, limit: int) -> list[Job]:
-        """Jobs in ``state`` whose next attempt is due, oldest first."""
+    def due(self, state: str, now: float, limit: int, exclude: Collection[int] = ()) -> list[Job]:
+        """Jobs in ``state`` whose next attempt is due, oldest first, but those in
+        ``exclude`` (ids)."""
+        skip = " AND id NOT IN ({})".format(",".join("?" * len(exclude))) if exclude else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {self._COLUMNS} FROM jobs WHERE state = ? AND next_attempt <= ?"
+                f"SELECT {self._COLUMNS} FROM jobs WHERE state = ? AND next_attempt <= ?{skip}"
                 " ORDER BY next_attempt, id LIMIT ?",
-                (state, now, limit),
+                (state, now, *exclude, limit),
             ).fetchall()
         return [self._job(r) for r in rows]
 

@@ -35,7 +35,8 @@ from node.analysis.triage import skip_reason
 from node.core.config import NodeConfig
 from node.core.errors import NodeError, OutputError
 from node.dicom.dicomio import read_dataset
-from node.process.pipeline import Outcome, Prepared, finish, prepare
+from node.process.overlap import Overlap
+from node.process.pipeline import Outcome, Prepared, prepare, run_model
 from node.process.results import finding_record, result_record
 from node.process.summarize import DISPLAY_MAX, Summarizer
 from node.sr.report import summary_text
@@ -337,20 +338,33 @@ class Run:
             list(paths), recursive=opts.recursive, follow_symlinks=opts.follow_symlinks
         )
         skip = self.outputs.done
+        if self.cfg.model.trace:
+            self.classifier.trace()
+        overlap: Overlap[_Batch] = Overlap(self.reports, self.summaries, self.cfg.worker.overlap)
         for batch in ahead(_batches(items, self.opts, self.cfg, skip)):
-            self._finish(batch)
-            progress.update(len(batch.entries))
+            classified = None
+            if batch.prepared is not None:  # the model runs while the batch before completes
+                maps = self.summaries is not None
+                classified = run_model(batch.prepared, self.classifier, maps)
+            self._settle(overlap, progress)
+            if classified is None:
+                self._emit_all(batch, [], progress)
+            else:
+                overlap.submit(batch, classified, datetime.now())
+        self._settle(overlap, progress)
         return self.counts
 
-    def _finish(self, batch: _Batch) -> None:
-        if batch.prepared is not None:
-            outcomes = finish(
-                batch.prepared, self.classifier, self.reports, datetime.now(), self.summaries
-            )
-            for row, outcome in zip(batch.candidates, outcomes, strict=True):
-                self._decide(row, outcome)
+    def _settle(self, overlap: Overlap[_Batch], progress: Any) -> None:
+        if (done := overlap.collect()) is not None:
+            self._emit_all(*done, progress)
+
+    def _emit_all(self, batch: _Batch, outcomes: list[Outcome | NodeError], progress: Any) -> None:
+        """The batch's rows in the order found, each candidate decided by its outcome."""
+        for row, outcome in zip(batch.candidates, outcomes, strict=True):
+            self._decide(row, outcome)
         for row in batch.entries:
             self._emit(row)
+        progress.update(len(batch.entries))
 
     def _decide(self, row: Row, outcome: Outcome | NodeError) -> None:
         if isinstance(outcome, NodeError):
