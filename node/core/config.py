@@ -278,7 +278,7 @@ class WorkerConfig(_Section):
         default=3, ge=1, description="starts on a job that never finish, then quarantine"
     )
     image_timeout: float = Field(
-        default=120.0, gt=0, description="seconds per image of a batch before the node exits"
+        default=120.0, gt=0, description="seconds per image in flight before the node exits"
     )
     overlap: bool = Field(
         default=True,

@@ -26,7 +26,8 @@ _HEADER = "cxr-node hang watchdog: jobs "
 
 
 class HangWatchdog:
-    """Arms faulthandler's exit timer around each batch (``image_timeout`` per image)."""
+    """Arms faulthandler's exit timer around each round (``image_timeout`` per image in
+    flight: the batch in the model and the one completing beside it)."""
 
     def __init__(self, spool_root: Path, image_timeout: float) -> None:
         self.path = spool_root / HANG_FILE

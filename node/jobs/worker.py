@@ -188,9 +188,9 @@ class Worker:
         return ds
 
     def _batch(self) -> list[Job]:
-        """The next jobs to classify, each counted as started. A job started before without
-        an outcome (the process died or hung on it) is quarantined at the limit, and is
-        otherwise worked on alone, so that it cannot take healthy jobs down with it."""
+        """The next jobs to classify (not counted as started yet). A job started before
+        without an outcome (the process died or hung on it) is quarantined at the limit, and
+        is otherwise worked on alone, so that it cannot take healthy jobs down with it."""
         limit, size = self.cfg.worker.max_crash_attempts, self.cfg.model.batch_size
         busy = [j.id for j in self._in_flight()]  # still "received" until saved
         while jobs := self.spool.due("received", time.time(), size, exclude=busy):
@@ -199,9 +199,7 @@ class Worker:
                 self._quarantine(job)
             if any(j.attempts >= limit for j in suspects):
                 continue  # fetch again without the quarantined ones
-            batch = suspects[:1] or jobs
-            self.spool.begin([j.id for j in batch])
-            return batch
+            return suspects[:1] or jobs
         return []
 
     def _quarantine(self, job: Job) -> None:
@@ -222,14 +220,19 @@ class Worker:
         of a job started before (worked on alone) is never in flight with another one.
         Returns the jobs worked on."""
         jobs = self._batch()
-        # a job started before (the process died on it) is in flight alone
+        # a job started before (the process died on it) is in flight alone: the batch before
+        # is saved before it is counted as started again
         alone = any(j.attempts > 0 for j in jobs) or not self.overlap.enabled
         settled = self.drain() if alone else 0
+        if jobs:
+            self.spool.begin([j.id for j in jobs])  # before the work: a crash counts
         with self.watchdog([*self._in_flight(), *jobs]):
             classified = self._classify(jobs)
-            settled += self._settle()
-            if classified is not None:
-                self.overlap.submit(*classified)
+            try:
+                settled += self._settle()
+            finally:  # the batch before failed to save: this one goes on regardless
+                if classified is not None:
+                    self.overlap.submit(*classified)
             if alone:
                 settled += self._settle()
         return len(jobs) + settled

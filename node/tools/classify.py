@@ -341,16 +341,20 @@ class Run:
         if self.cfg.model.trace:
             self.classifier.trace()
         overlap: Overlap[_Batch] = Overlap(self.reports, self.summaries, self.cfg.worker.overlap)
-        for batch in ahead(_batches(items, self.opts, self.cfg, skip)):
-            classified = None
-            if batch.prepared is not None:  # the model runs while the batch before completes
-                maps = self.summaries is not None
-                classified = run_model(batch.prepared, self.classifier, maps)
+        try:
+            for batch in ahead(_batches(items, self.opts, self.cfg, skip)):
+                classified = None
+                if batch.prepared is not None:  # the model runs while the batch before completes
+                    maps = self.summaries is not None
+                    classified = run_model(batch.prepared, self.classifier, maps)
+                self._settle(overlap, progress)
+                if classified is None:
+                    self._emit_all(batch, [], progress)
+                else:
+                    overlap.submit(batch, classified, datetime.now())
+        except Exception:  # the batch in flight is written before the error is reported
             self._settle(overlap, progress)
-            if classified is None:
-                self._emit_all(batch, [], progress)
-            else:
-                overlap.submit(batch, classified, datetime.now())
+            raise
         self._settle(overlap, progress)
         return self.counts
 

@@ -22,12 +22,12 @@ from node.jobs.worker import Worker
 from node.store.spool import Job, Spool
 
 
-def _cfg(weights_dir: Path, overlap: bool = True) -> NodeConfig:
+def _cfg(weights_dir: Path, overlap: bool = True, summary: bool = False) -> NodeConfig:
     return NodeConfig.model_validate(
         {
             "model": {"cache_dir": str(weights_dir), "allow_untrained": True, "batch_size": 4},
             "worker": {"overlap": overlap, "backoff_base": 0.0001, "backoff_max": 0.0001},
-            "report": {"summary_image": False},
+            "report": {"summary_image": summary},
         }
     )
 
@@ -52,8 +52,10 @@ class Watched:
 
 @pytest.fixture
 def parts(tmp_path: Path, weights_dir: Path, classifier):
-    def make(n: int, overlap: bool = True) -> tuple[Spool, Worker, Watched, Delivery]:
-        cfg = _cfg(weights_dir, overlap)
+    def make(
+        n: int, overlap: bool = True, summary: bool = False
+    ) -> tuple[Spool, Worker, Watched, Delivery]:
+        cfg = _cfg(weights_dir, overlap, summary)
         spool = Spool(tmp_path / "spool", fsync=False)
         for ds in chest_images(n, seed=f"overlap-{n}"):
             out = BytesIO()
@@ -64,7 +66,10 @@ def parts(tmp_path: Path, weights_dir: Path, classifier):
         return spool, worker, watched, Delivery(spool, cfg, Recorder())
 
     made: list[Spool] = []
-    yield lambda n, overlap=True: (made.append((p := make(n, overlap))[0]), p)[1]
+    yield lambda n, overlap=True, summary=False: (
+        made.append((p := make(n, overlap, summary))[0]),
+        p,
+    )[1]
     for spool in made:
         spool.close()
 
@@ -135,3 +140,54 @@ def test_a_batch_whose_completion_raised_is_tried_again_job_by_job(parts, monkey
     assert [(j.state, j.attempts) for j in spool.jobs()] == [("received", 1)] * 3
     drain(worker, delivery)
     assert spool.counts()["sent"] == 3 and calls == [3, 1, 1, 1]
+
+
+def test_with_summary_images_every_job_gets_its_sr_and_summary_image(parts):
+    spool, worker, watched, delivery = parts(6, summary=True)
+    ids = [j.id for j in spool.jobs()]
+    drain(worker, delivery)
+    sent = delivery.destination.sent
+    assert spool.counts()["sent"] == 6 and len(sent) == 12  # an SR and a summary image each
+    assert watched.rounds[:2] == [ids[:4], ids]  # the summary images beside the model
+
+
+def test_a_job_started_before_is_not_counted_again_until_the_batch_before_is_saved(
+    parts, monkeypatch
+):
+    spool, worker, _watched, _delivery = parts(5)
+    *first, suspect = spool.jobs()
+    spool.begin([suspect.id])  # the process died once while it was in flight
+
+    def dies(*_args):
+        raise SystemExit("the process dies completing jobs 1-4")
+
+    monkeypatch.setattr(node.process.overlap, "complete", dies)
+    assert worker.step() == 4  # jobs 1-4 in flight (the suspect is the newest)
+    with pytest.raises(SystemExit):
+        worker.step()  # the suspect is next: first the batch before it is saved
+    attempts = {j.id: j.attempts for j in spool.jobs()}
+    assert attempts[suspect.id] == 1  # it was not worked on: no attempt counted
+    assert all(attempts[j.id] == 1 for j in first)
+
+
+def test_a_batch_that_failed_to_save_leaves_the_next_in_flight(parts, monkeypatch):
+    spool, worker, _watched, delivery = parts(8)
+    real = node.process.overlap.complete
+    calls: list[int] = []
+
+    def first_fails(batch, *args):
+        calls.append(len(batch.items))
+        if len(calls) == 1:
+            raise MemoryError("out of memory building the SRs")
+        return real(batch, *args)
+
+    monkeypatch.setattr(node.process.overlap, "complete", first_fails)
+    jobs = spool.jobs()
+    worker.step()
+    with pytest.raises(MemoryError):
+        worker.step()
+    assert [j.id for j in worker._in_flight()] == [j.id for j in jobs[4:]]
+    drain(worker, delivery)
+    assert spool.counts()["sent"] == 8
+    # jobs 5-8 completed from the model's results; jobs 1-4 tried again, each alone
+    assert calls == [4, 4, 1, 1, 1, 1]
