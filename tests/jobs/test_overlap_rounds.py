@@ -121,18 +121,24 @@ def test_a_stop_saves_the_batch_in_flight(parts):
     assert _classified(spool) == 4 and worker.overlap.pending is None
 
 
-def test_a_batch_whose_completion_raised_is_tried_again_job_by_job(parts, monkeypatch):
-    spool, worker, _watched, delivery = parts(3)
+def _first_completion_fails(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first batch's completion raises; returns the sizes of the batches completed."""
     real = node.process.overlap.complete
     calls: list[int] = []
 
-    def broken_once(batch, *args):
+    def first_fails(batch, *args):
         calls.append(len(batch.items))
         if len(calls) == 1:
             raise MemoryError("out of memory building the SRs")
         return real(batch, *args)
 
-    monkeypatch.setattr(node.process.overlap, "complete", broken_once)
+    monkeypatch.setattr(node.process.overlap, "complete", first_fails)
+    return calls
+
+
+def test_a_batch_whose_completion_raised_is_tried_again_job_by_job(parts, monkeypatch):
+    spool, worker, _watched, delivery = parts(3)
+    calls = _first_completion_fails(monkeypatch)
     worker.step()
     with pytest.raises(MemoryError):  # the round fails; the worker's loop logs it
         worker.step()
@@ -172,16 +178,7 @@ def test_a_job_started_before_is_not_counted_again_until_the_batch_before_is_sav
 
 def test_a_batch_that_failed_to_save_leaves_the_next_in_flight(parts, monkeypatch):
     spool, worker, _watched, delivery = parts(8)
-    real = node.process.overlap.complete
-    calls: list[int] = []
-
-    def first_fails(batch, *args):
-        calls.append(len(batch.items))
-        if len(calls) == 1:
-            raise MemoryError("out of memory building the SRs")
-        return real(batch, *args)
-
-    monkeypatch.setattr(node.process.overlap, "complete", first_fails)
+    calls = _first_completion_fails(monkeypatch)
     jobs = spool.jobs()
     worker.step()
     with pytest.raises(MemoryError):
