@@ -274,8 +274,8 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     from node.core.config import ModelConfig
     from node.dicom.dicomio import read_dataset
     from node.process.overlap import Overlap
-    from node.process.pipeline import analyze, prepare, run_model
-    from node.process.summarize import DISPLAY_MAX, Summarizer
+    from node.process.pipeline import analyze, model_batch
+    from node.process.summarize import Summarizer
     from node.sr.report import ReportContext
     from node.sr.srtemplate import ReportEncoder
 
@@ -347,8 +347,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
 
         t = time.perf_counter()
         for i, chunk in enumerate(chunks):
-            prepared = prepare([read_dataset(b) for b in chunk], DISPLAY_MAX)
-            classified = run_model(prepared, clf, maps=True)
+            classified = model_batch([read_dataset(b) for b in chunk], clf, summaries=True)
             check(overlap.collect())
             overlap.submit(i, classified, datetime.now())
         check(overlap.collect())

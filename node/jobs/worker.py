@@ -40,9 +40,9 @@ from node.core.metrics import Metrics
 from node.dicom.dicomio import read_dataset
 from node.jobs.rounds import run_rounds
 from node.process.overlap import Overlap
-from node.process.pipeline import Classified, Outcome, prepare, run_model
+from node.process.pipeline import Classified, Outcome, model_batch
 from node.process.results import result_record
-from node.process.summarize import DISPLAY_MAX, Summarizer
+from node.process.summarize import Summarizer
 from node.sr.notice import build_notice
 from node.sr.report import ReportContext, summary_text
 from node.sr.srtemplate import ReportEncoder
@@ -244,10 +244,9 @@ class Worker:
         loaded = [(job, ds) for job in jobs if (ds := self._load(job)) is not None]
         if not loaded:
             return None
-        display = None if self.summaries is None else DISPLAY_MAX
-        prepared = prepare([ds for _, ds in loaded], display)
-        maps = self.summaries is not None
-        return loaded, run_model(prepared, self.classifier, maps), self.clock()
+        datasets = [ds for _, ds in loaded]
+        classified = model_batch(datasets, self.classifier, self.summaries is not None)
+        return loaded, classified, self.clock()
 
     def _settle(self) -> int:
         """Save the batch in flight, once its summary images and SRs are built; returns

@@ -125,9 +125,9 @@ def _encode(
 
 @dataclass(frozen=True)
 class Prepared:
-    """A batch preprocessed (one model input or error per image), ready for :func:`finish`;
-    ``prepare`` and ``finish`` may run in different threads (decoding the next batch while
-    the model runs on this one)."""
+    """A batch preprocessed (one model input or error per image), ready for
+    :func:`run_model`; ``prepare`` and ``run_model`` may run in different threads (decoding
+    the next batch while the model runs on this one)."""
 
     datasets: Sequence[Dataset]
     inputs: list[Preprocessed | NodeError]
@@ -210,17 +210,13 @@ def complete(
     return results
 
 
-def finish(
-    batch: Prepared,
-    classifier: Classifier,
-    reports: ReportEncoder,
-    now: datetime,
-    summaries: Summarizer | None = None,
-) -> list[Outcome | NodeError]:
-    """Run the model on a prepared batch and build one SR per image (and, with
-    ``summaries``, its summary image, from the same forward pass)."""
-    classified = run_model(batch, classifier, maps=summaries is not None)
-    return complete(classified, reports, now, summaries)
+def model_batch(
+    datasets: Sequence[Dataset], classifier: Classifier, summaries: bool = False
+) -> Classified:
+    """Preprocess a batch and run the model on it; with ``summaries``, also what the
+    summary images are made of (each image's display image and feature map)."""
+    prepared = prepare(datasets, DISPLAY_MAX if summaries else None)
+    return run_model(prepared, classifier, maps=summaries)
 
 
 @dataclass(frozen=True)
@@ -264,5 +260,5 @@ def analyze(
 ) -> list[Outcome | NodeError]:
     """Classify a batch and build one SR per image (and, with ``summaries``, its summary
     image); failures come back as errors."""
-    display = None if summaries is None else DISPLAY_MAX
-    return finish(prepare(datasets, display), classifier, reports, now, summaries)
+    classified = model_batch(datasets, classifier, summaries is not None)
+    return complete(classified, reports, now, summaries)

@@ -208,13 +208,13 @@ def test_a_job_started_before_is_worked_on_alone(node_parts, monkeypatch):
     suspect = spool.jobs()[2]
     spool.begin([suspect.id])  # the process died once while this batch ran
     batches: list[list[str]] = []
-    real = node.jobs.worker.run_model
+    real = node.jobs.worker.model_batch
 
-    def recording(prepared, *args):
-        batches.append([str(ds.SOPInstanceUID) for ds in prepared.datasets])
-        return real(prepared, *args)
+    def recording(datasets, *args):
+        batches.append([str(ds.SOPInstanceUID) for ds in datasets])
+        return real(datasets, *args)
 
-    monkeypatch.setattr(node.jobs.worker, "run_model", recording)
+    monkeypatch.setattr(node.jobs.worker, "model_batch", recording)
     _drain(worker, delivery)
     assert batches[0] == [suspect.sop_instance_uid] and len(batches[1]) == 3
     assert spool.counts()["sent"] == 4
@@ -225,11 +225,11 @@ def test_attempts_are_counted_before_the_work(node_parts, monkeypatch):
     _store(spool, chest_images(1, seed="count"))
     seen: list[int] = []
 
-    def look(prepared, *args):
+    def look(datasets, *args):
         seen.append(spool.jobs()[0].attempts)  # what a crash here would leave behind
         raise SystemExit  # the process 'dies' mid-batch
 
-    monkeypatch.setattr(node.jobs.worker, "run_model", look)
+    monkeypatch.setattr(node.jobs.worker, "model_batch", look)
     with pytest.raises(SystemExit):
         worker.step()
     assert seen == [1] and spool.jobs()[0].state == "received"
