@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Generic, TypeVar
 
 from node.core.errors import NodeError
@@ -26,15 +27,19 @@ Results = list[Outcome | NodeError]
 
 
 class _Call:
-    """A call in a daemon thread (an interpreter exiting never waits for it), and its
-    result, or its exception raised again where the result is asked for."""
+    """A call, in a daemon thread (an interpreter exiting never waits for it) or at once in
+    the caller's, and its result, or its exception raised again where the result is asked
+    for."""
 
-    def __init__(self, fn: Callable[[], Results], name: str) -> None:
+    def __init__(self, fn: Callable[[], Results], name: str, thread: bool) -> None:
         self._fn = fn
         self._done = threading.Event()
         self._value: Results = []
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        if thread:
+            threading.Thread(target=self._run, name=name, daemon=True).start()
+        else:
+            self._run()
 
     def _run(self) -> None:
         try:
@@ -63,31 +68,22 @@ class Overlap(Generic[K]):
         self.summaries = summaries
         self.enabled = enabled
         self._pending: tuple[K, _Call] | None = None
-        self._done: tuple[K, Results] | None = None
 
     @property
     def pending(self) -> K | None:
         """The key of the batch not collected yet, if any."""
-        if self._pending is not None:
-            return self._pending[0]
-        return None if self._done is None else self._done[0]
+        return None if self._pending is None else self._pending[0]
 
     def submit(self, key: K, batch: Classified, now: datetime) -> None:
         """Start completing ``batch``; the one before must have been collected."""
-        if self._pending is not None or self._done is not None:
+        if self._pending is not None:
             raise RuntimeError("a batch is still in flight: collect it first")
-        if not self.enabled:
-            self._done = (key, complete(batch, self.reports, now, self.summaries))
-            return
-        call = _Call(lambda: complete(batch, self.reports, now, self.summaries), "complete")
-        self._pending = (key, call)
+        fn = partial(complete, batch, self.reports, now, self.summaries)
+        self._pending = (key, _Call(fn, "complete", thread=self.enabled))
 
     def collect(self) -> tuple[K, Results] | None:
         """The batch in flight and its results once complete (None if there is none); what
         completing it raised is raised here, and the batch is no longer in flight."""
-        done, self._done = self._done, None
-        if done is not None:
-            return done
         pending, self._pending = self._pending, None
         if pending is None:
             return None
