@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import ACRNEMA, NIH, fast_paths, free_port, wait_for
+from helpers import ACRNEMA, NIH, closed_port, fast_paths, free_port, wait_for
 from test_transcodes import transcode
 
 from node.dicom.dicomio import read_dataset
@@ -155,8 +155,8 @@ def _listening(port: int) -> bool:
 
 
 def test_orthanc_down_gives_clear_error_and_nonzero_exit(tmp_path):
-    port = free_port()
-    done = run_push(str(NIH), "--port", str(port), "--aet", "ORTHANC")
+    with closed_port() as port:  # not free_port(): another test's peer could take that one
+        done = run_push(str(NIH), "--port", str(port), "--aet", "ORTHANC")
     assert done.returncode == 1
     assert "failed 1" in done.stdout and f"connection refused by 127.0.0.1:{port}" in done.stdout
     assert "Traceback" not in done.stderr
