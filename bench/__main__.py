@@ -637,7 +637,14 @@ def main() -> int:
             "classify": lambda: bench_classify(images, work),
             "route": lambda: bench_route(
                 work,
-                results.get("inference", {}).get("pipeline_images_per_s"),
+                {
+                    name: results["inference"][key]
+                    for name, key in (
+                        ("pipeline", "pipeline_images_per_s"),
+                        ("pipeline_with_summary", "pipeline_with_summary_images_per_s"),
+                    )
+                    if "inference" in results
+                },
                 args.route_variants.split(",") if args.route_variants else None,
                 args.route_rounds,
                 scenarios=tuple(args.route_scenarios.split(",")),

@@ -20,6 +20,7 @@ the variants (A, B, C, A, B, C, ...) so that the shared machine's drift hits all
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -201,11 +202,23 @@ def kill_round(
 
 
 def burst_round(
-    variant: Variant, images: list[Path], work: Path, sink: str = "node"
+    variant: Variant,
+    images: list[Path],
+    work: Path,
+    sink: str = "node",
+    warm: Path | None = None,
+    per_image: int = 3,
 ) -> dict[str, float]:
     """Seconds from the burst's start until Orthanc stored it and until every SR is back
     (``sink="storescp"``: until dcmtk's storescp received every image; ``sink="direct"``:
-    storescu sends to the node itself, not through Orthanc, whose route is then unused)."""
+    storescu sends to the node itself, not through Orthanc, whose route is then unused).
+
+    ``warm``: an image routed first, its SR waited for, before the clock and the CPU counts
+    start: the burst then meets a running node (model loaded and traced, SR encoder checked)
+    as the pipeline bench's warm model does; without it the node's start-up is in the burst.
+    ``per_image``: instances each image leaves in Orthanc (itself, its SR and its summary
+    image): the burst is over when Orthanc's instance count says so (``/statistics``, cheap
+    enough to poll every 50 ms beside the burst), then checked study by study."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
@@ -213,12 +226,15 @@ def burst_round(
     lua = False if sink == "direct" else variant.script(work)
     with orthanc(work / "orthanc", node_port=port, lua=lua, settings=variant.settings) as o:
         target = ["-aet", "STORESCU", "-aec", "CXR_NODE", "127.0.0.1", str(port)]
-        if sink == "direct":
+        if sink in ("direct", "node"):
             proc = start_node(work, o.dicom, port)
-            done = lambda: len(_studies_with_sr(o)) >= n  # noqa: E731
-        elif sink == "node":
-            proc = start_node(work, o.dicom, port)
-            done = lambda: len(_studies_with_sr(o)) >= n  # noqa: E731
+            if warm is not None and sink == "direct":
+                subprocess.run(["storescu", *target, str(warm)], env=NODELAY, check=True)
+            elif warm is not None:
+                _storescu(o.dicom, [warm])
+                wait_for(lambda: o.count() >= per_image, 120, "the warm-up image's SR")
+            base = o.count()
+            done = lambda: o.count() >= base + per_image * n  # noqa: E731
         else:
             out = work / "storescp"
             out.mkdir()
@@ -229,6 +245,7 @@ def burst_round(
             wait_for(lambda: _listening(port), 30, "storescp")
             done = lambda: sum(1 for _ in out.iterdir()) >= n  # noqa: E731
         try:
+            cpu0 = {"sink": _cpu_seconds(proc.pid), "orthanc": _cpu_seconds(o.proc.pid)}
             t0 = time.perf_counter()
             if sink == "direct":
                 subprocess.run(
@@ -243,7 +260,13 @@ def burst_round(
             stored = time.perf_counter() - t0
             wait_for(done, 600, f"{n} images through the route", every=0.05)
             total = time.perf_counter() - t0
-            cpu = {"sink_cpu_s": _cpu_seconds(proc.pid), "orthanc_cpu_s": _cpu_seconds(o.proc.pid)}
+            cpu = {
+                "sink_cpu_s": _cpu_seconds(proc.pid) - cpu0["sink"],
+                "orthanc_cpu_s": _cpu_seconds(o.proc.pid) - cpu0["orthanc"],
+            }
+            if sink != "storescp":
+                with_sr = len(_studies_with_sr(o))
+                assert with_sr >= n + (warm is not None), f"{with_sr} studies with an SR"
         finally:
             proc.terminate()
             proc.wait(60)
@@ -268,7 +291,7 @@ def _listening(port: int) -> bool:
 
 def bench_route(
     work: Path,
-    pipeline_images_per_s: float | None,
+    pipelines: dict[str, float],
     variants: list[str] | None = None,
     rounds: int = 3,
     kill_images: int = 60,
@@ -281,7 +304,11 @@ def bench_route(
     from bench.common import make_images
 
     names = variants or list(VARIANTS)
-    files = make_images(max(kill_images, burst), work / "route-images", "route", study_size=1)
+    files = make_images(max(kill_images, burst + 1), work / "route-images", "route", study_size=1)
+    warm = files[burst]  # routed before each burst, its own study
+    # each image leaves itself, its SR and (unless switched off for an A/B) its summary image
+    summary_env = os.environ.get("CXR_NODE_REPORT__SUMMARY_IMAGE", "true").lower()
+    per_image = 2 if summary_env in ("false", "0", "no", "off") else 3
     import pydicom
 
     studies = [str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in files]
@@ -297,7 +324,11 @@ def bench_route(
                 kills[name].append(kill_round(v, kill_set, work / "route-kill"))
                 _say(f"round {r + 1} {name}: kill {kills[name][-1]}")
             if "burst" in scenarios:
-                bursts[name].append(burst_round(v, files[:burst], work / "route-burst"))
+                bursts[name].append(
+                    burst_round(
+                        v, files[:burst], work / "route-burst", warm=warm, per_image=per_image
+                    )
+                )
                 _say(f"round {r + 1} {name}: burst {bursts[name][-1]}")
             if "storescp" in scenarios:
                 ceilings[name].append(
@@ -306,7 +337,7 @@ def bench_route(
                 _say(f"round {r + 1} {name}: burst into storescp {ceilings[name][-1]}")
             if "direct" in scenarios:
                 direct[name].append(
-                    burst_round(v, files[:burst], work / "route-direct", sink="direct")
+                    burst_round(v, files[:burst], work / "route-direct", sink="direct", warm=warm)
                 )
                 _say(f"round {r + 1} {name}: burst straight into the node {direct[name][-1]}")
     summary: dict[str, Any] = {}
@@ -321,8 +352,8 @@ def bench_route(
             rate = statistics.median(b["images_per_s"] for b in bursts[name])
             row["burst_total_s"] = [round(b["total_s"], 2) for b in bursts[name]]
             row["burst_images_per_s_median"] = rate
-            if pipeline_images_per_s:
-                row["burst_vs_pipeline"] = rate / pipeline_images_per_s
+            for name_, value in pipelines.items():
+                row[f"burst_vs_{name_}"] = rate / value
         if ceilings[name]:
             row["route_into_storescp_images_per_s"] = [
                 round(c["images_per_s"], 1) for c in ceilings[name]
@@ -331,14 +362,15 @@ def bench_route(
             rate = statistics.median(b["images_per_s"] for b in direct[name])
             row["direct_total_s"] = [round(b["total_s"], 2) for b in direct[name]]
             row["direct_images_per_s_median"] = rate
-            if pipeline_images_per_s:
-                row["direct_vs_pipeline"] = rate / pipeline_images_per_s
+            for name_, value in pipelines.items():
+                row[f"direct_vs_{name_}"] = rate / value
         summary[name] = row
     return {
         "kill_images": kill_images,
         "kill_rate_per_s": 2.0,
         "burst_images": burst,
-        "pipeline_images_per_s": pipeline_images_per_s,
+        "pipelines_images_per_s": pipelines,
+        "instances_per_image": per_image,
         "summary": summary,
         "kill_rounds": kills,
         "burst_rounds": bursts,

@@ -185,14 +185,15 @@ class Classifier:
         self.device = device
         self.traced = False
 
-    def trace(self) -> bool:
+    def trace(self, channels_last: bool = True) -> bool:
         """Run DenseNet-121's layers as a TorchScript graph from now on, where it is checked
         to compute what the module does (:mod:`node.analysis.graph`, ``model.trace``);
-        returns whether it does. Before the first batch, in the thread that runs the model."""
+        returns whether it does. Before the first batch, in the thread that runs the model;
+        ``channels_last``: the graph's weights in that layout (``model.channels_last``)."""
         if self.traced:
             return True
         try:
-            graph = traced(self._module.features, self.device)
+            graph = traced(self._module.features, self.device, channels_last)
         except Exception as exc:  # whatever it is, the module runs as it is
             log.warning("model.trace: not traced (%s: %s); eager", type(exc).__name__, exc)
             return False
@@ -236,7 +237,7 @@ class Classifier:
             elif getattr(m, "apply_sigmoid", False):
                 out = torch.sigmoid(out)
             scores = np.asarray(out.cpu().numpy(), dtype=np.float32)
-            return scores, np.asarray(maps.cpu().numpy(), dtype=np.float32)
+            return scores, np.asarray(maps.contiguous().cpu().numpy(), dtype=np.float32)
 
     def class_weights(self) -> npt.NDArray[np.float32]:
         """The classifier's weight matrix ``(18, 1024)``: finding k's class activation map

@@ -194,6 +194,10 @@ class ModelConfig(_Section):
         default=True,
         description="run the layers as a TorchScript graph, checked against the module (CPU)",
     )
+    channels_last: bool = Field(
+        default=True,
+        description="trace the graph with its weights channels-last (faster CPU convolutions)",
+    )
 
     @model_validator(mode="after")
     def _unsafe_needs_untrained(self) -> ModelConfig:

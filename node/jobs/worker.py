@@ -331,7 +331,8 @@ class Worker:
         (:mod:`node.jobs.rounds`)."""
         self.reports.prepare()  # its highdicom builds take seconds: not in a batch's time limit
         if self.cfg.model.trace:
-            self.classifier.trace()  # seconds too, and in the thread that runs the model
+            # seconds too, and in the thread that runs the model
+            self.classifier.trace(self.cfg.model.channels_last)
         try:
             run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)
         finally:

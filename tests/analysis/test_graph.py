@@ -119,3 +119,74 @@ def test_whatever_tracing_raises_leaves_the_classifier_as_it_is(weights_dir, cap
     with caplog.at_level(logging.WARNING, logger="node.analysis.model"):
         assert not clf.trace()
     assert "not traced (AttributeError" in caplog.text
+
+
+def _two_convs() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3)).eval()
+
+
+def _layout(module: torch.nn.Module) -> str:
+    weight = module[1].weight  # 4 input channels: the two layouts differ
+    return "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
+
+
+def test_the_graph_is_traced_channels_last_and_the_module_left_as_built(monkeypatch):
+    seen = []
+    real_trace = torch.jit.trace
+
+    def spy(module, *args, **kwargs):
+        seen.append(_layout(module))
+        return real_trace(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", spy)
+    module = _two_convs()
+    assert graph.traced(module, "cpu") is not None
+    assert seen == ["channels_last"]  # the layout whose CPU convolutions are faster
+    assert _layout(module) == "nchw"  # the eager module as torchxrayvision built it
+
+
+def test_a_failed_trace_leaves_the_module_as_built(monkeypatch):
+    def broken(module, *_args, **_kwargs):
+        assert _layout(module) == "channels_last"
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    module = _two_convs()
+    assert graph.traced(module, "cpu") is None
+    assert _layout(module) == "nchw"
+
+
+def test_channels_last_off_traces_the_module_as_built(monkeypatch):
+    seen = []
+    real_trace = torch.jit.trace
+
+    def spy(module, *args, **kwargs):
+        seen.append(_layout(module))
+        return real_trace(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", spy)
+    assert graph.traced(_two_convs(), "cpu", channels_last=False) is not None
+    assert seen == ["nchw"]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_worker_passes_model_channels_last_on(
+    weights_dir, tmp_path, monkeypatch, channels_last
+):
+    import threading
+
+    from node.core.config import NodeConfig
+    from node.jobs.worker import Worker
+    from node.store.spool import Spool
+
+    asked = []
+    monkeypatch.setattr("node.analysis.model.traced", lambda _f, _d, cl: asked.append(cl))
+    model = {"cache_dir": str(weights_dir), "allow_untrained": True}
+    cfg = NodeConfig.model_validate({"model": {**model, "channels_last": channels_last}})
+    spool = Spool(tmp_path / "spool", fsync=False)
+    stop = threading.Event()
+    stop.set()
+    Worker(spool, _classifier(weights_dir), cfg).run(stop)
+    spool.close()
+    assert asked == [channels_last]
