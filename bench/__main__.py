@@ -19,13 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    MODEL_ENV,
     NODELAY,
     ROOT,
-    TRACE_ENV,
     WAIT_POLICY_ENV,
     free_port,
     machine,
@@ -287,13 +289,28 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
             device="cpu",
         )
     )
-    # model.trace as the node runs it; CXR_NODE_MODEL__TRACE=false for an A/B
-    traced = os.environ.get(TRACE_ENV, "true").lower() != "false" and clf.trace()
+    # model.trace, .channels_last and .streams as the node runs them; CXR_NODE_MODEL__TRACE=
+    # false, CXR_NODE_MODEL__CHANNELS_LAST=false or CXR_NODE_MODEL__STREAMS=1 for an A/B
+    model_cfg = ModelConfig.model_validate(
+        {k: os.environ[e] for k, e in MODEL_ENV.items() if e in os.environ}
+    )
+    torch_threads = torch.get_num_threads()
+    traced = model_cfg.trace and clf.trace(model_cfg.channels_last, model_cfg.streams)
+    node_threads = torch.get_num_threads()  # per stream
     module = xrv.models.DenseNet(weights=None).eval()  # raw: torchxrayvision's, eager
+
+    @contextmanager
+    def raw_threads() -> Iterator[None]:
+        """torch's own threads for the raw model, whatever the streams took."""
+        torch.set_num_threads(torch_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(node_threads)
 
     def raw_rate(bs: int, images: int) -> float:
         x = torch.zeros((bs, 1, 224, 224))
-        with torch.inference_mode():
+        with torch.inference_mode(), raw_threads():
             module(x)
             reps = max(2, images // bs)
             return bs * reps / timed(lambda: [module(x) for _ in range(reps)])
@@ -317,7 +334,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     maps_drawn = [0]
 
     def raw_batch(x: torch.Tensor) -> float:
-        with torch.inference_mode():
+        with torch.inference_mode(), raw_threads():
             return timed(lambda: module(x))
 
     def pipeline_batch(chunk: list[bytes], summary: bool = False) -> float:
@@ -400,8 +417,10 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
     summary_ratio = statistics.median(x["s_ratio"] for x in rounds)
     encoders = sr_encoders(clf.info, ctx, [read_dataset(b) for b in blobs[:32]])
     return {
-        "threads": torch.get_num_threads(),
+        "threads": torch_threads,
         "model_traced": traced,
+        "model": model_cfg.model_dump(include={"trace", "channels_last", "streams"}),
+        "threads_per_stream": node_threads,
         "malloc_thresholds_kept": malloc_tuned,
         "raw_images_per_s": raw,
         "best_batch": best_bs,

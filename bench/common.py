@@ -132,7 +132,8 @@ class Orthanc:
 
 ENV_PREFIX, OMP = "CXR_NODE_", "OMP_WAIT_POLICY"
 WAIT_POLICY_ENV = "CXR_NODE_MODEL__OMP_WAIT_POLICY"
-TRACE_ENV = "CXR_NODE_MODEL__TRACE"
+MODEL_ENV = {key: f"CXR_NODE_MODEL__{key.upper()}" for key in ("trace", "channels_last", "streams")}
+"""The model settings the inference bench reads from the environment, as the node would."""
 
 
 def node_settings_env() -> dict[str, str]:

@@ -53,7 +53,7 @@ class StandIn(node.analysis.model.Classifier):
     def class_weights(self) -> npt.NDArray[np.float32]:
         return np.zeros((len(LABELS), 1024), dtype=np.float32)
 
-    def trace(self, channels_last: bool = True) -> bool:
+    def trace(self, channels_last: bool = True, streams: int = 1) -> bool:
         return False  # no layers to trace
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from node.analysis.graph import traced
+from node.analysis.streams import Streams, start_streams
 from node.analysis.threads import apply_wait_policy
 from node.core.config import ModelConfig
 from node.core.errors import ModelError
@@ -184,12 +185,15 @@ class Classifier:
         self.info = info
         self.device = device
         self.traced = False
+        self._streams: Streams | None = None
 
-    def trace(self, channels_last: bool = True) -> bool:
+    def trace(self, channels_last: bool = True, streams: int = 1) -> bool:
         """Run DenseNet-121's layers as a TorchScript graph from now on, where it is checked
         to compute what the module does (:mod:`node.analysis.graph`, ``model.trace``);
         returns whether it does. Before the first batch, in the thread that runs the model;
-        ``channels_last``: the graph's weights in that layout (``model.channels_last``)."""
+        ``channels_last``: the graph's weights in that layout (``model.channels_last``);
+        ``streams``: parts of each batch run through the graph at once
+        (:mod:`node.analysis.streams`, ``model.streams``)."""
         if self.traced:
             return True
         try:
@@ -200,25 +204,28 @@ class Classifier:
         if graph is not None:
             self._module.features = graph
             self.traced = True
+            self._streams = start_streams(streams)
         return self.traced
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``batch`` is ``(N, 1, 224, 224)`` in [-1024, 1024]; returns ``(N, 18)``."""
-        import torch
-
-        if batch.ndim != 4 or batch.shape[1] != 1:
-            raise ValueError(f"batch must have shape (N, 1, H, W), got {batch.shape}")
-        with torch.inference_mode():
-            out = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
-        return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
+        return self._forward(batch, maps=False)[0]
 
     def predict_with_maps(
         self, batch: npt.NDArray[np.float32]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """As :meth:`predict`, from the same forward pass, with DenseNet-121's last feature
         map (``features`` after its ReLU, before the pooling): ``(N, 18)`` scores and
-        ``(N, 1024, 7, 7)`` maps for a 224 input. The steps are xrv's ``DenseNet.forward``
-        (``features2``, ``classifier``, ``op_norm``), written out so the map is kept."""
+        ``(N, 1024, 7, 7)`` maps for a 224 input."""
+        scores, maps = self._forward(batch, maps=True)
+        assert maps is not None
+        return scores, maps
+
+    def _forward(
+        self, batch: npt.NDArray[np.float32], maps: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        """xrv's ``DenseNet.forward`` (``features2``, ``classifier``, ``op_norm``), written
+        out so that the feature map is kept and the layers may run in streams."""
         import torch
         import torch.nn.functional as F
 
@@ -230,14 +237,17 @@ class Classifier:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             if hasattr(m, "input_resolution"):
                 x = xrv.utils.fix_resolution(x, m.input_resolution, m)
-            maps = F.relu(m.features(x))
-            out = m.classifier(F.adaptive_avg_pool2d(maps, (1, 1)).flatten(1))
+            features = m.features(x) if self._streams is None else self._streams(m.features, x)
+            relu = F.relu(features)
+            out = m.classifier(F.adaptive_avg_pool2d(relu, (1, 1)).flatten(1))
             if getattr(m, "op_threshs", None) is not None:
                 out = xrv.models.op_norm(torch.sigmoid(out), m.op_threshs)
             elif getattr(m, "apply_sigmoid", False):
                 out = torch.sigmoid(out)
             scores = np.asarray(out.cpu().numpy(), dtype=np.float32)
-            return scores, np.asarray(maps.contiguous().cpu().numpy(), dtype=np.float32)
+            if not maps:
+                return scores, None
+            return scores, np.asarray(relu.contiguous().cpu().numpy(), dtype=np.float32)
 
     def class_weights(self) -> npt.NDArray[np.float32]:
         """The classifier's weight matrix ``(18, 1024)``: finding k's class activation map

@@ -198,6 +198,13 @@ class ModelConfig(_Section):
         default=True,
         description="trace the graph with its weights channels-last (faster CPU convolutions)",
     )
+    streams: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="parts of a batch run through the traced graph at once, torch's threads "
+        "shared out among them (1: the whole batch on all of torch's threads)",
+    )
 
     @model_validator(mode="after")
     def _unsafe_needs_untrained(self) -> ModelConfig:

@@ -170,9 +170,9 @@ def test_channels_last_off_traces_the_module_as_built(monkeypatch):
     assert seen == ["nchw"]
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_the_worker_passes_model_channels_last_on(
-    weights_dir, tmp_path, monkeypatch, channels_last
+@pytest.mark.parametrize(("channels_last", "streams"), [(True, 2), (False, 1)])
+def test_the_worker_traces_with_the_models_layout_and_streams(
+    weights_dir, tmp_path, channels_last, streams
 ):
     import threading
 
@@ -181,12 +181,14 @@ def test_the_worker_passes_model_channels_last_on(
     from node.store.spool import Spool
 
     asked = []
-    monkeypatch.setattr("node.analysis.model.traced", lambda _f, _d, cl: asked.append(cl))
     model = {"cache_dir": str(weights_dir), "allow_untrained": True}
-    cfg = NodeConfig.model_validate({"model": {**model, "channels_last": channels_last}})
+    model.update(channels_last=channels_last, streams=streams)
+    cfg = NodeConfig.model_validate({"model": model})
+    clf = _classifier(weights_dir)
+    clf.trace = lambda *args: asked.append(args)
     spool = Spool(tmp_path / "spool", fsync=False)
     stop = threading.Event()
     stop.set()
-    Worker(spool, _classifier(weights_dir), cfg).run(stop)
+    Worker(spool, clf, cfg).run(stop)
     spool.close()
-    assert asked == [channels_last]
+    assert asked == [(channels_last, streams)]
