@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import _LOCAL, ACRNEMA, NIH, ROOT, WEIGHTS_NAME, OrthancRest, free_port, wait_for
+from helpers import (
+    _LOCAL,
+    ACRNEMA,
+    NIH,
+    ROOT,
+    WEIGHTS_NAME,
+    OrthancRest,
+    free_port,
+    torch_threads_kept,
+    wait_for,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,12 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _torch_threads_kept() -> Iterator[None]:
     """torch's intra-op threads are process-wide: a test whose worker starts the model's
     streams (one thread each) must not leave every later test of the process on one."""
-    torch = sys.modules.get("torch")
-    before = None if torch is None else torch.get_num_threads()
-    yield
-    torch = sys.modules.get("torch")
-    if torch is not None and before is not None and torch.get_num_threads() != before:
-        torch.set_num_threads(before)
+    with torch_threads_kept():
+        yield
 
 
 @pytest.fixture(scope="session")

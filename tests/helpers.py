@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import socket
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,6 +27,21 @@ WEIGHTS_NAME = (
     "-seed0-best.pt"
 )
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """torch's intra-op thread count as it was before, once the block is left (where torch
+    is imported). Set again whatever this thread reads: a count set in another thread
+    (the worker's, by start_streams) leaves this thread's as it was and is what every
+    thread started later gets."""
+    torch = sys.modules.get("torch")
+    before = None if torch is None else torch.get_num_threads()
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None:
+        torch.set_num_threads(before)
+
 
 # loopback peers only: never through an HTTP(S)_PROXY from the environment
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -4,6 +4,10 @@ back, torch's threads shared out, and only for the graph."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -63,6 +67,46 @@ def test_what_a_part_raises_comes_back():
     streams.close()
 
 
+HUNG_PART = textwrap.dedent(
+    """
+    import contextlib, sys, threading, time, types
+
+    # torch's two calls, on a list: the exit is the subject, not the tensors (fast to start)
+    stub = types.ModuleType("torch")
+    stub.tensor_split = lambda x, n: [x[: len(x) // n], x[len(x) // n :]]
+    stub.cat = lambda parts: sum(parts, [])
+    stub.inference_mode = contextlib.nullcontext
+    sys.modules["torch"] = stub
+    from node.analysis.streams import Streams
+
+    streams = Streams(2)
+
+    def fn(part):
+        if threading.current_thread().name.startswith("model-stream"):
+            time.sleep(3600)  # a forward that never returns
+        return part
+
+    # the node's worker thread (a daemon): stop() gives up on it at worker.shutdown_timeout
+    threading.Thread(target=streams, args=(fn, [1, 2]), daemon=True).start()
+    time.sleep(0.2)
+    print("main returns", flush=True)
+    """
+)
+
+
+def test_a_hung_part_does_not_keep_the_process_from_exiting():
+    """The worker is a daemon thread so that the node exits once ``worker.shutdown_timeout``
+    has passed, whatever its batch does; a part running in a stream thread must not hold
+    the interpreter's exit either (concurrent.futures joins its threads at exit)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", HUNG_PART], env=env, capture_output=True, text=True, timeout=20
+    )
+    assert "main returns" in done.stdout, done.stderr
+    assert done.returncode == 0, done.stderr
+
+
 def test_torch_threads_are_shared_out(torch_threads):
     torch.set_num_threads(4)
     streams = start_streams(2)
@@ -105,3 +149,26 @@ def test_no_streams_without_the_graph(weights_dir, monkeypatch, torch_threads):
     threads = torch.get_num_threads()
     assert not clf.trace(streams=2)
     assert clf._streams is None and torch.get_num_threads() == threads
+
+
+def test_a_thread_count_set_in_another_thread_is_undone_for_later_threads():
+    """torch.set_num_threads in the worker's thread (start_streams) leaves the calling
+    thread's count as it was but is what every thread started later gets: the tests'
+    restore (tests/helpers.py, conftest's autouse fixture) must undo it for those."""
+    from helpers import torch_threads_kept
+
+    def started_later() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    before = started_later()
+    other = 1 if before > 1 else 2
+    with torch_threads_kept():
+        worker = threading.Thread(target=torch.set_num_threads, args=(other,))
+        worker.start()
+        worker.join()
+        assert started_later() == other  # what the worker set reaches later threads
+    assert started_later() == before
