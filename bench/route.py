@@ -216,8 +216,9 @@ def burst_round(
     ``warm``: an image routed first, its SR waited for, before the clock and the CPU counts
     start: the burst then meets a running node (model loaded and traced, SR encoder checked)
     as the pipeline bench's warm model does; without it the node's start-up is in the burst.
-    ``per_image``: instances each image leaves in Orthanc (itself, its SR and its summary
-    image): the burst is over when Orthanc's instance count says so (``/statistics``, cheap
+    ``per_image``: instances each image routed through Orthanc leaves there (itself, its SR
+    and its summary image; one fewer sent straight to the node): the burst is over when
+    Orthanc's instance count says so (``/statistics``, cheap
     enough to poll every 50 ms beside the burst), then checked study by study."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -228,13 +229,15 @@ def burst_round(
         target = ["-aet", "STORESCU", "-aec", "CXR_NODE", "127.0.0.1", str(port)]
         if sink in ("direct", "node"):
             proc = start_node(work, o.dicom, port)
-            if warm is not None and sink == "direct":
-                subprocess.run(["storescu", *target, str(warm)], env=NODELAY, check=True)
-            elif warm is not None:
-                _storescu(o.dicom, [warm])
-                wait_for(lambda: o.count() >= per_image, 120, "the warm-up image's SR")
+            each = per_image - (sink == "direct")  # sent straight to the node: not in Orthanc
+            if warm is not None:
+                if sink == "direct":
+                    subprocess.run(["storescu", *target, str(warm)], env=NODELAY, check=True)
+                else:
+                    _storescu(o.dicom, [warm])
+                wait_for(lambda: o.count() >= each, 120, "the warm-up image's SR")
             base = o.count()
-            done = lambda: o.count() >= base + per_image * n  # noqa: E731
+            done = lambda: o.count() >= base + each * n  # noqa: E731
         else:
             out = work / "storescp"
             out.mkdir()
@@ -337,7 +340,14 @@ def bench_route(
                 _say(f"round {r + 1} {name}: burst into storescp {ceilings[name][-1]}")
             if "direct" in scenarios:
                 direct[name].append(
-                    burst_round(v, files[:burst], work / "route-direct", sink="direct", warm=warm)
+                    burst_round(
+                        v,
+                        files[:burst],
+                        work / "route-direct",
+                        sink="direct",
+                        warm=warm,
+                        per_image=per_image,
+                    )
                 )
                 _say(f"round {r + 1} {name}: burst straight into the node {direct[name][-1]}")
     summary: dict[str, Any] = {}
