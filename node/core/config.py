@@ -206,6 +206,11 @@ class ModelConfig(_Section):
         "shared out among them (1: the whole batch on all of torch's threads)",
     )
 
+    @property
+    def batch_streams(self) -> int:
+        """The streams a batch is cut into: ``streams``, at most one per image of it."""
+        return min(self.streams, self.batch_size)
+
     @model_validator(mode="after")
     def _unsafe_needs_untrained(self) -> ModelConfig:
         if self.unsafe_unpickle_unverified_weights and not self.allow_untrained:

@@ -332,7 +332,7 @@ class Worker:
         self.reports.prepare()  # its highdicom builds take seconds: not in a batch's time limit
         if self.cfg.model.trace:
             # seconds too, and in the thread that runs the model
-            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.streams)
+            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.batch_streams)
         try:
             run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)
         finally:

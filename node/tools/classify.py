@@ -339,7 +339,7 @@ class Run:
         )
         skip = self.outputs.done
         if self.cfg.model.trace:
-            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.streams)
+            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.batch_streams)
         overlap: Overlap[_Batch] = Overlap(self.reports, self.summaries, self.cfg.worker.overlap)
         try:
             for batch in ahead(_batches(items, self.opts, self.cfg, skip)):

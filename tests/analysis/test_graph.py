@@ -170,9 +170,12 @@ def test_channels_last_off_traces_the_module_as_built(monkeypatch):
     assert seen == ["nchw"]
 
 
-@pytest.mark.parametrize(("channels_last", "streams"), [(True, 2), (False, 1)])
+@pytest.mark.parametrize(
+    ("channels_last", "streams", "batch_size", "expected"),
+    [(True, 2, 4, 2), (False, 1, 4, 1), (True, 8, 4, 4)],  # never more than a batch's images
+)
 def test_the_worker_traces_with_the_models_layout_and_streams(
-    weights_dir, tmp_path, channels_last, streams
+    weights_dir, tmp_path, channels_last, streams, batch_size, expected
 ):
     import threading
 
@@ -182,7 +185,7 @@ def test_the_worker_traces_with_the_models_layout_and_streams(
 
     asked = []
     model = {"cache_dir": str(weights_dir), "allow_untrained": True}
-    model.update(channels_last=channels_last, streams=streams)
+    model.update(channels_last=channels_last, streams=streams, batch_size=batch_size)
     cfg = NodeConfig.model_validate({"model": model})
     clf = _classifier(weights_dir)
     clf.trace = lambda *args: asked.append(args)
@@ -191,4 +194,4 @@ def test_the_worker_traces_with_the_models_layout_and_streams(
     stop.set()
     Worker(spool, clf, cfg).run(stop)
     spool.close()
-    assert asked == [(channels_last, streams)]
+    assert asked == [(channels_last, expected)]
