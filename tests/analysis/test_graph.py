@@ -131,7 +131,10 @@ def _layout(module: torch.nn.Module) -> str:
     return "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
 
 
-def test_the_graph_is_traced_channels_last_and_the_module_left_as_built(monkeypatch):
+@pytest.mark.parametrize(("channels_last", "layout"), [(True, "channels_last"), (False, "nchw")])
+def test_the_graph_is_traced_in_the_layout_asked_and_the_module_left_as_built(
+    monkeypatch, channels_last, layout
+):
     seen = []
     real_trace = torch.jit.trace
 
@@ -141,8 +144,8 @@ def test_the_graph_is_traced_channels_last_and_the_module_left_as_built(monkeypa
 
     monkeypatch.setattr(torch.jit, "trace", spy)
     module = _two_convs()
-    assert graph.traced(module, "cpu") is not None
-    assert seen == ["channels_last"]  # the layout whose CPU convolutions are faster
+    assert graph.traced(module, "cpu", channels_last) is not None
+    assert seen == [layout]  # channels last: the layout whose CPU convolutions are faster
     assert _layout(module) == "nchw"  # the eager module as torchxrayvision built it
 
 
@@ -155,19 +158,6 @@ def test_a_failed_trace_leaves_the_module_as_built(monkeypatch):
     module = _two_convs()
     assert graph.traced(module, "cpu") is None
     assert _layout(module) == "nchw"
-
-
-def test_channels_last_off_traces_the_module_as_built(monkeypatch):
-    seen = []
-    real_trace = torch.jit.trace
-
-    def spy(module, *args, **kwargs):
-        seen.append(_layout(module))
-        return real_trace(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.jit, "trace", spy)
-    assert graph.traced(_two_convs(), "cpu", channels_last=False) is not None
-    assert seen == ["nchw"]
 
 
 @pytest.mark.parametrize(
