@@ -62,7 +62,8 @@ def traced(features: Any, device: str, channels_last: bool = True) -> Any | None
         log.debug("model.trace: tracing failed", exc_info=True)
         return None
     finally:
-        _contiguous(torch, features)  # the eager module as torchxrayvision built it
+        if channels_last:
+            _contiguous(torch, features)  # the eager module as torchxrayvision built it
     return graph if _same(torch, want, got) else None
 
 

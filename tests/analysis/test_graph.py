@@ -149,6 +149,12 @@ def test_the_graph_is_traced_in_the_layout_asked_and_the_module_left_as_built(
     assert _layout(module) == "nchw"  # the eager module as torchxrayvision built it
 
 
+def test_without_channels_last_a_module_is_left_in_its_own_layout():
+    module = _two_convs().to(memory_format=torch.channels_last)
+    assert graph.traced(module, "cpu", channels_last=False) is not None
+    assert _layout(module) == "channels_last"  # not turned into the default layout
+
+
 def test_a_failed_trace_leaves_the_module_as_built(monkeypatch):
     def broken(module, *_args, **_kwargs):
         assert _layout(module) == "channels_last"
