@@ -295,7 +295,7 @@ def bench_inference(images: list[Path]) -> dict[str, Any]:
         {k: os.environ[e] for k, e in MODEL_ENV.items() if e in os.environ}
     )
     torch_threads = torch.get_num_threads()
-    traced = model_cfg.trace and clf.trace(model_cfg.channels_last, model_cfg.streams)
+    traced = clf.trace_as_configured(model_cfg)
     node_threads = torch.get_num_threads()  # per stream
     module = xrv.models.DenseNet(weights=None).eval()  # raw: torchxrayvision's, eager
 

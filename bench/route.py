@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import NODELAY, ROOT, Orthanc, free_port, orthanc, settle, start_node, wait_for
+from node.core.config import ReportConfig
 
 LUA = ROOT / "config" / "route-to-node.lua"
 ROUTE_FUNCTION = re.compile(r"local function route\(instanceId\)\n.*?\n-- end of route\n", re.S)
@@ -278,9 +279,7 @@ def burst_round(
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (start-up included: compare like with like)."""
-    import os
-
+    """User + system CPU of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -310,8 +309,8 @@ def bench_route(
     files = make_images(max(kill_images, burst + 1), work / "route-images", "route", study_size=1)
     warm = files[burst]  # routed before each burst, its own study
     # each image leaves itself, its SR and (unless switched off for an A/B) its summary image
-    summary_env = os.environ.get("CXR_NODE_REPORT__SUMMARY_IMAGE", "true").lower()
-    per_image = 2 if summary_env in ("false", "0", "no", "off") else 3
+    summary_env = {"summary_image": os.environ.get("CXR_NODE_REPORT__SUMMARY_IMAGE", "true")}
+    per_image = 3 if ReportConfig.model_validate(summary_env).summary_image else 2
     import pydicom
 
     studies = [str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in files]

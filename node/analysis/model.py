@@ -207,6 +207,11 @@ class Classifier:
             self._streams = start_streams(streams)
         return self.traced
 
+    def trace_as_configured(self, cfg: ModelConfig) -> bool:
+        """:meth:`trace` as ``cfg`` says (``model.trace``, ``.channels_last``, ``.streams``
+        capped at the batch); returns whether the graph runs."""
+        return cfg.trace and self.trace(cfg.channels_last, cfg.batch_streams)
+
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``batch`` is ``(N, 1, 224, 224)`` in [-1024, 1024]; returns ``(N, 18)``."""
         return self._forward(batch, maps=False)[0]

@@ -330,9 +330,7 @@ class Worker:
         one inside a round, and a failed round is logged and the next one tried
         (:mod:`node.jobs.rounds`)."""
         self.reports.prepare()  # its highdicom builds take seconds: not in a batch's time limit
-        if self.cfg.model.trace:
-            # seconds too, and in the thread that runs the model
-            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.batch_streams)
+        self.classifier.trace_as_configured(self.cfg.model)  # seconds, in the model's thread
         try:
             run_rounds(self.step, stop, self.cfg.worker.poll_interval, "worker", log)
         finally:

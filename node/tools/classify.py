@@ -338,8 +338,7 @@ class Run:
             list(paths), recursive=opts.recursive, follow_symlinks=opts.follow_symlinks
         )
         skip = self.outputs.done
-        if self.cfg.model.trace:
-            self.classifier.trace(self.cfg.model.channels_last, self.cfg.model.batch_streams)
+        self.classifier.trace_as_configured(self.cfg.model)
         overlap: Overlap[_Batch] = Overlap(self.reports, self.summaries, self.cfg.worker.overlap)
         try:
             for batch in ahead(_batches(items, self.opts, self.cfg, skip)):
