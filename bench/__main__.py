@@ -29,6 +29,7 @@ from bench.common import (
     NODELAY,
     ROOT,
     WAIT_POLICY_ENV,
+    cpu_seconds,
     free_port,
     machine,
     make_images,
@@ -257,6 +258,49 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
         node.wait()
         settle(spool)
     return rates
+
+
+def bench_associations(images: list[Path], work: Path, n_rounds: int = 3) -> dict[str, Any]:
+    """The node SCP's CPU per association (spool only, fsync on), with and without the fast
+    paths: storescu sends the images one association each, as Orthanc's route does (its
+    every request proposes 128 presentation contexts, as storescu's does), and then all in
+    one (other images: the spool takes a known image as cheaply as a dup); the difference
+    in the SCP's CPU, per image, is what an association costs it."""
+    half = len(images) // 2
+    together, apart = images[:half], images[half : 2 * half]
+    rounds = []
+    for _ in range(n_rounds):
+        row: dict[str, float] = {}
+        for fast in (True, False):
+            name = "fast paths" if fast else STOCK
+            port = free_port()
+            spool = Path(tempfile.mkdtemp(dir=work))
+            args = [str(port), str(spool), "1", "1" if fast else "0"]
+            node = subprocess.Popen(
+                [PY, "-m", "bench.ingest_server", *args], stdout=subprocess.PIPE, cwd=ROOT
+            )
+            assert node.stdout is not None and node.stdout.readline().strip() == b"ready"
+            cpu = cpu_seconds(node.pid)
+            _storescu_time(port, together)  # one association: the images alone
+            alone = cpu_seconds(node.pid) - cpu
+            cpu = cpu_seconds(node.pid)
+            seconds = sum(_storescu_time(port, [image]) for image in apart)
+            each = cpu_seconds(node.pid) - cpu
+            node.terminate()
+            node.wait()
+            settle(spool)
+            row[f"{name}: CPU ms per association"] = 1000 * (each - alone) / half
+            row[f"{name}: images/s, an association each"] = half / seconds
+        rounds.append(row)
+    medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    cost = "CPU ms per association"
+    return {
+        "images_each_way": half,
+        "rounds": rounds,
+        **medians,
+        "fast_vs_stock_cpu_per_association": medians[f"fast paths: {cost}"]
+        / medians[f"{STOCK}: {cost}"],
+    }
 
 
 def bench_inference(images: list[Path]) -> dict[str, Any]:
@@ -617,7 +661,7 @@ def bench_memory(images: list[Path], work: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
-        "which", nargs="*", default=["push", "ingest", "inference", "e2e", "memory"]
+        "which", nargs="*", default=["push", "ingest", "associations", "inference", "e2e", "memory"]
     )
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="push and ingest rounds")
@@ -650,6 +694,7 @@ def main() -> int:
         steps = {
             "push": lambda: bench_push(base, work, args.rounds),
             "ingest": lambda: bench_ingest(base, work, args.rounds),
+            "associations": lambda: bench_associations(base[:100], work),
             "inference": lambda: bench_inference(base),
             "e2e": lambda: bench_e2e(base, work),
             "memory": lambda: bench_memory(images, work),

@@ -33,7 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import NODELAY, ROOT, Orthanc, free_port, orthanc, settle, start_node, wait_for
+from bench.common import (
+    NODELAY,
+    ROOT,
+    Orthanc,
+    cpu_seconds,
+    free_port,
+    orthanc,
+    settle,
+    start_node,
+    wait_for,
+)
 from node.core.config import ReportConfig
 
 LUA = ROOT / "config" / "route-to-node.lua"
@@ -249,7 +259,7 @@ def burst_round(
             wait_for(lambda: _listening(port), 30, "storescp")
             done = lambda: sum(1 for _ in out.iterdir()) >= n  # noqa: E731
         try:
-            cpu0 = {"sink": _cpu_seconds(proc.pid), "orthanc": _cpu_seconds(o.proc.pid)}
+            cpu0 = {"sink": cpu_seconds(proc.pid), "orthanc": cpu_seconds(o.proc.pid)}
             t0 = time.perf_counter()
             if sink == "direct":
                 subprocess.run(
@@ -265,8 +275,8 @@ def burst_round(
             wait_for(done, 600, f"{n} images through the route", every=0.05)
             total = time.perf_counter() - t0
             cpu = {
-                "sink_cpu_s": _cpu_seconds(proc.pid) - cpu0["sink"],
-                "orthanc_cpu_s": _cpu_seconds(o.proc.pid) - cpu0["orthanc"],
+                "sink_cpu_s": cpu_seconds(proc.pid) - cpu0["sink"],
+                "orthanc_cpu_s": cpu_seconds(o.proc.pid) - cpu0["orthanc"],
             }
             if sink != "storescp":
                 with_sr = len(_studies_with_sr(o))
@@ -276,12 +286,6 @@ def burst_round(
             proc.wait(60)
     settle(work)
     return {"stored_in_orthanc_s": stored, "total_s": total, "images_per_s": n / total, **cpu}
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _listening(port: int) -> bool:

@@ -46,6 +46,7 @@ from node.dicom.uids import is_safe_uid, is_valid_uid
 from node.dicom.wire import dataset_uids, file_meta_bytes
 from node.net.fast.netopts import ReadLimits, quiet_pynetdicom, set_nodelay
 from node.net.fast.sockopts import metered_socket
+from node.net.fast.uidmemo import remember_uid_checks
 from node.net.gate import ConnectionGate, NodeAssociationServer
 from node.net.intake import Intake
 from node.net.scu import VERIFICATION
@@ -243,7 +244,8 @@ def handle_echo(event: Event) -> int:
 def build_ae(cfg: ScpConfig, fast_paths: bool = True) -> AE:
     """An AE that accepts Verification and every storage SOP class in decodable syntaxes,
     from the allowed calling AE titles only, addressed to our own AE title only; with
-    ``fast_paths``, its contexts are :class:`CheapCopyContext`."""
+    ``fast_paths``, its contexts are :class:`CheapCopyContext` and the process's UID checks
+    are remembered (:mod:`node.net.fast.uidmemo`)."""
     quiet_pynetdicom()
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
@@ -261,6 +263,7 @@ def build_ae(cfg: ScpConfig, fast_paths: bool = True) -> AE:
     if fast_paths:
         for supported in ae.supported_contexts:  # the server gets these very objects
             supported.__class__ = CheapCopyContext
+        remember_uid_checks()
     return ae
 
 

@@ -41,6 +41,7 @@ from node.dicom.assocwords import (
 from node.dicom.dicomio import Encoded, uncompressed
 from node.net.fast.netopts import NODELAY_HANDLER, quiet_pynetdicom
 from node.net.fast.sockopts import PLAIN_HANDLER
+from node.net.fast.uidmemo import remember_uid_checks
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,14 @@ class _AE(AE):
 
 
 class _RecordingSocket(socket.socket):
-    """A TCP socket that hands the error of a failed connect() to its :class:`_AE`."""
+    """A TCP socket that hands the error of a failed connect() to its :class:`_AE`, and
+    closes itself then.
+
+    pynetdicom 3.0 closes a socket that failed to connect in the same ``try`` as its
+    shutdown, which raises ENOTCONN for a socket never connected, so the close is skipped;
+    and the error kept here refers to the socket (its traceback's frame), a cycle: each
+    refused attempt (a PACS down, probed and retried for hours) left a descriptor open
+    until the garbage collector came."""
 
     owner: _AE | None = None
 
@@ -147,6 +155,7 @@ class _RecordingSocket(socket.socket):
         except OSError as exc:
             if self.owner is not None:
                 self.owner.connect_error = exc
+            self.close()  # pynetdicom's own close is skipped (see above)
             raise
 
 
@@ -165,6 +174,7 @@ class _RecordingContext:
                 connect(address)  # type: ignore[arg-type]
             except OSError as exc:
                 owner.connect_error = exc
+                tls.close()  # see _RecordingSocket
                 raise
 
         tls.connect = recording  # type: ignore[method-assign,assignment]
@@ -173,6 +183,8 @@ class _RecordingContext:
 
 def _ae(peer: Peer) -> _AE:
     quiet_pynetdicom()
+    if peer.fast_paths:
+        remember_uid_checks()
     ae = _AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = peer.timeout
     ae.dimse_timeout = peer.timeout

@@ -2,7 +2,9 @@
 were written for.
 
 The fast paths (``netopts``, with ``sendnow``, ``receive`` and ``cstore`` of this package;
-``node.net.scp.CheapCopyContext``) replace or call pynetdicom 3.0 internals.
+``node.net.scp.CheapCopyContext``) replace or call pynetdicom 3.0 internals; ``uidmemo``
+replaces pydicom's and pynetdicom's UID checks with remembered ones (its own
+:func:`node.net.fast.uidmemo.problems` are part of :func:`problems`).
 ``network.fast_paths = true`` installs them only where :func:`problems` finds nothing: a
 pynetdicom 3.0.x whose every private name they patch or call is there, methods with the
 parameters they were written against. Anything else turns them off with one WARNING line
@@ -20,6 +22,8 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import Any, Final
+
+from node.net.fast import uidmemo
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ METHODS: Final = (
     ("pynetdicom.transport.AssociationSocket", "recv", "(self, nr_bytes)"),
     ("pynetdicom.transport.AssociationSocket", "send", "(self, bytestream)"),
     ("pynetdicom.transport.AssociationSocket", "close", "(self)"),
+    ("pynetdicom.transport.AssociationSocket", "_shutdown_socket", "(self)"),
     ("pynetdicom.pdu.P_DATA_TF", "_wrap_generate_items", "(self, bytestream)"),
     ("pynetdicom.timer.Timer", "restart", "(self)"),
 )
@@ -91,6 +96,9 @@ SOCKET_ATTRIBUTES: Final = ("socket", "_is_connected", "event_queue", "assoc")
 OTHER_ATTRIBUTES: Final = (
     # (module or class, attribute); a class's instance attributes on a new instance
     ("pynetdicom._config", "STORE_RECV_CHUNKED_DATASET"),
+    ("pynetdicom", "_config"),  # uidmemo: its VALIDATORS and ENFORCE_UID_CONFORMANCE
+    ("pynetdicom._config", "VALIDATORS"),
+    ("pynetdicom._config", "ENFORCE_UID_CONFORMANCE"),
     ("pynetdicom.dimse_primitives.C_STORE", "_context_id"),
     ("pynetdicom.pdu_primitives.P_DATA", "presentation_data_value_list"),
     ("pynetdicom.presentation.PresentationContext", "_transfer_syntax"),
@@ -115,6 +123,7 @@ def problems() -> list[str]:
     for where, name, parameters in METHODS:
         found += _method_problem(where, name, parameters)
     found += _attribute_problems()
+    found += uidmemo.problems()
     return found
 
 

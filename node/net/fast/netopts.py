@@ -224,6 +224,24 @@ class EventDrivenSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         return read_exact(cast(socket.socket, self.socket), nr_bytes, self.read_deadline())
 
+    def _shutdown_socket(self) -> None:
+        """pynetdicom 3.0's, but the socket is closed even when its shutdown fails.
+
+        pynetdicom closes it in the same ``try`` as the shutdown, which raises ENOTCONN once
+        the connection is gone: after the gate hung up on a pending connection
+        (:mod:`node.net.gate`) and the peer's FIN came back before the state machine got
+        there (AA-5, connection closed before its A-ASSOCIATE-RQ). The descriptor then
+        stayed open until the garbage collector found the association; a flood of idle
+        connections left descriptors behind for as long."""
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:  # already shut down, or the peer is gone
+            log.debug("shutdown of a closed connection: %s", exc)
+        sock.close()
+
     def read_deadline(self) -> float | None:
         """Until when the next read may block: the ARTIM deadline while the association
         request is awaited (Sta2), else ``network_timeout`` from now."""

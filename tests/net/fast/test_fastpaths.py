@@ -354,3 +354,38 @@ def test_metered_socket_overrides_nothing_of_pynetdicom_but_recv():
         n for n, v in vars(MeteredSocket).items() if callable(v) and not n.startswith("_")
     }
     assert overridden == {"recv"} and issubclass(MeteredSocket, AssociationSocket)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
+def test_a_connection_shut_down_and_gone_is_closed_all_the_same(fast):
+    """The gate hung up on a pending connection (shutdown) and the peer closed its end
+    before the state machine's AA-5 shut it down again: that second shutdown raises
+    ENOTCONN, and pynetdicom's ``_shutdown_socket`` then skipped the close (the descriptor
+    stayed open until the garbage collector came; the network-edge flood test saw 2 of
+    them now and then). The fast paths close it."""
+    from pynetdicom.association import Association
+
+    from node.net.fast.netopts import EventDrivenSocket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+    wrapper = AssociationSocket(Association(AE(), "acceptor"), client_socket=served)
+    if fast:
+        wrapper.__class__ = EventDrivenSocket
+    served.shutdown(socket.SHUT_RDWR)  # the gate's hang-up
+    client.close()
+
+    def gone() -> bool:
+        try:
+            served.getpeername()
+        except OSError:
+            return True
+        return False
+
+    wait_for(gone, 10, "the peer's end closed")
+    try:
+        wrapper._shutdown_socket()
+        assert (served.fileno() == -1) is fast
+    finally:
+        served.close()

@@ -56,7 +56,7 @@ ALWAYS_ATTRIBUTES = (
     "_sent_abort",
     "dimse.msg_queue",
 )
-FAST_PATH_MODULES = ("netopts.py", "sendnow.py", "receive.py", "cstore.py")
+FAST_PATH_MODULES = ("netopts.py", "sendnow.py", "receive.py", "cstore.py", "uidmemo.py")
 _PRIVATE = re.compile(r"(?<![\w.])(?!self\b)[A-Za-z_]\w*(?:\.\w+)*\.(_[a-z]\w*)")
 
 
