@@ -673,7 +673,7 @@ def main() -> int:
     parser.add_argument(
         "--route-scenarios",
         default="kill,burst,storescp",
-        help="route: kill, burst, storescp, direct",
+        help="route: kill, burst, storescp, direct, alone",
     )
     args = parser.parse_args()
     # torch's threads wait in this process as in the node's: model.omp_wait_policy, or

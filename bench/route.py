@@ -12,6 +12,9 @@ node as a real process, every peer with TCP_NODELAY=1:
 - *burst*: ``burst`` images stored into Orthanc by one storescu at once; the time from its
   start until every SR is back in Orthanc. The same burst into dcmtk's storescp instead of
   the node gives the route's own ceiling for each call style.
+- *alone*: no Orthanc: the burst sent with storescu straight to the node (one association),
+  dcmtk's storescp (every transfer syntax) as its PACS: what the node does with the two
+  cores to itself, beside the burst through Orthanc.
 
 Each variant is a routing function for config/route-to-node.lua (the script's filters are
 kept; only ``route(instanceId)`` is replaced) plus orthanc.json keys. Rounds alternate
@@ -295,6 +298,48 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def alone_round(images: list[Path], work: Path, warm: Path, per_image: int = 3) -> dict[str, float]:
+    """The burst without Orthanc: storescu sends ``images`` straight to the node in one
+    association, dcmtk's storescp (``+xa``: it takes the summary image's JPEG as sent) is the
+    node's PACS; seconds from the burst's start until storescp has every SR and summary
+    image. ``warm``: sent and its results waited for first, as in :func:`burst_round`."""
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "pacs"
+    out.mkdir(parents=True)
+    pacs_port, port = free_port(), free_port()
+    pacs = subprocess.Popen(
+        ["storescp", "+xa", "-aet", "ORTHANC", "--output-directory", str(out), str(pacs_port)],
+        env=NODELAY,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _listening(pacs_port), 30, "storescp")
+    each = per_image - 1  # what the node sends back per image: its SR (and summary image)
+    received = lambda: sum(1 for _ in out.iterdir())  # noqa: E731
+    target = ["-aet", "STORESCU", "-aec", "CXR_NODE", "127.0.0.1", str(port)]
+    node = start_node(work, pacs_port, port)
+    try:
+        subprocess.run(["storescu", *target, str(warm)], env=NODELAY, check=True)
+        wait_for(lambda: received() >= each, 120, "the warm-up image's SR")
+        cpu0 = {"sink": cpu_seconds(node.pid), "pacs": cpu_seconds(pacs.pid)}
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["storescu", *target, *map(str, images)], env=NODELAY, check=True, timeout=300
+        )
+        wait_for(lambda: received() >= each * (len(images) + 1), 600, "every SR", every=0.05)
+        total = time.perf_counter() - t0
+        cpu = {
+            "sink_cpu_s": cpu_seconds(node.pid) - cpu0["sink"],
+            "pacs_cpu_s": cpu_seconds(pacs.pid) - cpu0["pacs"],
+        }
+    finally:
+        node.terminate()
+        node.wait(60)
+        pacs.terminate()
+        pacs.wait(30)
+    settle(work)
+    return {"total_s": total, "images_per_s": len(images) / total, **cpu}
+
+
 def bench_route(
     work: Path,
     pipelines: dict[str, float],
@@ -305,7 +350,7 @@ def bench_route(
     scenarios: tuple[str, ...] = ("kill", "burst", "storescp"),
 ) -> dict[str, Any]:
     """The scenarios (kill, burst into the node, burst into storescp, burst straight into the
-    node: "direct") for every variant,
+    node: "direct", and without Orthanc: "alone", once per round) for every variant,
     ``rounds`` times, alternating."""
     from bench.common import make_images
 
@@ -323,7 +368,11 @@ def bench_route(
     bursts: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     ceilings: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     direct: dict[str, list[dict[str, float]]] = {k: [] for k in names}
+    alone: list[dict[str, float]] = []
     for r in range(rounds):
+        if "alone" in scenarios:
+            alone.append(alone_round(files[:burst], work / "route-alone", warm, per_image))
+            _say(f"round {r + 1}: burst straight into the node, storescp as PACS {alone[-1]}")
         for name in names:
             v = VARIANTS[name]
             if "kill" in scenarios:
@@ -378,6 +427,13 @@ def bench_route(
             for name_, value in pipelines.items():
                 row[f"direct_vs_{name_}"] = rate / value
         summary[name] = row
+    if alone:
+        rate = statistics.median(b["images_per_s"] for b in alone)
+        summary["alone"] = {
+            "total_s": [round(b["total_s"], 2) for b in alone],
+            "images_per_s_median": rate,
+            **{f"alone_vs_{name_}": rate / value for name_, value in pipelines.items()},
+        }
     return {
         "kill_images": kill_images,
         "kill_rate_per_s": 2.0,
@@ -389,6 +445,7 @@ def bench_route(
         "burst_rounds": bursts,
         "storescp_rounds": ceilings,
         "direct_rounds": direct,
+        "alone_rounds": alone,
     }
 
 
