@@ -41,7 +41,7 @@ from node.net.fast.cstore import encoded_p_data, p_data, store_request, store_re
 from node.net.fast.pdumeter import HEADER, P_DATA_TF_TYPE, PDU_TYPES, pdu_limit
 from node.net.fast.receive import StoreAssembler, dispatch_p_data
 from node.net.fast.sendnow import SendGuard, guard, send_now
-from node.net.fast.sockopts import abort_peer, tune
+from node.net.fast.sockopts import abort_peer, shut_and_close, tune
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +225,7 @@ class EventDrivenSocket(AssociationSocket):
         return read_exact(cast(socket.socket, self.socket), nr_bytes, self.read_deadline())
 
     def _shutdown_socket(self) -> None:
-        """pynetdicom 3.0's, but the socket is closed even when its shutdown fails.
-
-        pynetdicom closes it in the same ``try`` as the shutdown, which raises ENOTCONN once
-        the connection is gone: after the gate hung up on a pending connection
-        (:mod:`node.net.gate`) and the peer's FIN came back before the state machine got
-        there (AA-5, connection closed before its A-ASSOCIATE-RQ). The descriptor then
-        stayed open until the garbage collector found the association; a flood of idle
-        connections left descriptors behind for as long."""
-        sock = self.socket
-        if sock is None:
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError as exc:  # already shut down, or the peer is gone
-            log.debug("shutdown of a closed connection: %s", exc)
-        sock.close()
+        shut_and_close(self)  # pynetdicom 3.0 skips the close where the shutdown fails
 
     def read_deadline(self) -> float | None:
         """Until when the next read may block: the ARTIM deadline while the association

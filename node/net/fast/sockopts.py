@@ -74,6 +74,30 @@ class MeteredSocket(AssociationSocket):
         abort_peer(self.assoc, self.socket, why)
         raise ConnectionAbortedError(why)
 
+    def _shutdown_socket(self) -> None:
+        shut_and_close(self)  # pynetdicom 3.0 skips the close where the shutdown fails
+
+
+def shut_and_close(wrapper: AssociationSocket) -> None:
+    """``AssociationSocket._shutdown_socket`` of pynetdicom 3.0, but the socket is closed
+    even when its shutdown fails.
+
+    pynetdicom closes it in the same ``try`` as the shutdown, which raises ENOTCONN once
+    the connection is gone: after the gate hung up on a pending connection
+    (:mod:`node.net.gate`) and the peer's FIN came back before the state machine got there
+    (AA-5: connection closed before its A-ASSOCIATE-RQ). The descriptor then stayed open
+    until the garbage collector found the association; a flood of idle connections left
+    descriptors behind for as long. Both the SCP's socket classes (:class:`MeteredSocket`,
+    and the fast paths' ``EventDrivenSocket``) use this."""
+    sock = wrapper.socket
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:  # already shut down, or the peer is gone
+        log.debug("shutdown of a closed connection: %s", exc)
+    sock.close()
+
 
 def abort_peer(assoc: Association, sock: socket.socket | None, why: str) -> None:
     """Log why the peer is refused, and send it an A-ABORT (best effort: within 1 s)."""

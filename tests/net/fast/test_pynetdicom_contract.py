@@ -48,6 +48,8 @@ ALWAYS_METHODS = (
         "(self, request, client_address)",
     ),
     ("pynetdicom.transport.ThreadedAssociationServer", "shutdown_request", "(self, request)"),
+    # node.net.fast.sockopts: the SCP's sockets close where pynetdicom's shutdown fails
+    ("pynetdicom.transport.AssociationSocket", "_shutdown_socket", "(self)"),
 )
 ALWAYS_ATTRIBUTES = (
     # on a new association: node.net.scu's pause of the reactor and its reading of aborts
