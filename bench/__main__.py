@@ -245,19 +245,29 @@ def _ingest_round(images: list[Path], work: Path) -> dict[str, float]:
         scp.wait()
         settle(out)
     for fsync, fast in ((True, True), (True, False), (False, True), (False, False)):
-        port = free_port()
-        spool = Path(tempfile.mkdtemp(dir=work))
-        args = [str(port), str(spool), "1" if fsync else "0", "1" if fast else "0"]
-        node = subprocess.Popen(
-            [PY, "-m", "bench.ingest_server", *args], stdout=subprocess.PIPE, cwd=ROOT
-        )
+        with _ingest_server(work, fsync, fast) as (port, _):
+            name = _ingest_name(fsync, fast)
+            rates[name] = n / _storescu_time(port, images, "--max-pdu", "131072")
+    return rates
+
+
+@contextmanager
+def _ingest_server(work: Path, fsync: bool, fast: bool) -> Iterator[tuple[int, int]]:
+    """A spool-only node SCP (bench.ingest_server) on a free port, its spool in ``work``:
+    (port, pid) while the block runs; stopped and its spool removed afterwards."""
+    port = free_port()
+    spool = Path(tempfile.mkdtemp(dir=work))
+    args = [str(port), str(spool), "1" if fsync else "0", "1" if fast else "0"]
+    node = subprocess.Popen(
+        [PY, "-m", "bench.ingest_server", *args], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    try:
         assert node.stdout is not None and node.stdout.readline().strip() == b"ready"
-        name = _ingest_name(fsync, fast)
-        rates[name] = n / _storescu_time(port, images, "--max-pdu", "131072")
+        yield port, node.pid
+    finally:
         node.terminate()
         node.wait()
         settle(spool)
-    return rates
 
 
 def bench_associations(images: list[Path], work: Path, n_rounds: int = 3) -> dict[str, Any]:
@@ -273,22 +283,13 @@ def bench_associations(images: list[Path], work: Path, n_rounds: int = 3) -> dic
         row: dict[str, float] = {}
         for fast in (True, False):
             name = "fast paths" if fast else STOCK
-            port = free_port()
-            spool = Path(tempfile.mkdtemp(dir=work))
-            args = [str(port), str(spool), "1", "1" if fast else "0"]
-            node = subprocess.Popen(
-                [PY, "-m", "bench.ingest_server", *args], stdout=subprocess.PIPE, cwd=ROOT
-            )
-            assert node.stdout is not None and node.stdout.readline().strip() == b"ready"
-            cpu = cpu_seconds(node.pid)
-            _storescu_time(port, together)  # one association: the images alone
-            alone = cpu_seconds(node.pid) - cpu
-            cpu = cpu_seconds(node.pid)
-            seconds = sum(_storescu_time(port, [image]) for image in apart)
-            each = cpu_seconds(node.pid) - cpu
-            node.terminate()
-            node.wait()
-            settle(spool)
+            with _ingest_server(work, True, fast) as (port, pid):
+                cpu = cpu_seconds(pid)
+                _storescu_time(port, together)  # one association: the images alone
+                alone = cpu_seconds(pid) - cpu
+                cpu = cpu_seconds(pid)
+                seconds = sum(_storescu_time(port, [image]) for image in apart)
+                each = cpu_seconds(pid) - cpu
             row[f"{name}: CPU ms per association"] = 1000 * (each - alone) / half
             row[f"{name}: images/s, an association each"] = half / seconds
         rounds.append(row)

@@ -411,29 +411,16 @@ def bench_route(
             row["lost_while_down_per_round"] = [k["lost_while_down"] for k in kills[name]]
             row["node_down_s"] = [round(k["node_down_s"], 1) for k in kills[name]]
         if bursts[name]:
-            rate = statistics.median(b["images_per_s"] for b in bursts[name])
-            row["burst_total_s"] = [round(b["total_s"], 2) for b in bursts[name]]
-            row["burst_images_per_s_median"] = rate
-            for name_, value in pipelines.items():
-                row[f"burst_vs_{name_}"] = rate / value
+            row.update(_rates("burst", bursts[name], pipelines))
         if ceilings[name]:
             row["route_into_storescp_images_per_s"] = [
                 round(c["images_per_s"], 1) for c in ceilings[name]
             ]
         if direct[name]:
-            rate = statistics.median(b["images_per_s"] for b in direct[name])
-            row["direct_total_s"] = [round(b["total_s"], 2) for b in direct[name]]
-            row["direct_images_per_s_median"] = rate
-            for name_, value in pipelines.items():
-                row[f"direct_vs_{name_}"] = rate / value
+            row.update(_rates("direct", direct[name], pipelines))
         summary[name] = row
     if alone:
-        rate = statistics.median(b["images_per_s"] for b in alone)
-        summary["alone"] = {
-            "total_s": [round(b["total_s"], 2) for b in alone],
-            "images_per_s_median": rate,
-            **{f"alone_vs_{name_}": rate / value for name_, value in pipelines.items()},
-        }
+        summary["alone"] = _rates("alone", alone, pipelines)
     return {
         "kill_images": kill_images,
         "kill_rate_per_s": 2.0,
@@ -446,6 +433,19 @@ def bench_route(
         "storescp_rounds": ceilings,
         "direct_rounds": direct,
         "alone_rounds": alone,
+    }
+
+
+def _rates(
+    scenario: str, rounds: list[dict[str, float]], pipelines: dict[str, float]
+) -> dict[str, Any]:
+    """A burst scenario's rounds: their seconds, the median images/s and its ratio to each
+    of ``pipelines``' images/s."""
+    rate = statistics.median(b["images_per_s"] for b in rounds)
+    return {
+        f"{scenario}_total_s": [round(b["total_s"], 2) for b in rounds],
+        f"{scenario}_images_per_s_median": rate,
+        **{f"{scenario}_vs_{name}": rate / value for name, value in pipelines.items()},
     }
 
 

@@ -54,12 +54,9 @@ def problems() -> list[str]:
     from pynetdicom import _config
 
     found = []
-    checks = {
-        CHECKED[0][0]: pydicom.valuerep.VALIDATORS.get("UI"),
-        CHECKED[1][0]: _config.VALIDATORS.get("UI"),
-    }
-    for (name, parameters), check in zip(CHECKED, checks.values(), strict=False):
-        check = getattr(check, _MARK, check)
+    checks = (pydicom.valuerep.VALIDATORS.get("UI"), _config.VALIDATORS.get("UI"))
+    for (name, parameters), check in zip(CHECKED[:2], checks, strict=True):
+        check = getattr(check, _MARK, check)  # installed: the one it replaced
         if not callable(check):
             found.append(f"{name} is missing")
         elif _parameters(check) != parameters:

@@ -46,17 +46,20 @@ def stock() -> Iterator[None]:
 def _answers() -> list[Any]:
     """Every check's answer for every text, with the warnings pydicom gives."""
     found: list[Any] = []
-    for text in TEXTS:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            uid = UID(text)
-        found.append((text, [str(w.message) for w in caught]))
-        found.append(pydicom.valuerep.VALIDATORS["UI"]("UI", text))
-        for enforced in (False, True):
-            _config.ENFORCE_UID_CONFORMANCE = enforced
-            found.append(_config.VALIDATORS["UI"](text))
-        _config.ENFORCE_UID_CONFORMANCE = False
-        found.append(uid.is_valid)
+    setting = _config.ENFORCE_UID_CONFORMANCE
+    try:
+        for text in TEXTS:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                uid = UID(text)
+            found.append((text, [str(w.message) for w in caught]))
+            found.append(pydicom.valuerep.VALIDATORS["UI"]("UI", text))
+            for enforced in (False, True):
+                _config.ENFORCE_UID_CONFORMANCE = enforced
+                found.append(_config.VALIDATORS["UI"](text))
+            found.append(uid.is_valid)
+    finally:
+        _config.ENFORCE_UID_CONFORMANCE = setting
     return found
 
 
